@@ -1,0 +1,168 @@
+//! Reads the pinned maps directly, so it works while the agent is down.
+
+use std::{fmt::Write as _, net::IpAddr};
+
+use aya::maps::{Array, HashMap, Map, MapData, PerCpuArray};
+use fulgur_common::{
+    BACKEND_LIVE, Backend, ConntrackValue, Counter, FlowKey, PROTO_TCP, ServiceKey, ServiceValue,
+    map_names,
+};
+use serde::Serialize;
+
+use crate::{dataplane::Pins, writer::decode_addr};
+
+#[derive(Debug, thiserror::Error)]
+#[error("map {name} at {path}: {source}")]
+pub struct InspectError {
+    name: &'static str,
+    path: String,
+    source: aya::maps::MapError,
+}
+
+#[derive(Debug, Serialize)]
+pub struct ServiceView {
+    pub vip: IpAddr,
+    pub port: u16,
+    pub protocol: &'static str,
+    pub id: u32,
+    pub table_size: u32,
+    /// `address:port` and how many table slots each backend holds.
+    pub backends: Vec<(String, usize)>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct FlowView {
+    pub protocol: &'static str,
+    pub client: String,
+    pub service: String,
+    pub backend: String,
+}
+
+#[derive(Debug, Serialize)]
+pub struct Report {
+    pub services: Vec<ServiceView>,
+    pub counters: Vec<(&'static str, u64)>,
+    pub flows: Vec<FlowView>,
+}
+
+fn open(pins: &Pins, name: &'static str) -> Result<Map, InspectError> {
+    let path = pins.map(name);
+    let err = |source| InspectError {
+        name,
+        path: path.display().to_string(),
+        source,
+    };
+    Map::from_map_data(MapData::from_pin(&path).map_err(err)?).map_err(err)
+}
+
+fn protocol_name(proto: u8) -> &'static str {
+    if proto == PROTO_TCP { "TCP" } else { "UDP" }
+}
+
+fn endpoint(addr: &fulgur_common::Addr, family: u8, port_be: u16) -> String {
+    match decode_addr(addr, family) {
+        IpAddr::V4(a) => format!("{a}:{}", u16::from_be(port_be)),
+        IpAddr::V6(a) => format!("[{a}]:{}", u16::from_be(port_be)),
+    }
+}
+
+/// Reads services, backends, counters and up to `max_flows` conntrack entries.
+pub fn read(pins: &Pins, max_flows: usize) -> Result<Report, InspectError> {
+    let err = |name: &'static str| {
+        move |source| InspectError {
+            name,
+            path: pins.map(name).display().to_string(),
+            source,
+        }
+    };
+    let services: HashMap<MapData, ServiceKey, ServiceValue> =
+        HashMap::try_from(open(pins, map_names::SERVICES)?).map_err(err(map_names::SERVICES))?;
+    let backends: Array<MapData, Backend> =
+        Array::try_from(open(pins, map_names::BACKENDS)?).map_err(err(map_names::BACKENDS))?;
+    let lookup: Array<MapData, u32> = Array::try_from(open(pins, map_names::LOOKUP_TABLE)?)
+        .map_err(err(map_names::LOOKUP_TABLE))?;
+    let counters: PerCpuArray<MapData, u64> =
+        PerCpuArray::try_from(open(pins, map_names::COUNTERS)?)
+            .map_err(err(map_names::COUNTERS))?;
+    let conntrack: HashMap<MapData, FlowKey, ConntrackValue> =
+        HashMap::try_from(open(pins, map_names::CONNTRACK)?).map_err(err(map_names::CONNTRACK))?;
+
+    let mut service_views = Vec::new();
+    for entry in services.iter() {
+        let (key, value) = entry.map_err(err(map_names::SERVICES))?;
+        let mut slots = std::collections::BTreeMap::<u32, usize>::new();
+        for slot in value.table_base..value.table_base + value.table_size {
+            let id = lookup.get(&slot, 0).map_err(err(map_names::LOOKUP_TABLE))?;
+            *slots.entry(id).or_default() += 1;
+        }
+        let mut backend_views = Vec::new();
+        for (id, count) in slots {
+            let b = backends.get(&id, 0).map_err(err(map_names::BACKENDS))?;
+            if b.flags & BACKEND_LIVE != 0 {
+                backend_views.push((endpoint(&b.addr, b.family, b.port), count));
+            }
+        }
+        service_views.push(ServiceView {
+            vip: decode_addr(&key.addr, key.family),
+            port: u16::from_be(key.port),
+            protocol: protocol_name(key.proto),
+            id: value.id,
+            table_size: value.table_size,
+            backends: backend_views,
+        });
+    }
+    service_views.sort_by_key(|s| (s.vip, s.port, s.protocol));
+
+    let mut counter_values = Vec::new();
+    for counter in Counter::ALL {
+        let per_cpu = counters
+            .get(&(counter as u32), 0)
+            .map_err(err(map_names::COUNTERS))?;
+        counter_values.push((counter.name(), per_cpu.iter().sum()));
+    }
+
+    let mut flows = Vec::new();
+    for entry in conntrack.iter().take(max_flows) {
+        let (key, value) = entry.map_err(err(map_names::CONNTRACK))?;
+        flows.push(FlowView {
+            protocol: protocol_name(key.proto),
+            client: endpoint(&key.src, key.family, key.src_port),
+            service: endpoint(&key.dst, key.family, key.dst_port),
+            backend: endpoint(&value.backend_addr, key.family, value.backend_port),
+        });
+    }
+    Ok(Report {
+        services: service_views,
+        counters: counter_values,
+        flows,
+    })
+}
+
+impl Report {
+    pub fn to_text(&self) -> String {
+        let mut out = String::from("SERVICES\n");
+        for s in &self.services {
+            let _ = writeln!(
+                out,
+                "  {} {}:{} (id {}, {} slots)",
+                s.protocol, s.vip, s.port, s.id, s.table_size
+            );
+            for (backend, slots) in &s.backends {
+                let _ = writeln!(out, "    -> {backend:<28} {slots} slots");
+            }
+        }
+        out.push_str("COUNTERS\n");
+        for (name, value) in &self.counters {
+            let _ = writeln!(out, "  {name:<20} {value}");
+        }
+        let _ = writeln!(out, "FLOWS ({} shown)", self.flows.len());
+        for f in &self.flows {
+            let _ = writeln!(
+                out,
+                "  {} {} -> {} => {}",
+                f.protocol, f.client, f.service, f.backend
+            );
+        }
+        out
+    }
+}

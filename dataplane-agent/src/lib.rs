@@ -1,0 +1,10 @@
+//! fulgur's node agent: loads and attaches the dataplane, turns service sets into map writes.
+
+pub mod config;
+pub mod dataplane;
+pub mod inspect;
+pub mod maglev;
+pub mod writer;
+
+/// The eBPF object built by build.rs (aya-build) from `dataplane-ebpf`.
+pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/fulgur"));

@@ -1,0 +1,417 @@
+//! The one place that writes the dataplane maps. The agent and the tests provision through it.
+//!
+//! Layout: service id `s` owns two lookup-table regions, `2s` and `2s + 1`, of `table_size`
+//! slots each. A changed service gets its new table written into the idle region first; then its
+//! single services-map entry is replaced, so the program sees the old table or the new one,
+//! never a mix. Backend ids stay stable while a backend stays, so conntrack entries stay valid.
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::IpAddr,
+};
+
+use aya::maps::{Array, HashMap, Map, MapData, MapError};
+use fulgur_common::{
+    Addr, BACKEND_LIVE, Backend, FAMILY_IPV4, FAMILY_IPV6, ServiceKey, ServiceValue, addr_v4,
+    addr_v6, map_names,
+};
+
+use crate::{
+    config::{FieldError, ServiceSet, ServiceSpec},
+    maglev,
+};
+
+#[derive(Debug, thiserror::Error)]
+pub enum WriteError {
+    #[error("map {name} is missing from the loaded object")]
+    MissingMap { name: &'static str },
+    #[error("map {name}: {source}")]
+    Map {
+        name: &'static str,
+        source: MapError,
+    },
+    #[error("invalid service set: {}", .0.iter().map(ToString::to_string).collect::<Vec<_>>().join("; "))]
+    Invalid(Vec<FieldError>),
+    #[error("{needed} {what} needed, capacity is {capacity} (raise --{flag})")]
+    Capacity {
+        what: &'static str,
+        needed: usize,
+        capacity: u32,
+        flag: &'static str,
+    },
+    #[error(
+        "pinned lookup table holds {actual} slots, but {expected} are needed for \
+         --max-services {max_services} and --table-size {table_size}; \
+         run `fulgur-agent detach` to start afresh"
+    )]
+    LayoutMismatch {
+        actual: u32,
+        expected: u64,
+        max_services: u32,
+        table_size: u32,
+    },
+}
+
+fn map_err(name: &'static str) -> impl Fn(MapError) -> WriteError {
+    move |source| WriteError::Map { name, source }
+}
+
+/// Sizes fixed at load time.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Layout {
+    pub max_services: u32,
+    pub max_backends: u32,
+    /// Slots per service table; a prime.
+    pub table_size: u32,
+}
+
+impl Layout {
+    pub fn lookup_entries(&self) -> u64 {
+        self.max_services as u64 * 2 * self.table_size as u64
+    }
+
+    fn table_base(&self, service_id: u32, region: u32) -> u32 {
+        (service_id * 2 + region) * self.table_size
+    }
+}
+
+/// A backend's identity within a service.
+type BackendAddr = (Addr, u16);
+
+#[derive(Clone, Debug)]
+struct Installed {
+    id: u32,
+    /// Which of the service's two regions holds the live table.
+    region: u32,
+    backends: BTreeMap<BackendAddr, u32>,
+    /// The live table (backend ids), empty when the service has none.
+    table: Vec<u32>,
+}
+
+/// What an apply changed.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ApplyReport {
+    pub added: usize,
+    pub updated: usize,
+    pub unchanged: usize,
+    pub removed: usize,
+}
+
+pub struct MapWriter {
+    layout: Layout,
+    services: HashMap<MapData, ServiceKey, ServiceValue>,
+    backends: Array<MapData, Backend>,
+    lookup: Array<MapData, u32>,
+    installed: BTreeMap<ServiceKey, Installed>,
+    free_service_ids: BTreeSet<u32>,
+    free_backend_ids: BTreeSet<u32>,
+}
+
+pub fn service_key(spec: &ServiceSpec) -> ServiceKey {
+    let (addr, family) = encode_addr(spec.vip);
+    ServiceKey {
+        addr,
+        port: spec.port.to_be(),
+        proto: spec.protocol.number(),
+        family,
+    }
+}
+
+pub fn encode_addr(ip: IpAddr) -> (Addr, u8) {
+    match ip {
+        IpAddr::V4(v4) => (addr_v4(v4.octets()), FAMILY_IPV4),
+        IpAddr::V6(v6) => (addr_v6(v6.octets()), FAMILY_IPV6),
+    }
+}
+
+pub fn decode_addr(addr: &Addr, family: u8) -> IpAddr {
+    let bytes: Vec<u8> = addr.iter().flat_map(|w| w.to_ne_bytes()).collect();
+    if family == FAMILY_IPV4 {
+        IpAddr::from([bytes[0], bytes[1], bytes[2], bytes[3]])
+    } else {
+        IpAddr::from(<[u8; 16]>::try_from(bytes).expect("16 bytes"))
+    }
+}
+
+fn identity(addr: &BackendAddr) -> u64 {
+    let mut bytes = [0u8; 18];
+    for (i, w) in addr.0.iter().enumerate() {
+        bytes[i * 4..i * 4 + 4].copy_from_slice(&w.to_ne_bytes());
+    }
+    bytes[16..].copy_from_slice(&addr.1.to_ne_bytes());
+    maglev::identity_hash(&bytes)
+}
+
+fn take(
+    maps: &mut impl FnMut(&'static str) -> Option<Map>,
+    name: &'static str,
+) -> Result<Map, WriteError> {
+    maps(name).ok_or(WriteError::MissingMap { name })
+}
+
+impl MapWriter {
+    /// Takes the maps through `take_map` (e.g. `|n| ebpf.take_map(n)`) and adopts whatever they
+    /// already hold, so a restarted agent continues where the last one stopped.
+    pub fn adopt(
+        layout: Layout,
+        mut take_map: impl FnMut(&'static str) -> Option<Map>,
+    ) -> Result<Self, WriteError> {
+        let services = HashMap::try_from(take(&mut take_map, map_names::SERVICES)?)
+            .map_err(map_err(map_names::SERVICES))?;
+        let backends = Array::try_from(take(&mut take_map, map_names::BACKENDS)?)
+            .map_err(map_err(map_names::BACKENDS))?;
+        let lookup: Array<MapData, u32> =
+            Array::try_from(take(&mut take_map, map_names::LOOKUP_TABLE)?)
+                .map_err(map_err(map_names::LOOKUP_TABLE))?;
+        if lookup.len() as u64 != layout.lookup_entries() {
+            return Err(WriteError::LayoutMismatch {
+                actual: lookup.len(),
+                expected: layout.lookup_entries(),
+                max_services: layout.max_services,
+                table_size: layout.table_size,
+            });
+        }
+        let mut writer = MapWriter {
+            layout,
+            services,
+            backends,
+            lookup,
+            installed: BTreeMap::new(),
+            free_service_ids: (0..layout.max_services).collect(),
+            free_backend_ids: (0..layout.max_backends).collect(),
+        };
+        writer.read_back()?;
+        Ok(writer)
+    }
+
+    /// Rebuilds the in-memory view from the maps.
+    fn read_back(&mut self) -> Result<(), WriteError> {
+        let entries: Vec<(ServiceKey, ServiceValue)> = self
+            .services
+            .iter()
+            .collect::<Result<_, _>>()
+            .map_err(map_err(map_names::SERVICES))?;
+        for (key, value) in entries {
+            let mut table = Vec::with_capacity(value.table_size as usize);
+            for slot in value.table_base..value.table_base + value.table_size {
+                table.push(
+                    self.lookup
+                        .get(&slot, 0)
+                        .map_err(map_err(map_names::LOOKUP_TABLE))?,
+                );
+            }
+            let mut backends = BTreeMap::new();
+            for id in table.iter().copied().collect::<BTreeSet<_>>() {
+                let backend = self
+                    .backends
+                    .get(&id, 0)
+                    .map_err(map_err(map_names::BACKENDS))?;
+                backends.insert((backend.addr, backend.port), id);
+                self.free_backend_ids.remove(&id);
+            }
+            self.free_service_ids.remove(&value.id);
+            let region = (value.table_base / self.layout.table_size.max(1)) % 2;
+            self.installed.insert(
+                key,
+                Installed {
+                    id: value.id,
+                    region,
+                    backends,
+                    table,
+                },
+            );
+        }
+        Ok(())
+    }
+
+    pub fn layout(&self) -> Layout {
+        self.layout
+    }
+
+    /// Makes the maps hold exactly `desired`. Validation and capacity are checked before the
+    /// first write; services that did not change are not touched.
+    pub fn apply(&mut self, desired: &ServiceSet) -> Result<ApplyReport, WriteError> {
+        desired.validate().map_err(WriteError::Invalid)?;
+        self.check_capacity(desired)?;
+        let mut report = ApplyReport::default();
+        let wanted: BTreeMap<ServiceKey, &ServiceSpec> = desired
+            .services
+            .iter()
+            .map(|s| (service_key(s), s))
+            .collect();
+
+        let gone: Vec<ServiceKey> = self
+            .installed
+            .keys()
+            .filter(|k| !wanted.contains_key(k))
+            .copied()
+            .collect();
+        for key in gone {
+            self.remove_service(&key)?;
+            report.removed += 1;
+        }
+        for (key, spec) in wanted {
+            match self.upsert_service(key, spec)? {
+                Change::Added => report.added += 1,
+                Change::Updated => report.updated += 1,
+                Change::Unchanged => report.unchanged += 1,
+            }
+        }
+        Ok(report)
+    }
+
+    fn check_capacity(&self, desired: &ServiceSet) -> Result<(), WriteError> {
+        if desired.services.len() > self.layout.max_services as usize {
+            return Err(WriteError::Capacity {
+                what: "services",
+                needed: desired.services.len(),
+                capacity: self.layout.max_services,
+                flag: "max-services",
+            });
+        }
+        // Old and new backends of one service coexist until its table is swapped.
+        let desired_backends: usize = desired.services.iter().map(|s| s.backends.len()).sum();
+        let largest_installed = self
+            .installed
+            .values()
+            .map(|s| s.backends.len())
+            .max()
+            .unwrap_or(0);
+        let needed = desired_backends + largest_installed;
+        if needed > self.layout.max_backends as usize {
+            return Err(WriteError::Capacity {
+                what: "backend slots",
+                needed,
+                capacity: self.layout.max_backends,
+                flag: "max-backends",
+            });
+        }
+        Ok(())
+    }
+
+    fn remove_service(&mut self, key: &ServiceKey) -> Result<(), WriteError> {
+        let Some(old) = self.installed.remove(key) else {
+            return Ok(());
+        };
+        self.services
+            .remove(key)
+            .map_err(map_err(map_names::SERVICES))?;
+        for id in old.backends.values() {
+            self.release_backend(*id)?;
+        }
+        self.free_service_ids.insert(old.id);
+        Ok(())
+    }
+
+    fn release_backend(&mut self, id: u32) -> Result<(), WriteError> {
+        let empty = Backend {
+            addr: [0; 4],
+            port: 0,
+            family: 0,
+            flags: 0,
+            service_id: 0,
+        };
+        self.backends
+            .set(id, empty, 0)
+            .map_err(map_err(map_names::BACKENDS))?;
+        self.free_backend_ids.insert(id);
+        Ok(())
+    }
+
+    fn upsert_service(
+        &mut self,
+        key: ServiceKey,
+        spec: &ServiceSpec,
+    ) -> Result<Change, WriteError> {
+        let previous = self.installed.get(&key).cloned();
+        let service_id = match &previous {
+            Some(p) => p.id,
+            None => self.free_service_ids.pop_first().expect("capacity checked"),
+        };
+
+        // Stable ids for backends that stay; fresh ids for new ones.
+        let mut backends = BTreeMap::new();
+        let mut entries = Vec::with_capacity(spec.backends.len());
+        for b in &spec.backends {
+            let (addr, family) = encode_addr(b.address);
+            let backend_addr = (addr, b.port.to_be());
+            let id = match previous
+                .as_ref()
+                .and_then(|p| p.backends.get(&backend_addr))
+            {
+                Some(id) => *id,
+                None => {
+                    let id = self.free_backend_ids.pop_first().expect("capacity checked");
+                    let backend = Backend {
+                        addr,
+                        port: b.port.to_be(),
+                        family,
+                        flags: BACKEND_LIVE,
+                        service_id,
+                    };
+                    self.backends
+                        .set(id, backend, 0)
+                        .map_err(map_err(map_names::BACKENDS))?;
+                    id
+                }
+            };
+            backends.insert(backend_addr, id);
+            entries.push(maglev::Entry {
+                value: id,
+                identity: identity(&backend_addr),
+                weight: b.weight,
+            });
+        }
+        let table = maglev::build(&entries, self.layout.table_size).unwrap_or_default();
+
+        if let Some(p) = &previous {
+            if p.table == table && p.backends == backends {
+                return Ok(Change::Unchanged);
+            }
+        }
+        let region = previous.as_ref().map_or(0, |p| 1 - p.region);
+        let table_base = self.layout.table_base(service_id, region);
+        for (i, id) in table.iter().enumerate() {
+            self.lookup
+                .set(table_base + i as u32, id, 0)
+                .map_err(map_err(map_names::LOOKUP_TABLE))?;
+        }
+        let value = ServiceValue {
+            id: service_id,
+            table_base,
+            table_size: table.len() as u32,
+            flags: 0,
+        };
+        self.services
+            .insert(key, value, 0)
+            .map_err(map_err(map_names::SERVICES))?;
+
+        if let Some(p) = &previous {
+            for (addr, id) in &p.backends {
+                if !backends.contains_key(addr) {
+                    self.release_backend(*id)?;
+                }
+            }
+        }
+        self.installed.insert(
+            key,
+            Installed {
+                id: service_id,
+                region,
+                backends,
+                table,
+            },
+        );
+        Ok(if previous.is_some() {
+            Change::Updated
+        } else {
+            Change::Added
+        })
+    }
+}
+
+enum Change {
+    Added,
+    Updated,
+    Unchanged,
+}

@@ -1,0 +1,221 @@
+//! The ABI between the fulgur eBPF programs and userspace: map names, `#[repr(C)]` keys and
+//! values, counter indices and the flow hash. Declared once, here, and nowhere else.
+#![no_std]
+
+pub mod csum;
+pub mod hash;
+
+/// Pinned map names. The eBPF side declares maps with exactly these identifiers.
+pub mod map_names {
+    pub const SERVICES: &str = "FULGUR_SERVICES";
+    pub const BACKENDS: &str = "FULGUR_BACKENDS";
+    pub const LOOKUP_TABLE: &str = "FULGUR_LOOKUP";
+    pub const CONNTRACK: &str = "FULGUR_CONNTRACK";
+    pub const REVERSE_NAT: &str = "FULGUR_REVNAT";
+    pub const COUNTERS: &str = "FULGUR_COUNTERS";
+}
+
+/// Program names as compiled into the object.
+pub mod program_names {
+    pub const XDP_INGRESS: &str = "fulgur_xdp_ingress";
+    pub const TC_EGRESS: &str = "fulgur_tc_egress";
+    pub const XDP_PASS: &str = "fulgur_xdp_pass";
+}
+
+/// Default map sizes; the agent may override them by flag before loading.
+pub mod defaults {
+    pub const MAX_SERVICES: u32 = 1024;
+    pub const MAX_BACKENDS: u32 = 65536;
+    pub const CONNTRACK_ENTRIES: u32 = 262_144;
+    /// Lookup-table slots; the total is shared by all services' tables.
+    pub const LOOKUP_TABLE_ENTRIES: u32 = 4 * 1024 * 1024;
+}
+
+pub const FAMILY_IPV4: u8 = 4;
+pub const FAMILY_IPV6: u8 = 6;
+pub const PROTO_TCP: u8 = 6;
+pub const PROTO_UDP: u8 = 17;
+
+/// An address as four 32-bit words in network byte order. IPv4 uses word 0 only.
+pub type Addr = [u32; 4];
+
+/// Builds an [`Addr`] from IPv4 octets.
+#[inline(always)]
+pub const fn addr_v4(octets: [u8; 4]) -> Addr {
+    [u32::from_ne_bytes(octets), 0, 0, 0]
+}
+
+/// Builds an [`Addr`] from IPv6 octets.
+pub const fn addr_v6(o: [u8; 16]) -> Addr {
+    [
+        u32::from_ne_bytes([o[0], o[1], o[2], o[3]]),
+        u32::from_ne_bytes([o[4], o[5], o[6], o[7]]),
+        u32::from_ne_bytes([o[8], o[9], o[10], o[11]]),
+        u32::from_ne_bytes([o[12], o[13], o[14], o[15]]),
+    ]
+}
+
+/// `{VIP, port, protocol}`: the key of the services map.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ServiceKey {
+    pub addr: Addr,
+    /// Network byte order.
+    pub port: u16,
+    pub proto: u8,
+    pub family: u8,
+}
+
+/// Where a service's backend-selection table lives.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ServiceValue {
+    /// Stable index of the service, used for its counters.
+    pub id: u32,
+    /// First slot of this service's table in the lookup-table map.
+    pub table_base: u32,
+    /// Slots in the table (a prime). 0 means the service has no table.
+    pub table_size: u32,
+    pub flags: u32,
+}
+
+/// One backend, indexed by a backend id that the agent keeps stable while the backend stays.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Backend {
+    pub addr: Addr,
+    /// Network byte order.
+    pub port: u16,
+    pub family: u8,
+    /// [`BACKEND_LIVE`] when the slot holds a backend.
+    pub flags: u8,
+    /// The service this backend belongs to.
+    pub service_id: u32,
+}
+
+pub const BACKEND_LIVE: u8 = 1;
+
+/// A lookup-table entry that is not a backend id.
+pub const NO_BACKEND: u32 = u32::MAX;
+
+/// A flow as seen on the wire, in one direction.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct FlowKey {
+    pub src: Addr,
+    pub dst: Addr,
+    /// Network byte order.
+    pub src_port: u16,
+    /// Network byte order.
+    pub dst_port: u16,
+    pub proto: u8,
+    pub family: u8,
+    pub pad: [u8; 2],
+}
+
+/// Conntrack value for a client flow: the backend it was given.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ConntrackValue {
+    pub backend_id: u32,
+    pub service_id: u32,
+    /// The backend's address and port when chosen; a reused id is detected by comparing them.
+    pub backend_addr: Addr,
+    pub backend_port: u16,
+    pub pad: [u8; 6],
+}
+
+/// Reverse-NAT value for a backend→client flow: the service address the client used.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ReverseNatValue {
+    pub vip: Addr,
+    /// Network byte order.
+    pub vip_port: u16,
+    pub pad: [u8; 2],
+    pub service_id: u32,
+}
+
+/// Global per-CPU counters, one slot each. The index is the counter's discriminant.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Counter {
+    /// Not IPv4/IPv6 (ARP, LLDP, ...).
+    PassNotIp = 0,
+    /// IP but neither TCP nor UDP.
+    PassNotTcpUdp = 1,
+    /// Headers truncated or invalid.
+    PassMalformed = 2,
+    /// A non-first IPv4 fragment.
+    PassFragment = 3,
+    /// TCP/UDP not addressed to a service.
+    PassNotService = 4,
+    /// The service has no usable backend.
+    PassNoBackend = 5,
+    /// Translated, but the kernel forwards it (neighbour unknown, VLAN, TTL...).
+    PassToKernel = 6,
+    /// Translated and redirected out of another interface.
+    Redirect = 7,
+    /// Translated and sent back out of the ingress interface.
+    Transmit = 8,
+    /// New flows entered into conntrack.
+    NewFlow = 9,
+    /// Replies translated back to the service address on egress.
+    ReplyTranslated = 10,
+    /// Conntrack insert failed.
+    ConntrackFull = 11,
+}
+
+impl Counter {
+    pub const COUNT: u32 = 12;
+    pub const ALL: [Counter; Self::COUNT as usize] = [
+        Counter::PassNotIp,
+        Counter::PassNotTcpUdp,
+        Counter::PassMalformed,
+        Counter::PassFragment,
+        Counter::PassNotService,
+        Counter::PassNoBackend,
+        Counter::PassToKernel,
+        Counter::Redirect,
+        Counter::Transmit,
+        Counter::NewFlow,
+        Counter::ReplyTranslated,
+        Counter::ConntrackFull,
+    ];
+
+    /// A stable snake_case name, used for metrics labels and `inspect`.
+    pub const fn name(self) -> &'static str {
+        match self {
+            Counter::PassNotIp => "pass_not_ip",
+            Counter::PassNotTcpUdp => "pass_not_tcp_udp",
+            Counter::PassMalformed => "pass_malformed",
+            Counter::PassFragment => "pass_fragment",
+            Counter::PassNotService => "pass_not_service",
+            Counter::PassNoBackend => "pass_no_backend",
+            Counter::PassToKernel => "pass_to_kernel",
+            Counter::Redirect => "redirect",
+            Counter::Transmit => "transmit",
+            Counter::NewFlow => "new_flow",
+            Counter::ReplyTranslated => "reply_translated",
+            Counter::ConntrackFull => "conntrack_full",
+        }
+    }
+}
+
+const _: () = assert!(core::mem::size_of::<ServiceKey>() == 20);
+const _: () = assert!(core::mem::size_of::<ServiceValue>() == 16);
+const _: () = assert!(core::mem::size_of::<Backend>() == 24);
+const _: () = assert!(core::mem::size_of::<FlowKey>() == 40);
+const _: () = assert!(core::mem::size_of::<ConntrackValue>() == 32);
+const _: () = assert!(core::mem::size_of::<ReverseNatValue>() == 24);
+
+#[cfg(feature = "user")]
+mod pod {
+    // SAFETY: all of these are #[repr(C)], Copy, and have no padding bytes left undeclared.
+    unsafe impl aya::Pod for super::ServiceKey {}
+    unsafe impl aya::Pod for super::ServiceValue {}
+    unsafe impl aya::Pod for super::Backend {}
+    unsafe impl aya::Pod for super::FlowKey {}
+    unsafe impl aya::Pod for super::ConntrackValue {}
+    unsafe impl aya::Pod for super::ReverseNatValue {}
+}

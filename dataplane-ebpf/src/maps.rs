@@ -1,0 +1,35 @@
+//! The maps, pinned by name so a restarted agent adopts them. Sizes are set by the agent at load.
+
+use aya_ebpf::{
+    macros::map,
+    maps::{Array, HashMap, LruHashMap, PerCpuArray},
+};
+use fulgur_common::{
+    Backend, ConntrackValue, Counter, FlowKey, ReverseNatValue, ServiceKey, ServiceValue, defaults,
+};
+
+/// `{VIP, port, proto}` → where the service's lookup table is.
+#[map(name = "FULGUR_SERVICES")]
+pub static SERVICES: HashMap<ServiceKey, ServiceValue> = HashMap::pinned(defaults::MAX_SERVICES, 0);
+
+/// Backend id → backend address.
+#[map(name = "FULGUR_BACKENDS")]
+pub static BACKENDS: Array<Backend> = Array::pinned(defaults::MAX_BACKENDS, 0);
+
+/// Every service's backend-selection table, back to back: slot → backend id.
+#[map(name = "FULGUR_LOOKUP")]
+pub static LOOKUP: Array<u32> = Array::pinned(defaults::LOOKUP_TABLE_ENTRIES, 0);
+
+/// Client flow → chosen backend.
+#[map(name = "FULGUR_CONNTRACK")]
+pub static CONNTRACK: LruHashMap<FlowKey, ConntrackValue> =
+    LruHashMap::pinned(defaults::CONNTRACK_ENTRIES, 0);
+
+/// Backend→client flow → the service address to restore.
+#[map(name = "FULGUR_REVNAT")]
+pub static REVNAT: LruHashMap<FlowKey, ReverseNatValue> =
+    LruHashMap::pinned(defaults::CONNTRACK_ENTRIES, 0);
+
+/// Global pass/drop/verdict counters, indexed by [`Counter`].
+#[map(name = "FULGUR_COUNTERS")]
+pub static COUNTERS: PerCpuArray<u64> = PerCpuArray::pinned(Counter::COUNT, 0);

@@ -1,0 +1,94 @@
+//! Backend selection: conntrack first, so a flow keeps its backend; otherwise the service's
+//! lookup table indexed by the flow hash.
+
+use fulgur_common::{
+    Addr, BACKEND_LIVE, Backend, ConntrackValue, Counter, FlowKey, ReverseNatValue, ServiceValue,
+    hash::flow_hash,
+};
+
+use crate::{
+    maps::{BACKENDS, CONNTRACK, LOOKUP, REVNAT},
+    stats::count,
+};
+
+/// Compared word by word: a slice compare would become a memcmp call BPF cannot make.
+#[inline(always)]
+pub fn addr_eq(a: &Addr, b: &Addr) -> bool {
+    a[0] == b[0] && a[1] == b[1] && a[2] == b[2] && a[3] == b[3]
+}
+
+/// The backend a packet goes to.
+pub struct Target {
+    pub addr: Addr,
+    pub port: u16,
+}
+
+#[inline(always)]
+fn still_valid(ct: &ConntrackValue, service: &ServiceValue) -> Option<Target> {
+    let backend = BACKENDS.get(ct.backend_id)?;
+    let same = backend.flags & BACKEND_LIVE != 0
+        && backend.service_id == service.id
+        && backend.port == ct.backend_port
+        && addr_eq(&backend.addr, &ct.backend_addr);
+    same.then_some(Target {
+        addr: backend.addr,
+        port: backend.port,
+    })
+}
+
+#[inline(always)]
+pub fn backend_for(flow: &FlowKey, service: &ServiceValue) -> Result<Target, Counter> {
+    // SAFETY: LRU values are only read here; a concurrent rewrite yields a stale but whole flow.
+    if let Some(ct) = unsafe { CONNTRACK.get(flow) } {
+        if let Some(target) = still_valid(ct, service) {
+            return Ok(target);
+        }
+    }
+    if service.table_size == 0 {
+        return Err(Counter::PassNoBackend);
+    }
+    let slot = service
+        .table_base
+        .wrapping_add(flow_hash(flow) % service.table_size);
+    let backend_id = *LOOKUP.get(slot).ok_or(Counter::PassNoBackend)?;
+    let backend: &Backend = BACKENDS.get(backend_id).ok_or(Counter::PassNoBackend)?;
+    if backend.flags & BACKEND_LIVE == 0 || backend.service_id != service.id {
+        return Err(Counter::PassNoBackend);
+    }
+    remember(flow, service, backend_id, backend);
+    Ok(Target {
+        addr: backend.addr,
+        port: backend.port,
+    })
+}
+
+/// Records the choice both ways: the client flow, and the backend's reply flow.
+#[inline(always)]
+fn remember(flow: &FlowKey, service: &ServiceValue, backend_id: u32, backend: &Backend) {
+    let tracked = ConntrackValue {
+        backend_id,
+        service_id: service.id,
+        backend_addr: backend.addr,
+        backend_port: backend.port,
+        pad: [0; 6],
+    };
+    let reply = FlowKey {
+        src: backend.addr,
+        dst: flow.src,
+        src_port: backend.port,
+        dst_port: flow.src_port,
+        proto: flow.proto,
+        family: flow.family,
+        pad: [0; 2],
+    };
+    let restore = ReverseNatValue {
+        vip: flow.dst,
+        vip_port: flow.dst_port,
+        pad: [0; 2],
+        service_id: service.id,
+    };
+    if CONNTRACK.insert(flow, &tracked, 0).is_err() || REVNAT.insert(&reply, &restore, 0).is_err() {
+        count(Counter::ConntrackFull);
+    }
+    count(Counter::NewFlow);
+}
