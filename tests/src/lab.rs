@@ -1,0 +1,205 @@
+//! A packet lab: the dataplane loaded inside its own namespace with a fixed routing table and
+//! neighbour entries, so `BPF_PROG_TEST_RUN` results (FIB lookups included) are deterministic.
+
+use std::net::Ipv4Addr;
+
+use anyhow::Context as _;
+use aya::programs::{SchedClassifier, TestRun, TestRunOptions, Xdp};
+use fulgur_agent::{
+    config::ServiceSet,
+    dataplane::{self, Dataplane, Pins, Sizes},
+    writer::{Layout, MapWriter},
+};
+use fulgur_common::{Counter, map_names, program_names};
+
+use crate::netns::{Entered, NetNs, unique_token};
+
+/// MAC of the lab's client-facing interface.
+pub const IN_MAC: [u8; 6] = [0x02, 0, 0, 0, 0x01, 0x00];
+/// MAC of the lab's backend-facing interface.
+pub const OUT_MAC: [u8; 6] = [0x02, 0, 0, 0, 0x02, 0x00];
+/// The neighbour entry for [`BACKEND_WITH_NEIGHBOUR`].
+pub const BACKEND_MAC: [u8; 6] = [0x02, 0, 0, 0, 0x00, 0xb2];
+pub const CLIENT_MAC: [u8; 6] = [0x02, 0, 0, 0, 0x00, 0xc2];
+
+pub const CLIENT: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 2);
+pub const VIP: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 10);
+/// Routed out of `out0` with a permanent neighbour entry: the redirect path.
+pub const BACKEND_WITH_NEIGHBOUR: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 2);
+/// Routed out of `out0`, neighbour unknown: the kernel-fallback path.
+pub const BACKEND_NO_NEIGHBOUR: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 3);
+
+fn mac(m: [u8; 6]) -> String {
+    m.iter()
+        .map(|b| format!("{b:02x}"))
+        .collect::<Vec<_>>()
+        .join(":")
+}
+
+pub struct Lab {
+    pub writer: MapWriter,
+    pub dataplane: Dataplane,
+    counters: aya::maps::PerCpuArray<aya::maps::MapData, u64>,
+    pub in_ifindex: u32,
+    pub out_ifindex: u32,
+    // Drop order: leave the namespace before deleting it.
+    _entered: Entered,
+    _ns: NetNs,
+}
+
+impl Lab {
+    /// Moves the calling thread into a fresh lab namespace and loads the dataplane there.
+    pub fn new() -> anyhow::Result<Self> {
+        let ns = NetNs::new("fgpk")?;
+        ns.ip(&[
+            "link",
+            "add",
+            "name",
+            "in0",
+            "address",
+            &mac(IN_MAC),
+            "type",
+            "veth",
+            "peer",
+            "name",
+            "in1",
+        ])?;
+        ns.ip(&[
+            "link",
+            "add",
+            "name",
+            "out0",
+            "address",
+            &mac(OUT_MAC),
+            "type",
+            "veth",
+            "peer",
+            "name",
+            "out1",
+        ])?;
+        for dev in ["in0", "in1", "out0", "out1"] {
+            ns.ip(&["link", "set", "dev", dev, "up"])?;
+        }
+        ns.ip(&["addr", "add", "198.51.100.1/24", "dev", "in0"])?;
+        ns.ip(&["addr", "add", "203.0.113.1/24", "dev", "out0"])?;
+        ns.ip(&[
+            "neigh",
+            "replace",
+            &BACKEND_WITH_NEIGHBOUR.to_string(),
+            "lladdr",
+            &mac(BACKEND_MAC),
+            "dev",
+            "out0",
+            "nud",
+            "permanent",
+        ])?;
+        ns.ip(&[
+            "neigh",
+            "replace",
+            &CLIENT.to_string(),
+            "lladdr",
+            &mac(CLIENT_MAC),
+            "dev",
+            "in0",
+            "nud",
+            "permanent",
+        ])?;
+        ns.sysctl("net.ipv4.ip_forward", "1")?;
+        let entered = ns.enter()?;
+        let in_ifindex = dataplane::if_index("in0")?;
+        let out_ifindex = dataplane::if_index("out0")?;
+
+        let sizes = Sizes {
+            layout: Layout {
+                max_services: 16,
+                max_backends: 256,
+                table_size: 251,
+            },
+            conntrack_entries: 4096,
+        };
+        let pins = Pins::new(format!("/sys/fs/bpf/{}", unique_token("fgpk")));
+        let mut dataplane = Dataplane::load(pins, &sizes).context("loading the dataplane")?;
+        let writer = MapWriter::adopt(sizes.layout, |name| dataplane.take_map(name))?;
+        let counters = aya::maps::PerCpuArray::try_from(
+            dataplane
+                .take_map(map_names::COUNTERS)
+                .context("counters map")?,
+        )?;
+        Ok(Lab {
+            writer,
+            dataplane,
+            counters,
+            in_ifindex,
+            out_ifindex,
+            _entered: entered,
+            _ns: ns,
+        })
+    }
+
+    pub fn apply_yaml(&mut self, yaml: &str) -> anyhow::Result<()> {
+        let set: ServiceSet = serde_yaml::from_str(yaml)?;
+        self.writer.apply(&set)?;
+        Ok(())
+    }
+
+    /// Runs the XDP ingress program on `packet` as if it arrived on `in0`.
+    pub fn xdp(&self, packet: &[u8]) -> anyhow::Result<(u32, Vec<u8>)> {
+        self.run_xdp(program_names::XDP_INGRESS, packet, 1)
+    }
+
+    pub fn run_xdp(
+        &self,
+        name: &str,
+        packet: &[u8],
+        repeat: u32,
+    ) -> anyhow::Result<(u32, Vec<u8>)> {
+        let program: &Xdp = self
+            .dataplane
+            .ebpf
+            .program(name)
+            .context("program")?
+            .try_into()?;
+        // struct xdp_md: data, data_end, data_meta, ingress_ifindex, rx_queue_index, egress_ifindex
+        let md: [u32; 6] = [0, packet.len() as u32, 0, self.in_ifindex, 0, 0];
+        let ctx: Vec<u8> = md.iter().flat_map(|w| w.to_ne_bytes()).collect();
+        let mut out = vec![0u8; packet.len() + 256];
+        let result = program.test_run(TestRunOptions {
+            data_in: Some(packet),
+            data_out: Some(&mut out),
+            ctx_in: Some(&ctx),
+            repeat,
+            ..TestRunOptions::new()
+        })?;
+        out.truncate(result.data_size_out as usize);
+        Ok((result.return_value, out))
+    }
+
+    /// Runs the TC egress program on `packet`.
+    pub fn tc(&self, packet: &[u8]) -> anyhow::Result<(i32, Vec<u8>)> {
+        let program: &SchedClassifier = self
+            .dataplane
+            .ebpf
+            .program(program_names::TC_EGRESS)
+            .context("program")?
+            .try_into()?;
+        let mut out = vec![0u8; packet.len() + 256];
+        let result = program.test_run(TestRunOptions {
+            data_in: Some(packet),
+            data_out: Some(&mut out),
+            ..TestRunOptions::new()
+        })?;
+        out.truncate(result.data_size_out as usize);
+        Ok((result.return_value as i32, out))
+    }
+
+    /// A global counter summed over CPUs.
+    pub fn counter(&self, counter: Counter) -> anyhow::Result<u64> {
+        Ok(self.counters.get(&(counter as u32), 0)?.iter().sum())
+    }
+}
+
+impl Drop for Lab {
+    fn drop(&mut self) {
+        let _ = dataplane::detach(&self.dataplane.pins);
+    }
+}

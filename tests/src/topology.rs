@@ -1,0 +1,302 @@
+//! A client, a load-balancer node and N backends, each in its own namespace, linked by veths:
+//!
+//! ```text
+//! client 198.51.100.2 ── cl0 ═ lb-cl 198.51.100.1 [XDP+TC] ── lb ── lb-bI 203.0.113.(4I+1)/30 ═ eth0 203.0.113.(4I+2) backend I
+//! ```
+//!
+//! The service address 192.0.2.10 belongs to no host: the client routes it to the load balancer.
+
+use std::{
+    fs,
+    net::{Ipv4Addr, SocketAddr},
+    path::{Path, PathBuf},
+    process::{Child, Stdio},
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, bail};
+use aya::programs::{Xdp, links::FdLink};
+use fulgur_agent::dataplane::{self, Dataplane, Pins, Sizes, XdpAttachMode};
+use fulgur_common::program_names;
+
+use crate::netns::{NetNs, in_netns, unique_token};
+
+pub const CLIENT: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 2);
+pub const LB_CLIENT_SIDE: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 1);
+pub const VIP: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 10);
+/// The load balancer's client-facing interface, where the agent attaches.
+pub const LB_IFACE: &str = "lb-cl";
+
+pub fn backend_addr(i: usize) -> Ipv4Addr {
+    Ipv4Addr::new(203, 0, 113, (4 * i + 2) as u8)
+}
+
+pub struct BackendHost {
+    pub name: String,
+    pub addr: Ipv4Addr,
+    pub ns: NetNs,
+}
+
+pub struct Topology {
+    pub client: NetNs,
+    pub lb: NetNs,
+    pub backends: Vec<BackendHost>,
+    pub mode: XdpAttachMode,
+    /// Native XDP on veth delivers redirected frames only to peers running XDP.
+    _peer_links: Vec<FdLink>,
+}
+
+impl Topology {
+    pub fn new(backends: usize, mode: XdpAttachMode) -> anyhow::Result<Self> {
+        assert!(backends <= 16, "one /30 per backend in 203.0.113.0/24");
+        let lb = NetNs::new("fglb")?;
+        let client = NetNs::new("fgcl")?;
+        lb.ip(&[
+            "link",
+            "add",
+            "name",
+            LB_IFACE,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            "cl0",
+            "netns",
+            client.name(),
+        ])?;
+        lb.ip(&[
+            "addr",
+            "add",
+            &format!("{LB_CLIENT_SIDE}/24"),
+            "dev",
+            LB_IFACE,
+        ])?;
+        lb.ip(&["link", "set", "dev", LB_IFACE, "up"])?;
+        client.ip(&["addr", "add", &format!("{CLIENT}/24"), "dev", "cl0"])?;
+        client.ip(&["link", "set", "dev", "cl0", "up"])?;
+        client.ip(&[
+            "route",
+            "add",
+            "default",
+            "via",
+            &LB_CLIENT_SIDE.to_string(),
+        ])?;
+        // Frames we rewrite in XDP must carry full checksums, as they do off a real wire.
+        client.exec("ethtool", &["-K", "cl0", "tx", "off"])?;
+        lb.sysctl("net.ipv4.ip_forward", "1")?;
+        lb.sysctl("net.ipv4.conf.all.rp_filter", "0")?;
+
+        let mut hosts = Vec::new();
+        for i in 0..backends {
+            let ns = NetNs::new("fgbe")?;
+            let lb_side = format!("lb-b{i}");
+            let gateway = Ipv4Addr::new(203, 0, 113, (4 * i + 1) as u8);
+            lb.ip(&[
+                "link",
+                "add",
+                "name",
+                &lb_side,
+                "type",
+                "veth",
+                "peer",
+                "name",
+                "eth0",
+                "netns",
+                ns.name(),
+            ])?;
+            lb.ip(&["addr", "add", &format!("{gateway}/30"), "dev", &lb_side])?;
+            lb.ip(&["link", "set", "dev", &lb_side, "up"])?;
+            ns.ip(&[
+                "addr",
+                "add",
+                &format!("{}/30", backend_addr(i)),
+                "dev",
+                "eth0",
+            ])?;
+            ns.ip(&["link", "set", "dev", "eth0", "up"])?;
+            ns.ip(&["route", "add", "default", "via", &gateway.to_string()])?;
+            hosts.push(BackendHost {
+                name: format!("backend-{i}"),
+                addr: backend_addr(i),
+                ns,
+            });
+        }
+
+        let mut peer_links = Vec::new();
+        if mode == XdpAttachMode::Native {
+            peer_links.push(attach_pass(&client, "cl0")?);
+            for host in &hosts {
+                peer_links.push(attach_pass(&host.ns, "eth0")?);
+            }
+        }
+        Ok(Topology {
+            client,
+            lb,
+            backends: hosts,
+            mode,
+            _peer_links: peer_links,
+        })
+    }
+
+    pub fn vip(&self, port: u16) -> SocketAddr {
+        SocketAddr::from((VIP, port))
+    }
+
+    /// Starts the real agent binary on the load balancer's client-facing interface.
+    pub fn start_agent(&self, services_file: &Path) -> anyhow::Result<AgentProcess> {
+        AgentProcess::start(&self.lb, LB_IFACE, self.mode, services_file)
+    }
+}
+
+/// Attaches the trivial pass program to `iface` inside `ns`; the link lives as long as the
+/// returned handle.
+fn attach_pass(ns: &NetNs, iface: &'static str) -> anyhow::Result<FdLink> {
+    in_netns(ns, move || {
+        let pins = Pins::new(format!("/sys/fs/bpf/{}", unique_token("fgps")));
+        let sizes = Sizes {
+            layout: fulgur_agent::writer::Layout {
+                max_services: 1,
+                max_backends: 1,
+                table_size: 2,
+            },
+            conntrack_entries: 1,
+        };
+        let loaded = (|| {
+            let mut dataplane = Dataplane::load(pins.clone(), &sizes)?;
+            let program: &mut Xdp = dataplane
+                .ebpf
+                .program_mut(program_names::XDP_PASS)
+                .context("pass program")?
+                .try_into()?;
+            let id = program.attach(iface, aya::programs::XdpMode::Driver)?;
+            let link: FdLink = program.take_link(id)?.try_into()?;
+            anyhow::Ok(link)
+        })();
+        // The link holds the program; the maps and pins are not needed.
+        let _ = dataplane::detach(&pins);
+        loaded
+    })
+}
+
+/// A running `fulgur-agent`, killed and detached on drop.
+pub struct AgentProcess {
+    child: Child,
+    pub bpffs_dir: PathBuf,
+    pub log: PathBuf,
+    ns_path: String,
+}
+
+impl AgentProcess {
+    pub fn start(
+        ns: &NetNs,
+        iface: &str,
+        mode: XdpAttachMode,
+        services: &Path,
+    ) -> anyhow::Result<Self> {
+        let token = unique_token("fgag");
+        let bpffs_dir = PathBuf::from(format!("/sys/fs/bpf/{token}"));
+        Self::start_with(ns, iface, mode, services, bpffs_dir)
+    }
+
+    /// Starts an agent on an existing bpffs folder (to test restarts).
+    pub fn start_with(
+        ns: &NetNs,
+        iface: &str,
+        mode: XdpAttachMode,
+        services: &Path,
+        bpffs_dir: PathBuf,
+    ) -> anyhow::Result<Self> {
+        let log = std::env::temp_dir().join(format!("{}.log", unique_token("fulgur-agent-")));
+        let mode_arg = match mode {
+            XdpAttachMode::Native => "native",
+            XdpAttachMode::Generic => "generic",
+        };
+        let child = ns
+            .command(crate::agent_binary())
+            .args(["--iface", iface, "--xdp-mode", mode_arg, "--services"])
+            .arg(services)
+            .arg("--bpffs-dir")
+            .arg(&bpffs_dir)
+            .args([
+                "--max-services",
+                "64",
+                "--max-backends",
+                "1024",
+                "--table-size",
+                "1021",
+            ])
+            .env("RUST_LOG", "info")
+            .env("NO_COLOR", "1")
+            .stdout(Stdio::null())
+            .stderr(fs::File::create(&log)?)
+            .spawn()
+            .with_context(|| format!("starting {}", crate::agent_binary().display()))?;
+        let agent = AgentProcess {
+            child,
+            bpffs_dir,
+            log,
+            ns_path: ns.path(),
+        };
+        agent.wait_for_log("ready", Duration::from_secs(20))?;
+        Ok(agent)
+    }
+
+    pub fn log_text(&self) -> String {
+        fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Waits until the agent's log contains `needle` at least `count` times... once.
+    pub fn wait_for_log(&self, needle: &str, timeout: Duration) -> anyhow::Result<()> {
+        self.wait_for_log_count(needle, 1, timeout)
+    }
+
+    pub fn wait_for_log_count(
+        &self,
+        needle: &str,
+        count: usize,
+        timeout: Duration,
+    ) -> anyhow::Result<()> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let text = self.log_text();
+            if text.matches(needle).count() >= count {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                bail!("agent did not log {needle:?} in {timeout:?}; log:\n{text}");
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Stops the process the hard way; the pinned dataplane stays.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// Runs `fulgur-agent inspect --json` against this agent's pins.
+    pub fn inspect(&self) -> anyhow::Result<String> {
+        let out = std::process::Command::new("nsenter")
+            .arg(format!("--net={}", self.ns_path))
+            .arg(crate::agent_binary())
+            .args(["inspect", "--json", "--bpffs-dir"])
+            .arg(&self.bpffs_dir)
+            .output()?;
+        if !out.status.success() {
+            bail!("inspect failed: {}", String::from_utf8_lossy(&out.stderr));
+        }
+        Ok(String::from_utf8(out.stdout)?)
+    }
+}
+
+impl Drop for AgentProcess {
+    fn drop(&mut self) {
+        self.kill();
+        let _ = std::process::Command::new(crate::agent_binary())
+            .args(["detach", "--bpffs-dir"])
+            .arg(&self.bpffs_dir)
+            .output();
+        let _ = fs::remove_file(&self.log);
+    }
+}
