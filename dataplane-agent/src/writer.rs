@@ -364,10 +364,11 @@ impl MapWriter {
         }
         let table = maglev::build(&entries, self.layout.table_size).unwrap_or_default();
 
-        if let Some(p) = &previous {
-            if p.table == table && p.backends == backends {
-                return Ok(Change::Unchanged);
-            }
+        if let Some(p) = &previous
+            && p.table == table
+            && p.backends == backends
+        {
+            return Ok(Change::Unchanged);
         }
         let region = previous.as_ref().map_or(0, |p| 1 - p.region);
         let table_base = self.layout.table_base(service_id, region);

@@ -17,7 +17,7 @@ const IPV4_FRAG_OFFSET_MASK: u16 = 0x1fff;
 #[inline(always)]
 pub fn handle(ctx: &TcContext) -> i32 {
     let _ = reverse_nat(ctx);
-    TC_ACT_OK as i32
+    TC_ACT_OK
 }
 
 /// Any error means "not a reply we track": the packet leaves untouched.
@@ -62,7 +62,7 @@ fn reverse_nat(ctx: &TcContext) -> Result<(), i64> {
         pad: [0; 2],
     };
     // SAFETY: read once into locals; LRU values are replaced whole.
-    let Some(restore) = (unsafe { REVNAT.get(&reply) }) else {
+    let Some(restore) = (unsafe { REVNAT.get(reply) }) else {
         return Ok(());
     };
     let (vip, vip_port) = (restore.vip[0], restore.vip_port);

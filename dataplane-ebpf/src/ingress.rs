@@ -46,7 +46,7 @@ fn translate(ctx: &XdpContext) -> Result<u32, Counter> {
         family: FAMILY_IPV4,
     };
     // SAFETY: service values are replaced whole by the agent, never written in place.
-    let service = unsafe { SERVICES.get(&service_key) }.ok_or(Counter::PassNotService)?;
+    let service = unsafe { SERVICES.get(service_key) }.ok_or(Counter::PassNotService)?;
     let flow = FlowKey {
         src: addr_v4(src),
         dst: service_key.addr,

@@ -39,10 +39,10 @@ fn still_valid(ct: &ConntrackValue, service: &ServiceValue) -> Option<Target> {
 #[inline(always)]
 pub fn backend_for(flow: &FlowKey, service: &ServiceValue) -> Result<Target, Counter> {
     // SAFETY: LRU values are only read here; a concurrent rewrite yields a stale but whole flow.
-    if let Some(ct) = unsafe { CONNTRACK.get(flow) } {
-        if let Some(target) = still_valid(ct, service) {
-            return Ok(target);
-        }
+    if let Some(ct) = unsafe { CONNTRACK.get(flow) }
+        && let Some(target) = still_valid(ct, service)
+    {
+        return Ok(target);
     }
     if service.table_size == 0 {
         return Err(Counter::PassNoBackend);
@@ -87,7 +87,7 @@ fn remember(flow: &FlowKey, service: &ServiceValue, backend_id: u32, backend: &B
         pad: [0; 2],
         service_id: service.id,
     };
-    if CONNTRACK.insert(flow, &tracked, 0).is_err() || REVNAT.insert(&reply, &restore, 0).is_err() {
+    if CONNTRACK.insert(flow, tracked, 0).is_err() || REVNAT.insert(reply, restore, 0).is_err() {
         count(Counter::ConntrackFull);
     }
     count(Counter::NewFlow);

@@ -1,1 +1,243 @@
-fn main() {}
+//! Project tasks: `cargo xtask setup | test | demo | lint`.
+//!
+//! This crate must build on a fresh machine before setup has run, so it depends on nothing that
+//! needs the eBPF toolchain.
+
+use std::{
+    path::{Path, PathBuf},
+    process::Command,
+    time::Instant,
+};
+
+use anyhow::{Context as _, bail};
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(about = "fulgur project tasks")]
+struct Cli {
+    #[command(subcommand)]
+    task: Task,
+}
+
+#[derive(Subcommand)]
+enum Task {
+    /// Install what the build and tests need (idempotent).
+    Setup,
+    /// Setup, lint, build, then run every test, the privileged ones included (needs root).
+    Test {
+        /// Extra arguments for `cargo test` (e.g. a test name filter).
+        #[arg(trailing_var_arg = true)]
+        args: Vec<String>,
+    },
+    /// Setup, build, then run the demo: a client, a load balancer and 3 backends in namespaces.
+    Demo,
+    /// `cargo fmt --check` and `cargo clippy -D warnings`.
+    Lint,
+}
+
+const APT_PACKAGES: &[(&str, &str)] = &[
+    // (command that must exist, Debian package that provides it)
+    ("ip", "iproute2"),
+    ("ethtool", "ethtool"),
+    ("nsenter", "util-linux"),
+    ("sysctl", "procps"),
+];
+const BPF_LINKER_VERSION: &str = "0.13.0";
+
+fn main() -> anyhow::Result<()> {
+    match Cli::parse().task {
+        Task::Setup => setup(),
+        Task::Test { args } => {
+            setup()?;
+            lint()?;
+            test(&args)
+        }
+        Task::Demo => {
+            setup()?;
+            demo()
+        }
+        Task::Lint => lint(),
+    }
+}
+
+fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("workspace root").to_path_buf()
+}
+
+fn cargo() -> Command {
+    let mut command = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
+    command.current_dir(workspace_root());
+    command
+}
+
+fn run(command: &mut Command) -> anyhow::Result<()> {
+    let shown = format!("{command:?}");
+    let status = command.status().with_context(|| format!("starting {shown}"))?;
+    if !status.success() {
+        bail!("{shown} failed ({status})");
+    }
+    Ok(())
+}
+
+fn output(command: &mut Command) -> Option<String> {
+    let out = command.output().ok()?;
+    out.status.success().then(|| String::from_utf8_lossy(&out.stdout).trim().to_owned())
+}
+
+fn step(message: &str) {
+    eprintln!("[setup] {message}");
+}
+
+fn is_root() -> bool {
+    output(Command::new("id").arg("-u")).as_deref() == Some("0")
+}
+
+fn require_root(task: &str) -> anyhow::Result<()> {
+    if !is_root() {
+        bail!("`cargo xtask {task}` needs root: it loads eBPF programs and creates network namespaces (run it with sudo)");
+    }
+    Ok(())
+}
+
+fn have(command: &str) -> bool {
+    output(Command::new("sh").args(["-c", &format!("command -v {command}")])).is_some()
+}
+
+fn setup() -> anyhow::Result<()> {
+    require_root("setup")?;
+    setup_apt()?;
+    let sysroot = setup_nightly()?;
+    setup_rust_src(&sysroot)?;
+    setup_bpf_linker(&sysroot)?;
+    setup_bpffs()?;
+    step("done");
+    Ok(())
+}
+
+fn setup_apt() -> anyhow::Result<()> {
+    let missing: Vec<&str> =
+        APT_PACKAGES.iter().filter(|(cmd, _)| !have(cmd)).map(|(_, pkg)| *pkg).collect();
+    if missing.is_empty() {
+        step("system packages: present (iproute2, ethtool, util-linux, procps)");
+        return Ok(());
+    }
+    step(&format!("system packages: installing {}", missing.join(" ")));
+    run(Command::new("apt-get").args(["update", "-qq"]))
+        .context("apt-get update failed; install the packages by hand")?;
+    run(Command::new("apt-get")
+        .args(["install", "-y", "-qq", "--no-install-recommends"])
+        .args(&missing)
+        .env("DEBIAN_FRONTEND", "noninteractive"))
+    .with_context(|| format!("installing {} failed", missing.join(" ")))
+}
+
+fn setup_nightly() -> anyhow::Result<PathBuf> {
+    let sysroot = output(Command::new("rustc").args(["+nightly", "--print", "sysroot"])).context(
+        "the `nightly` toolchain is missing: it builds the eBPF programs (`rustup toolchain install nightly`)",
+    )?;
+    step(&format!("nightly toolchain: {sysroot}"));
+    Ok(PathBuf::from(sysroot))
+}
+
+fn setup_rust_src(sysroot: &Path) -> anyhow::Result<()> {
+    let library = sysroot.join("lib/rustlib/src/rust/library/core");
+    if library.exists() {
+        step("rust-src for nightly: present");
+        return Ok(());
+    }
+    step("rust-src for nightly: adding with rustup");
+    if run(Command::new("rustup").args(["component", "add", "rust-src", "--toolchain", "nightly"])).is_ok()
+        && library.exists()
+    {
+        return Ok(());
+    }
+    let shared = workspace_root().join("../shared/toolchain");
+    let archive = std::fs::read_dir(&shared)
+        .ok()
+        .and_then(|entries| {
+            entries
+                .flatten()
+                .map(|e| e.path())
+                .find(|p| p.file_name().is_some_and(|n| n.to_string_lossy().starts_with("rust-src-nightly")))
+        })
+        .with_context(|| format!("rustup could not add rust-src and no rust-src archive is in {}", shared.display()))?;
+    step(&format!("rust-src for nightly: unpacking {}", archive.display()));
+    run(Command::new("tar").arg("-xJf").arg(&archive).arg("-C").arg(sysroot.join("lib/rustlib")))?;
+    if !library.exists() {
+        bail!("{} did not provide {}", archive.display(), library.display());
+    }
+    Ok(())
+}
+
+fn setup_bpf_linker(sysroot: &Path) -> anyhow::Result<()> {
+    if let Some(version) = output(Command::new("bpf-linker").arg("--version"))
+        && version.contains(BPF_LINKER_VERSION)
+    {
+        step(&format!("bpf-linker: {version}"));
+        return Ok(());
+    }
+    // bpf-linker links -lLLVM from $LLVM_PREFIX/lib: point it at nightly's own libLLVM.
+    let lib = sysroot.join("lib");
+    let llvm = std::fs::read_dir(&lib)?
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .find(|name| name.starts_with("libLLVM.so."))
+        .with_context(|| format!("no libLLVM.so.* in {}", lib.display()))?;
+    let llvm_major = llvm
+        .trim_start_matches("libLLVM.so.")
+        .split(['.', '-'])
+        .next()
+        .context("libLLVM version")?
+        .to_owned();
+    let home = std::env::var("HOME").unwrap_or_else(|_| "/root".into());
+    let prefix = PathBuf::from(home).join(".cache/fulgur/llvm-prefix");
+    std::fs::create_dir_all(prefix.join("lib"))?;
+    for link in ["libLLVM.so".to_owned(), llvm.clone()] {
+        let path = prefix.join("lib").join(link);
+        let _ = std::fs::remove_file(&path);
+        std::os::unix::fs::symlink(lib.join(&llvm), &path)?;
+    }
+    step(&format!("bpf-linker: building {BPF_LINKER_VERSION} against nightly's {llvm} (1-2 minutes)"));
+    run(Command::new("cargo")
+        .args(["install", "bpf-linker", "--version", BPF_LINKER_VERSION, "--locked", "--no-default-features"])
+        .args(["--features", &format!("llvm-{llvm_major}")])
+        .env("LLVM_PREFIX", &prefix))
+    .context("building bpf-linker failed")
+}
+
+fn setup_bpffs() -> anyhow::Result<()> {
+    let mounts = std::fs::read_to_string("/proc/self/mounts").unwrap_or_default();
+    if mounts.lines().any(|l| l.split_whitespace().nth(1) == Some("/sys/fs/bpf") && l.starts_with("bpf ")) {
+        step("bpffs: mounted at /sys/fs/bpf");
+        return Ok(());
+    }
+    step("bpffs: mounting at /sys/fs/bpf");
+    std::fs::create_dir_all("/sys/fs/bpf").ok();
+    run(Command::new("mount").args(["-t", "bpf", "bpf", "/sys/fs/bpf"]))
+}
+
+fn lint() -> anyhow::Result<()> {
+    run(cargo().args(["fmt", "--all", "--", "--check"])).context("formatting differs: run `cargo fmt --all`")?;
+    run(cargo().args(["clippy", "--workspace", "--all-targets", "--", "-D", "warnings"]))
+}
+
+fn test(extra: &[String]) -> anyhow::Result<()> {
+    require_root("test")?;
+    let started = Instant::now();
+    run(cargo().args(["build", "--bins"]))?;
+    let agent = workspace_root().join("target/debug/fulgur-agent");
+    run(cargo()
+        .args(["test", "--workspace", "--no-fail-fast"])
+        .args(extra)
+        .env("FULGUR_AGENT_BIN", &agent))?;
+    eprintln!("[test] all tests passed in {:.0?}", started.elapsed());
+    Ok(())
+}
+
+fn demo() -> anyhow::Result<()> {
+    require_root("demo")?;
+    run(cargo().args(["build", "--bins"]))?;
+    let root = workspace_root();
+    run(Command::new(root.join("target/debug/fulgur-demo"))
+        .env("FULGUR_AGENT_BIN", root.join("target/debug/fulgur-agent")))
+}

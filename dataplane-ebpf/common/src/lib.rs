@@ -2,6 +2,9 @@
 //! values, counter indices and the flow hash. Declared once, here, and nowhere else.
 #![no_std]
 
+#[cfg(test)]
+extern crate std;
+
 pub mod csum;
 pub mod hash;
 
