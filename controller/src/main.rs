@@ -6,7 +6,10 @@
 use clap::Parser;
 
 #[derive(Parser)]
-#[command(version, about = "fulgur controller: Gateway API TCPRoute/UDPRoute to eBPF load balancing")]
+#[command(
+    version,
+    about = "fulgur controller: Gateway API TCPRoute/UDPRoute to eBPF load balancing"
+)]
 struct Cli {
     /// Where objects come from: `kubernetes` or `file`.
     #[arg(long, default_value = "kubernetes")]

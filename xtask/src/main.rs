@@ -61,7 +61,10 @@ fn main() -> anyhow::Result<()> {
 }
 
 fn workspace_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("workspace root").to_path_buf()
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("workspace root")
+        .to_path_buf()
 }
 
 fn cargo() -> Command {
@@ -72,7 +75,9 @@ fn cargo() -> Command {
 
 fn run(command: &mut Command) -> anyhow::Result<()> {
     let shown = format!("{command:?}");
-    let status = command.status().with_context(|| format!("starting {shown}"))?;
+    let status = command
+        .status()
+        .with_context(|| format!("starting {shown}"))?;
     if !status.success() {
         bail!("{shown} failed ({status})");
     }
@@ -81,7 +86,9 @@ fn run(command: &mut Command) -> anyhow::Result<()> {
 
 fn output(command: &mut Command) -> Option<String> {
     let out = command.output().ok()?;
-    out.status.success().then(|| String::from_utf8_lossy(&out.stdout).trim().to_owned())
+    out.status
+        .success()
+        .then(|| String::from_utf8_lossy(&out.stdout).trim().to_owned())
 }
 
 fn step(message: &str) {
@@ -94,7 +101,9 @@ fn is_root() -> bool {
 
 fn require_root(task: &str) -> anyhow::Result<()> {
     if !is_root() {
-        bail!("`cargo xtask {task}` needs root: it loads eBPF programs and creates network namespaces (run it with sudo)");
+        bail!(
+            "`cargo xtask {task}` needs root: it loads eBPF programs and creates network namespaces (run it with sudo)"
+        );
     }
     Ok(())
 }
@@ -115,13 +124,19 @@ fn setup() -> anyhow::Result<()> {
 }
 
 fn setup_apt() -> anyhow::Result<()> {
-    let missing: Vec<&str> =
-        APT_PACKAGES.iter().filter(|(cmd, _)| !have(cmd)).map(|(_, pkg)| *pkg).collect();
+    let missing: Vec<&str> = APT_PACKAGES
+        .iter()
+        .filter(|(cmd, _)| !have(cmd))
+        .map(|(_, pkg)| *pkg)
+        .collect();
     if missing.is_empty() {
         step("system packages: present (iproute2, ethtool, util-linux, procps)");
         return Ok(());
     }
-    step(&format!("system packages: installing {}", missing.join(" ")));
+    step(&format!(
+        "system packages: installing {}",
+        missing.join(" ")
+    ));
     run(Command::new("apt-get").args(["update", "-qq"]))
         .context("apt-get update failed; install the packages by hand")?;
     run(Command::new("apt-get")
@@ -146,7 +161,8 @@ fn setup_rust_src(sysroot: &Path) -> anyhow::Result<()> {
         return Ok(());
     }
     step("rust-src for nightly: adding with rustup");
-    if run(Command::new("rustup").args(["component", "add", "rust-src", "--toolchain", "nightly"])).is_ok()
+    if run(Command::new("rustup").args(["component", "add", "rust-src", "--toolchain", "nightly"]))
+        .is_ok()
         && library.exists()
     {
         return Ok(());
@@ -155,16 +171,32 @@ fn setup_rust_src(sysroot: &Path) -> anyhow::Result<()> {
     let archive = std::fs::read_dir(&shared)
         .ok()
         .and_then(|entries| {
-            entries
-                .flatten()
-                .map(|e| e.path())
-                .find(|p| p.file_name().is_some_and(|n| n.to_string_lossy().starts_with("rust-src-nightly")))
+            entries.flatten().map(|e| e.path()).find(|p| {
+                p.file_name()
+                    .is_some_and(|n| n.to_string_lossy().starts_with("rust-src-nightly"))
+            })
         })
-        .with_context(|| format!("rustup could not add rust-src and no rust-src archive is in {}", shared.display()))?;
-    step(&format!("rust-src for nightly: unpacking {}", archive.display()));
-    run(Command::new("tar").arg("-xJf").arg(&archive).arg("-C").arg(sysroot.join("lib/rustlib")))?;
+        .with_context(|| {
+            format!(
+                "rustup could not add rust-src and no rust-src archive is in {}",
+                shared.display()
+            )
+        })?;
+    step(&format!(
+        "rust-src for nightly: unpacking {}",
+        archive.display()
+    ));
+    run(Command::new("tar")
+        .arg("-xJf")
+        .arg(&archive)
+        .arg("-C")
+        .arg(sysroot.join("lib/rustlib")))?;
     if !library.exists() {
-        bail!("{} did not provide {}", archive.display(), library.display());
+        bail!(
+            "{} did not provide {}",
+            archive.display(),
+            library.display()
+        );
     }
     Ok(())
 }
@@ -197,9 +229,18 @@ fn setup_bpf_linker(sysroot: &Path) -> anyhow::Result<()> {
         let _ = std::fs::remove_file(&path);
         std::os::unix::fs::symlink(lib.join(&llvm), &path)?;
     }
-    step(&format!("bpf-linker: building {BPF_LINKER_VERSION} against nightly's {llvm} (1-2 minutes)"));
+    step(&format!(
+        "bpf-linker: building {BPF_LINKER_VERSION} against nightly's {llvm} (1-2 minutes)"
+    ));
     run(Command::new("cargo")
-        .args(["install", "bpf-linker", "--version", BPF_LINKER_VERSION, "--locked", "--no-default-features"])
+        .args([
+            "install",
+            "bpf-linker",
+            "--version",
+            BPF_LINKER_VERSION,
+            "--locked",
+            "--no-default-features",
+        ])
         .args(["--features", &format!("llvm-{llvm_major}")])
         .env("LLVM_PREFIX", &prefix))
     .context("building bpf-linker failed")
@@ -207,7 +248,10 @@ fn setup_bpf_linker(sysroot: &Path) -> anyhow::Result<()> {
 
 fn setup_bpffs() -> anyhow::Result<()> {
     let mounts = std::fs::read_to_string("/proc/self/mounts").unwrap_or_default();
-    if mounts.lines().any(|l| l.split_whitespace().nth(1) == Some("/sys/fs/bpf") && l.starts_with("bpf ")) {
+    if mounts
+        .lines()
+        .any(|l| l.split_whitespace().nth(1) == Some("/sys/fs/bpf") && l.starts_with("bpf "))
+    {
         step("bpffs: mounted at /sys/fs/bpf");
         return Ok(());
     }
@@ -217,8 +261,16 @@ fn setup_bpffs() -> anyhow::Result<()> {
 }
 
 fn lint() -> anyhow::Result<()> {
-    run(cargo().args(["fmt", "--all", "--", "--check"])).context("formatting differs: run `cargo fmt --all`")?;
-    run(cargo().args(["clippy", "--workspace", "--all-targets", "--", "-D", "warnings"]))
+    run(cargo().args(["fmt", "--all", "--", "--check"]))
+        .context("formatting differs: run `cargo fmt --all`")?;
+    run(cargo().args([
+        "clippy",
+        "--workspace",
+        "--all-targets",
+        "--",
+        "-D",
+        "warnings",
+    ]))
 }
 
 fn test(extra: &[String]) -> anyhow::Result<()> {

@@ -30,13 +30,17 @@ fn services_yaml(topology: &Topology, weights: &[u32]) -> String {
 }
 
 /// `first_port` sets the UDP client ports, so each round's flows are new flows.
-fn measure(topology: &Topology, first_port: u16) -> anyhow::Result<(BTreeMap<String, usize>, BTreeMap<String, usize>)> {
+fn measure(
+    topology: &Topology,
+    first_port: u16,
+) -> anyhow::Result<(BTreeMap<String, usize>, BTreeMap<String, usize>)> {
     let tcp_vip = SocketAddr::from((VIP, 80));
     let udp_vip = SocketAddr::from((VIP, 53));
     in_netns(&topology.client, move || {
         let mut tcp = BTreeMap::new();
         for i in 0..CONNECTIONS {
-            *tcp.entry(tcp_exchange(tcp_vip, format!("conn {i}").as_bytes())?).or_default() += 1;
+            *tcp.entry(tcp_exchange(tcp_vip, format!("conn {i}").as_bytes())?)
+                .or_default() += 1;
         }
         let mut udp = BTreeMap::new();
         for flow in 0..UDP_FLOWS {
@@ -47,9 +51,18 @@ fn measure(topology: &Topology, first_port: u16) -> anyhow::Result<(BTreeMap<Str
     })
 }
 
-fn print_table(title: &str, topology: &Topology, weights: &[u32], tcp: &BTreeMap<String, usize>, udp: &BTreeMap<String, usize>) {
+fn print_table(
+    title: &str,
+    topology: &Topology,
+    weights: &[u32],
+    tcp: &BTreeMap<String, usize>,
+    udp: &BTreeMap<String, usize>,
+) {
     println!("\n{title}");
-    println!("  {:<10} {:<15} {:>6} {:>16} {:>10}", "backend", "address", "weight", "TCP connections", "UDP flows");
+    println!(
+        "  {:<10} {:<15} {:>6} {:>16} {:>10}",
+        "backend", "address", "weight", "TCP connections", "UDP flows"
+    );
     for (b, w) in topology.backends.iter().zip(weights) {
         println!(
             "  {:<10} {:<15} {:>6} {:>16} {:>10}",
@@ -60,7 +73,12 @@ fn print_table(title: &str, topology: &Topology, weights: &[u32], tcp: &BTreeMap
             udp.get(&b.name).copied().unwrap_or(0)
         );
     }
-    println!("  {:<33} {:>16} {:>10}", "total", tcp.values().sum::<usize>(), udp.values().sum::<usize>());
+    println!(
+        "  {:<33} {:>16} {:>10}",
+        "total",
+        tcp.values().sum::<usize>(),
+        udp.values().sum::<usize>()
+    );
 }
 
 fn main() -> anyhow::Result<()> {
@@ -76,7 +94,11 @@ fn main() -> anyhow::Result<()> {
         let weights = [1, 1, 1];
         std::fs::write(&services, services_yaml(&topology, &weights))?;
         let agent = topology.start_agent(&services)?;
-        println!("agent attached to {} in native XDP mode (pins under {})", fulgur_tests::topology::LB_IFACE, agent.bpffs_dir.display());
+        println!(
+            "agent attached to {} in native XDP mode (pins under {})",
+            fulgur_tests::topology::LB_IFACE,
+            agent.bpffs_dir.display()
+        );
         let (tcp, udp) = measure(&topology, 20000)?;
         print_table("equal weights:", &topology, &weights, &tcp, &udp);
 
@@ -84,14 +106,27 @@ fn main() -> anyhow::Result<()> {
         std::fs::write(&services, services_yaml(&topology, &weights))?;
         agent.wait_for_log("services file changed, applied", Duration::from_secs(10))?;
         let (tcp, udp) = measure(&topology, 30000)?;
-        print_table("after editing the services file to weights 3:1:0 (no restart):", &topology, &weights, &tcp, &udp);
-        anyhow::ensure!(!tcp.contains_key("backend-2") && !udp.contains_key("backend-2"), "weight 0 got traffic");
+        print_table(
+            "after editing the services file to weights 3:1:0 (no restart):",
+            &topology,
+            &weights,
+            &tcp,
+            &udp,
+        );
+        anyhow::ensure!(
+            !tcp.contains_key("backend-2") && !udp.contains_key("backend-2"),
+            "weight 0 got traffic"
+        );
 
         println!("\nfulgur-agent inspect:");
         let report: serde_json::Value = serde_json::from_str(&agent.inspect()?)?;
         for counter in report["counters"].as_array().into_iter().flatten() {
             if counter[1].as_u64().unwrap_or(0) > 0 {
-                println!("  {:<20} {}", counter[0].as_str().unwrap_or("?"), counter[1]);
+                println!(
+                    "  {:<20} {}",
+                    counter[0].as_str().unwrap_or("?"),
+                    counter[1]
+                );
             }
         }
         anyhow::Ok(())
