@@ -4,8 +4,9 @@
 //! needs the eBPF toolchain.
 
 use std::{
+    io::{BufRead as _, BufReader},
     path::{Path, PathBuf},
-    process::Command,
+    process::{Command, Stdio},
     time::Instant,
 };
 
@@ -278,12 +279,62 @@ fn test(extra: &[String]) -> anyhow::Result<()> {
     let started = Instant::now();
     run(cargo().args(["build", "--bins"]))?;
     let agent = workspace_root().join("target/debug/fulgur-agent");
-    run(cargo()
+    let mut command = cargo();
+    command
         .args(["test", "--workspace", "--no-fail-fast"])
         .args(extra)
-        .env("FULGUR_AGENT_BIN", &agent))?;
-    eprintln!("[test] all tests passed in {:.0?}", started.elapsed());
+        .env("FULGUR_AGENT_BIN", &agent)
+        .stdout(Stdio::piped());
+    let mut child = command.spawn().context("starting cargo test")?;
+    let mut totals = Totals::default();
+    for line in BufReader::new(child.stdout.take().expect("piped")).lines() {
+        let line = line?;
+        println!("{line}");
+        totals.add(&line);
+    }
+    let status = child.wait()?;
+    // One plain closing line for the whole run, whatever the last suite was.
+    println!("[test] finished in {:.0?}", started.elapsed());
+    println!(
+        "fulgur: {} passed, {} failed, {} skipped",
+        totals.passed, totals.failed, totals.ignored
+    );
+    if !status.success() || totals.failed > 0 {
+        bail!("tests failed");
+    }
+    if totals.passed == 0 {
+        bail!("no test ran");
+    }
     Ok(())
+}
+
+/// Sums cargo test's `test result: ok. N passed; N failed; N ignored; ...` lines.
+#[derive(Default)]
+struct Totals {
+    passed: u64,
+    failed: u64,
+    ignored: u64,
+}
+
+impl Totals {
+    fn add(&mut self, line: &str) {
+        let Some(counts) = line.strip_prefix("test result: ") else {
+            return;
+        };
+        for part in counts.split([';', '.']) {
+            let mut words = part.split_whitespace();
+            let (Some(n), Some(what)) = (words.next(), words.next()) else {
+                continue;
+            };
+            let Ok(n) = n.parse::<u64>() else { continue };
+            match what {
+                "passed" => self.passed += n,
+                "failed" => self.failed += n,
+                "ignored" => self.ignored += n,
+                _ => {}
+            }
+        }
+    }
 }
 
 fn demo() -> anyhow::Result<()> {
