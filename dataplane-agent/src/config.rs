@@ -56,6 +56,10 @@ pub struct ServiceSpec {
     pub protocol: Protocol,
     #[serde(default)]
     pub backends: Vec<BackendSpec>,
+    /// Weight of invalid backends: this share of new flows is rejected (TCP RST, ICMP port
+    /// unreachable). A service with no weighted backend rejects everything.
+    #[serde(default, rename = "rejectWeight")]
+    pub reject_weight: u32,
 }
 
 /// The whole desired state of one node.
@@ -134,10 +138,10 @@ impl ServiceSet {
                     format!("{} cannot be a service address", service.vip),
                 );
             }
-            if service.vip.is_ipv6() {
+            if service.reject_weight > MAX_WEIGHT {
                 fail(
-                    at("vip"),
-                    "IPv6 services are not supported by this dataplane yet".into(),
+                    at("rejectWeight"),
+                    format!("{} is above {MAX_WEIGHT}", service.reject_weight),
                 );
             }
             if !seen.insert((service.vip, service.port, service.protocol)) {

@@ -10,10 +10,10 @@ use std::{
     net::IpAddr,
 };
 
-use aya::maps::{Array, HashMap, Map, MapData, MapError};
+use aya::maps::{Array, HashMap, Map, MapData, MapError, PerCpuArray, PerCpuValues};
 use fulgur_common::{
-    Addr, BACKEND_LIVE, Backend, FAMILY_IPV4, FAMILY_IPV6, ServiceKey, ServiceValue, addr_v4,
-    addr_v6, map_names,
+    Addr, BACKEND_LIVE, Backend, FAMILY_IPV4, FAMILY_IPV6, REJECT, ServiceKey, ServiceValue,
+    TrafficStats, addr_v4, addr_v6, map_names,
 };
 
 use crate::{
@@ -102,6 +102,8 @@ pub struct MapWriter {
     services: HashMap<MapData, ServiceKey, ServiceValue>,
     backends: Array<MapData, Backend>,
     lookup: Array<MapData, u32>,
+    service_stats: PerCpuArray<MapData, TrafficStats>,
+    backend_stats: PerCpuArray<MapData, TrafficStats>,
     installed: BTreeMap<ServiceKey, Installed>,
     free_service_ids: BTreeSet<u32>,
     free_backend_ids: BTreeSet<u32>,
@@ -163,6 +165,10 @@ impl MapWriter {
         let lookup: Array<MapData, u32> =
             Array::try_from(take(&mut take_map, map_names::LOOKUP_TABLE)?)
                 .map_err(map_err(map_names::LOOKUP_TABLE))?;
+        let service_stats = PerCpuArray::try_from(take(&mut take_map, map_names::SERVICE_STATS)?)
+            .map_err(map_err(map_names::SERVICE_STATS))?;
+        let backend_stats = PerCpuArray::try_from(take(&mut take_map, map_names::BACKEND_STATS)?)
+            .map_err(map_err(map_names::BACKEND_STATS))?;
         if lookup.len() as u64 != layout.lookup_entries() {
             return Err(WriteError::LayoutMismatch {
                 actual: lookup.len(),
@@ -176,6 +182,8 @@ impl MapWriter {
             services,
             backends,
             lookup,
+            service_stats,
+            backend_stats,
             installed: BTreeMap::new(),
             free_service_ids: (0..layout.max_services).collect(),
             free_backend_ids: (0..layout.max_backends).collect(),
@@ -201,7 +209,12 @@ impl MapWriter {
                 );
             }
             let mut backends = BTreeMap::new();
-            for id in table.iter().copied().collect::<BTreeSet<_>>() {
+            for id in table
+                .iter()
+                .copied()
+                .filter(|id| *id != REJECT)
+                .collect::<BTreeSet<_>>()
+            {
                 let backend = self
                     .backends
                     .get(&id, 0)
@@ -326,7 +339,12 @@ impl MapWriter {
         let previous = self.installed.get(&key).cloned();
         let service_id = match &previous {
             Some(p) => p.id,
-            None => self.free_service_ids.pop_first().expect("capacity checked"),
+            None => {
+                let id = self.free_service_ids.pop_first().expect("capacity checked");
+                zero_stats(&mut self.service_stats, id)
+                    .map_err(map_err(map_names::SERVICE_STATS))?;
+                id
+            }
         };
 
         // Stable ids for backends that stay; fresh ids for new ones.
@@ -342,6 +360,8 @@ impl MapWriter {
                 Some(id) => *id,
                 None => {
                     let id = self.free_backend_ids.pop_first().expect("capacity checked");
+                    zero_stats(&mut self.backend_stats, id)
+                        .map_err(map_err(map_names::BACKEND_STATS))?;
                     let backend = Backend {
                         addr,
                         port: b.port.to_be(),
@@ -360,6 +380,16 @@ impl MapWriter {
                 value: id,
                 identity: identity(&backend_addr),
                 weight: b.weight,
+            });
+        }
+        if spec.reject_weight > 0 {
+            // The reject pseudo-backend, with its own stable identity within the service.
+            let identity =
+                maglev::identity_hash(b"fulgur-reject") ^ identity(&(key.addr, key.port));
+            entries.push(maglev::Entry {
+                value: REJECT,
+                identity,
+                weight: spec.reject_weight,
             });
         }
         let table = maglev::build(&entries, self.layout.table_size).unwrap_or_default();
@@ -409,6 +439,16 @@ impl MapWriter {
             Change::Added
         })
     }
+}
+
+/// Counters of a freshly allocated id start from zero, whatever its last owner counted.
+fn zero_stats(stats: &mut PerCpuArray<MapData, TrafficStats>, id: u32) -> Result<(), MapError> {
+    let syscall =
+        |call, io_error| MapError::SyscallError(aya::sys::SyscallError { call, io_error });
+    let cpus = aya::util::nr_cpus().map_err(|(_, e)| syscall("nr_cpus", e))?;
+    let zeros = PerCpuValues::try_from(vec![TrafficStats::default(); cpus])
+        .map_err(|e| syscall("per-cpu values", e))?;
+    stats.set(id, zeros, 0)
 }
 
 enum Change {

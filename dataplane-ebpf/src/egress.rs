@@ -6,18 +6,81 @@ use aya_ebpf::{
     bindings::{BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR, TC_ACT_OK},
     programs::TcContext,
 };
-use fulgur_common::{Counter, FAMILY_IPV4, FlowKey, PROTO_TCP, PROTO_UDP};
+use fulgur_common::{Addr, Counter, FAMILY_IPV4, FAMILY_IPV6, FlowKey, PROTO_TCP, PROTO_UDP};
 
-use crate::{maps::REVNAT, parse::ETH_P_IPV4, stats::count};
+use crate::{
+    maps::REVNAT,
+    parse::{
+        ETH_P_8021Q, ETH_P_IPV4, ETH_P_IPV6, IPV4_FRAG_OFFSET_MASK, IPV6_MAX_EXT_HEADERS,
+        VLAN_TAG_LEN,
+    },
+    stats::count,
+};
 
 const ETH_HLEN: usize = 14;
-const ETH_P_8021Q: u16 = 0x8100u16.to_be();
-const IPV4_FRAG_OFFSET_MASK: u16 = 0x1fff;
 
 #[inline(always)]
 pub fn handle(ctx: &TcContext) -> i32 {
     let _ = reverse_nat(ctx);
     TC_ACT_OK
+}
+
+/// Where the addresses and L4 header of an outgoing packet are.
+struct Headers {
+    family: u8,
+    l3: usize,
+    l4: usize,
+    proto: u8,
+    src: Addr,
+    dst: Addr,
+}
+
+#[inline(always)]
+fn ipv4(ctx: &TcContext, l3: usize) -> Result<Headers, i64> {
+    let vihl: u8 = ctx.load(l3)?;
+    let frags: u16 = ctx.load(l3 + 6)?;
+    let header_len = ((vihl & 0x0f) as usize) * 4;
+    if vihl >> 4 != 4 || header_len < 20 || u16::from_be(frags) & IPV4_FRAG_OFFSET_MASK != 0 {
+        return Err(0);
+    }
+    Ok(Headers {
+        family: FAMILY_IPV4,
+        l3,
+        l4: l3 + header_len,
+        proto: ctx.load(l3 + 9)?,
+        src: [ctx.load(l3 + 12)?, 0, 0, 0],
+        dst: [ctx.load(l3 + 16)?, 0, 0, 0],
+    })
+}
+
+#[inline(always)]
+fn ipv6(ctx: &TcContext, l3: usize) -> Result<Headers, i64> {
+    let mut next: u8 = ctx.load(l3 + 6)?;
+    let mut offset = l3 + 40;
+    for _ in 0..IPV6_MAX_EXT_HEADERS {
+        let len = match next {
+            0 | 43 | 60 => (ctx.load::<u8>(offset + 1)? as usize + 1) * 8,
+            51 => (ctx.load::<u8>(offset + 1)? as usize + 2) * 4,
+            44 => {
+                let fragment: u16 = ctx.load(offset + 2)?;
+                if u16::from_be(fragment) & 0xfff8 != 0 {
+                    return Err(0);
+                }
+                8
+            }
+            _ => break,
+        };
+        next = ctx.load(offset)?;
+        offset += len;
+    }
+    Ok(Headers {
+        family: FAMILY_IPV6,
+        l3,
+        l4: offset,
+        proto: next,
+        src: ctx.load(l3 + 8)?,
+        dst: ctx.load(l3 + 24)?,
+    })
 }
 
 /// Any error means "not a reply we track": the packet leaves untouched.
@@ -27,57 +90,52 @@ fn reverse_nat(ctx: &TcContext) -> Result<(), i64> {
     let mut ether_type: u16 = ctx.load(12)?;
     if ether_type == ETH_P_8021Q {
         ether_type = ctx.load(16)?;
-        l3 += 4;
+        l3 += VLAN_TAG_LEN;
     }
-    if ether_type != ETH_P_IPV4 {
-        return Ok(());
-    }
-    let vihl: u8 = ctx.load(l3)?;
-    let frags: u16 = ctx.load(l3 + 6)?;
-    let proto: u8 = ctx.load(l3 + 9)?;
-    let header_len = ((vihl & 0x0f) as usize) * 4;
-    if vihl >> 4 != 4 || header_len < 20 || u16::from_be(frags) & IPV4_FRAG_OFFSET_MASK != 0 {
-        return Ok(());
-    }
-    let (check_offset, mangled_0) = match proto {
+    let h = match ether_type {
+        ETH_P_IPV4 => ipv4(ctx, l3)?,
+        ETH_P_IPV6 => ipv6(ctx, l3)?,
+        _ => return Ok(()),
+    };
+    let (check_offset, mangled_0) = match h.proto {
         PROTO_TCP => (16, 0),
         PROTO_UDP => (6, BPF_F_MARK_MANGLED_0 as u64),
         _ => return Ok(()),
     };
-    let src: u32 = ctx.load(l3 + 12)?;
-    let dst: u32 = ctx.load(l3 + 16)?;
-    let l4 = l3 + header_len;
-    let src_port: u16 = ctx.load(l4)?;
-    let dst_port: u16 = ctx.load(l4 + 2)?;
+    let src_port: u16 = ctx.load(h.l4)?;
+    let dst_port: u16 = ctx.load(h.l4 + 2)?;
     // The checksum must be inside the packet before anything is rewritten.
-    let _: u16 = ctx.load(l4 + check_offset)?;
+    let _: u16 = ctx.load(h.l4 + check_offset)?;
 
     let reply = FlowKey {
-        src: [src, 0, 0, 0],
-        dst: [dst, 0, 0, 0],
+        src: h.src,
+        dst: h.dst,
         src_port,
         dst_port,
-        proto,
-        family: FAMILY_IPV4,
+        proto: h.proto,
+        family: h.family,
         pad: [0; 2],
     };
     // SAFETY: read once into locals; LRU values are replaced whole.
     let Some(restore) = (unsafe { REVNAT.get(reply) }) else {
         return Ok(());
     };
-    let (vip, vip_port) = (restore.vip[0], restore.vip_port);
+    let (vip, vip_port) = (restore.vip, restore.vip_port);
 
-    let l4_check = l4 + check_offset;
-    ctx.l4_csum_replace(
-        l4_check,
-        src as u64,
-        vip as u64,
-        BPF_F_PSEUDO_HDR as u64 | mangled_0 | 4,
-    )?;
+    let l4_check = h.l4 + check_offset;
+    let pseudo = BPF_F_PSEUDO_HDR as u64 | mangled_0 | 4;
+    if h.family == FAMILY_IPV4 {
+        ctx.l4_csum_replace(l4_check, h.src[0] as u64, vip[0] as u64, pseudo)?;
+        ctx.l3_csum_replace(h.l3 + 10, h.src[0] as u64, vip[0] as u64, 4)?;
+        ctx.store(h.l3 + 12, &vip[0], 0)?;
+    } else {
+        for i in 0..4 {
+            ctx.l4_csum_replace(l4_check, h.src[i] as u64, vip[i] as u64, pseudo)?;
+        }
+        ctx.store(h.l3 + 8, &vip, 0)?;
+    }
     ctx.l4_csum_replace(l4_check, src_port as u64, vip_port as u64, mangled_0 | 2)?;
-    ctx.l3_csum_replace(l3 + 10, src as u64, vip as u64, 4)?;
-    ctx.store(l3 + 12, &vip, 0)?;
-    ctx.store(l4, &vip_port, 0)?;
+    ctx.store(h.l4, &vip_port, 0)?;
     count(Counter::ReplyTranslated);
     Ok(())
 }

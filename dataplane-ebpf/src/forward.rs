@@ -10,42 +10,60 @@ use aya_ebpf::{
 use fulgur_common::{Counter, csum};
 
 use crate::{
-    parse::{Frame, Ipv4L4},
+    parse::{Frame, Ip, L4Packet},
     stats::count,
 };
 
 const AF_INET: u8 = 2;
+const AF_INET6: u8 = 10;
 
 #[inline(always)]
-pub fn ipv4(ctx: &XdpContext, frame: &Frame, pkt: &Ipv4L4) -> u32 {
+pub fn forward(ctx: &XdpContext, frame: &Frame, pkt: &L4Packet) -> u32 {
     // SAFETY: every pointer in `frame` and `pkt` was bounds checked by the parser.
     unsafe {
-        let ip = pkt.ip;
-        if frame.tagged || (*ip).ttl <= 1 {
-            return to_kernel();
-        }
         let mut params: FibParams = core::mem::zeroed();
-        params.family = AF_INET;
         params.l4_protocol = pkt.proto;
         params.sport = (*pkt.ports).src;
         params.dport = (*pkt.ports).dst;
-        params.__bindgen_anon_1.tot_len = u16::from_be_bytes((*ip).tot_len);
         params.ifindex = ctx.ingress_ifindex() as u32;
-        params.__bindgen_anon_2.tos = (*ip).tos;
-        params.__bindgen_anon_3.ipv4_src = u32::from_ne_bytes((*ip).src_addr);
-        params.__bindgen_anon_4.ipv4_dst = u32::from_ne_bytes((*ip).dst_addr);
+        let ttl = match pkt.ip {
+            Ip::V4(ip) => {
+                params.family = AF_INET;
+                params.__bindgen_anon_1.tot_len = u16::from_be_bytes((*ip).tot_len);
+                params.__bindgen_anon_2.tos = (*ip).tos;
+                params.__bindgen_anon_3.ipv4_src = u32::from_ne_bytes((*ip).src_addr);
+                params.__bindgen_anon_4.ipv4_dst = u32::from_ne_bytes((*ip).dst_addr);
+                (*ip).ttl
+            }
+            Ip::V6(ip) => {
+                params.family = AF_INET6;
+                params.__bindgen_anon_1.tot_len = u16::from_be_bytes((*ip).payload_len) + 40;
+                params.__bindgen_anon_2.flowinfo =
+                    u32::from_ne_bytes((*ip).vcf) & 0xffff_ff0fu32.to_be();
+                params.__bindgen_anon_3.ipv6_src = fulgur_common::addr_v6((*ip).src_addr);
+                params.__bindgen_anon_4.ipv6_dst = fulgur_common::addr_v6((*ip).dst_addr);
+                (*ip).hop_limit
+            }
+        };
+        if frame.tagged || ttl <= 1 {
+            return to_kernel();
+        }
         let rc = bpf_fib_lookup(ctx.as_ptr(), &mut params, size_of::<FibParams>() as i32, 0);
         if rc != BPF_FIB_LKUP_RET_SUCCESS as i64 {
             return to_kernel();
         }
         // We route the packet ourselves, so we age it like a router does.
-        let ttl_word = ip.cast::<u8>().add(8).cast::<u16>();
-        let old_word = ttl_word.read_unaligned();
-        (*ip).ttl -= 1;
-        let new_word = ttl_word.read_unaligned();
-        let ip_check = u16::from_ne_bytes((*ip).check);
-        (*ip).check = csum::replace16(ip_check, old_word, new_word).to_ne_bytes();
-
+        match pkt.ip {
+            Ip::V4(ip) => {
+                let ttl_word = ip.cast::<u8>().add(8).cast::<u16>();
+                let old_word = ttl_word.read_unaligned();
+                (*ip).ttl -= 1;
+                let new_word = ttl_word.read_unaligned();
+                let ip_check = u16::from_ne_bytes((*ip).check);
+                (*ip).check = csum::replace16(ip_check, old_word, new_word).to_ne_bytes();
+            }
+            Ip::V6(ip) => (*ip).hop_limit -= 1,
+        }
         (*frame.eth).dst_addr = params.dmac;
         (*frame.eth).src_addr = params.smac;
         if params.ifindex == ctx.ingress_ifindex() as u32 {

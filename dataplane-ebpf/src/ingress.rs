@@ -1,15 +1,16 @@
-//! XDP ingress: parse, look up the service, pick a backend, DNAT, forward.
+//! XDP ingress: parse, look up the service, pick a backend (or reject), DNAT, forward.
 
 use aya_ebpf::{bindings::xdp_action, programs::XdpContext};
-use fulgur_common::{Counter, FAMILY_IPV4, FlowKey, ServiceKey, addr_v4};
+use fulgur_common::{Counter, FlowKey, ServiceKey};
 
 use crate::{
     forward,
     maps::SERVICES,
     nat,
-    parse::{self, ETH_P_IPV4},
-    select,
-    stats::count,
+    parse::{self, ETH_P_IPV4, ETH_P_IPV6},
+    reject,
+    select::{self, Choice},
+    stats::{self, count},
 };
 
 #[inline(always)]
@@ -26,37 +27,41 @@ pub fn handle(ctx: &XdpContext) -> u32 {
 #[inline(always)]
 fn translate(ctx: &XdpContext) -> Result<u32, Counter> {
     let frame = parse::ethernet(ctx)?;
-    if frame.ether_type != ETH_P_IPV4 {
-        return Err(Counter::PassNotIp);
-    }
-    let pkt = parse::ipv4_l4(ctx, frame.l3)?;
-    // SAFETY: bounds checked by the parser.
-    let (src, dst, src_port, dst_port) = unsafe {
-        (
-            (*pkt.ip).src_addr,
-            (*pkt.ip).dst_addr,
-            (*pkt.ports).src,
-            (*pkt.ports).dst,
-        )
+    let pkt = match frame.ether_type {
+        ETH_P_IPV4 => parse::ipv4(ctx, frame.l3)?,
+        ETH_P_IPV6 => parse::ipv6(ctx, frame.l3)?,
+        _ => return Err(Counter::PassNotIp),
     };
+    let (src, dst) = pkt.addrs();
+    // SAFETY: bounds checked by the parser.
+    let (src_port, dst_port) = unsafe { ((*pkt.ports).src, (*pkt.ports).dst) };
+    let family = pkt.family();
     let service_key = ServiceKey {
-        addr: addr_v4(dst),
+        addr: dst,
         port: dst_port,
         proto: pkt.proto,
-        family: FAMILY_IPV4,
+        family,
     };
     // SAFETY: service values are replaced whole by the agent, never written in place.
     let service = unsafe { SERVICES.get(service_key) }.ok_or(Counter::PassNotService)?;
     let flow = FlowKey {
-        src: addr_v4(src),
-        dst: service_key.addr,
+        src,
+        dst,
         src_port,
         dst_port,
         proto: pkt.proto,
-        family: FAMILY_IPV4,
+        family,
         pad: [0; 2],
     };
-    let target = select::backend_for(&flow, service)?;
-    nat::dnat_v4(&pkt, &target);
-    Ok(forward::ipv4(ctx, &frame, &pkt))
+    match select::choose(&flow, service) {
+        Choice::Forward(target) => {
+            stats::forwarded(service.id, target.id, (ctx.data_end() - ctx.data()) as u64);
+            nat::dnat(&pkt, &dst, &target);
+            Ok(forward::forward(ctx, &frame, &pkt))
+        }
+        Choice::Reject => {
+            stats::rejected(service.id);
+            Ok(reject::reject(ctx, &frame, &pkt))
+        }
+    }
 }

@@ -9,6 +9,7 @@ mod ingress;
 mod maps;
 mod nat;
 mod parse;
+mod reject;
 mod select;
 mod stats;
 

@@ -5,7 +5,8 @@ use aya_ebpf::{
     maps::{Array, HashMap, LruHashMap, PerCpuArray},
 };
 use fulgur_common::{
-    Backend, ConntrackValue, Counter, FlowKey, ReverseNatValue, ServiceKey, ServiceValue, defaults,
+    Backend, ConntrackValue, Counter, FlowKey, ReverseNatValue, ServiceKey, ServiceValue,
+    TrafficStats, defaults,
 };
 
 /// `{VIP, port, proto}` → where the service's lookup table is.
@@ -33,3 +34,13 @@ pub static REVNAT: LruHashMap<FlowKey, ReverseNatValue> =
 /// Global pass/drop/verdict counters, indexed by [`Counter`].
 #[map(name = "FULGUR_COUNTERS")]
 pub static COUNTERS: PerCpuArray<u64> = PerCpuArray::pinned(Counter::COUNT, 0);
+
+/// Per-service traffic, indexed by service id.
+#[map(name = "FULGUR_SERVICE_STATS")]
+pub static SERVICE_STATS: PerCpuArray<TrafficStats> =
+    PerCpuArray::pinned(defaults::MAX_SERVICES, 0);
+
+/// Per-backend traffic, indexed by backend id.
+#[map(name = "FULGUR_BACKEND_STATS")]
+pub static BACKEND_STATS: PerCpuArray<TrafficStats> =
+    PerCpuArray::pinned(defaults::MAX_BACKENDS, 0);

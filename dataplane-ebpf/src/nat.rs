@@ -1,34 +1,55 @@
 //! Destination NAT on ingress, with incremental IP and L4 checksum updates.
 
-use fulgur_common::{PROTO_UDP, csum};
+use fulgur_common::{Addr, PROTO_UDP, csum};
 
-use crate::{parse::Ipv4L4, select::Target};
+use crate::{
+    parse::{Ip, L4Packet},
+    select::Target,
+};
 
 /// Rewrites the destination address and port to the backend's.
 #[inline(always)]
-pub fn dnat_v4(pkt: &Ipv4L4, to: &Target) {
+pub fn dnat(pkt: &L4Packet, old_addr: &Addr, to: &Target) {
     // SAFETY: every pointer in `pkt` was bounds checked by the parser.
     unsafe {
-        let ip = pkt.ip;
-        let old_addr = u32::from_ne_bytes((*ip).dst_addr);
-        let new_addr = to.addr[0];
         let old_port = (*pkt.ports).dst;
-        let new_port = to.port;
-
-        let ip_check = u16::from_ne_bytes((*ip).check);
-        (*ip).check = csum::replace32(ip_check, old_addr, new_addr).to_ne_bytes();
-        (*ip).dst_addr = new_addr.to_ne_bytes();
-        (*pkt.ports).dst = new_port;
-
-        let l4_check = pkt.check.read_unaligned();
-        if pkt.proto == PROTO_UDP && l4_check == 0 {
-            return; // No UDP checksum: leave it absent.
+        let mut l4_check = pkt.check.read_unaligned();
+        // A UDP checksum of 0 means none: it stays absent.
+        let update_l4 = !(pkt.proto == PROTO_UDP && l4_check == 0);
+        match pkt.ip {
+            Ip::V4(ip) => {
+                let ip_check = u16::from_ne_bytes((*ip).check);
+                (*ip).check = csum::replace32(ip_check, old_addr[0], to.addr[0]).to_ne_bytes();
+                (*ip).dst_addr = to.addr[0].to_ne_bytes();
+                l4_check = csum::replace32(l4_check, old_addr[0], to.addr[0]);
+            }
+            Ip::V6(ip) => {
+                (*ip).dst_addr = addr_bytes(&to.addr);
+                l4_check = csum::replace128(l4_check, old_addr, &to.addr);
+            }
         }
-        let mut updated = csum::replace32(l4_check, old_addr, new_addr);
-        updated = csum::replace16(updated, old_port, new_port);
-        if pkt.proto == PROTO_UDP {
-            updated = csum::udp_nonzero(updated);
+        (*pkt.ports).dst = to.port;
+        if update_l4 {
+            l4_check = csum::replace16(l4_check, old_port, to.port);
+            if pkt.proto == PROTO_UDP {
+                l4_check = csum::udp_nonzero(l4_check);
+            }
+            pkt.check.write_unaligned(l4_check);
         }
-        pkt.check.write_unaligned(updated);
     }
+}
+
+/// The 16 bytes of an IPv6 [`Addr`].
+#[inline(always)]
+pub fn addr_bytes(addr: &Addr) -> [u8; 16] {
+    let [a, b, c, d] = [
+        addr[0].to_ne_bytes(),
+        addr[1].to_ne_bytes(),
+        addr[2].to_ne_bytes(),
+        addr[3].to_ne_bytes(),
+    ];
+    [
+        a[0], a[1], a[2], a[3], b[0], b[1], b[2], b[3], c[0], c[1], c[2], c[3], d[0], d[1], d[2],
+        d[3],
+    ]
 }

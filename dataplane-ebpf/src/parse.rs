@@ -1,15 +1,28 @@
 //! Bounds-checked header parsing for XDP. Anything truncated or invalid is reported, never read.
 
 use aya_ebpf::programs::XdpContext;
-use fulgur_common::{Counter, PROTO_TCP, PROTO_UDP};
-use network_types::{eth::EthHdr, ip::Ipv4Hdr};
+use fulgur_common::{Addr, Counter, FAMILY_IPV4, FAMILY_IPV6, PROTO_TCP, PROTO_UDP};
+use network_types::{
+    eth::EthHdr,
+    ip::{Ipv4Hdr, Ipv6Hdr},
+};
 
 /// Ethertypes as they sit in the packet (big endian read natively).
 pub const ETH_P_IPV4: u16 = 0x0800u16.to_be();
-const ETH_P_8021Q: u16 = 0x8100u16.to_be();
-const VLAN_TAG_LEN: usize = 4;
+pub const ETH_P_IPV6: u16 = 0x86ddu16.to_be();
+pub const ETH_P_8021Q: u16 = 0x8100u16.to_be();
+pub const VLAN_TAG_LEN: usize = 4;
 /// The fragment-offset bits of the IPv4 flags/offset word.
-const IPV4_FRAG_OFFSET_MASK: u16 = 0x1fff;
+pub const IPV4_FRAG_OFFSET_MASK: u16 = 0x1fff;
+
+/// IPv6 extension headers we walk over.
+const IPV6_HOP_BY_HOP: u8 = 0;
+const IPV6_ROUTING: u8 = 43;
+const IPV6_FRAGMENT: u8 = 44;
+const IPV6_AUTH: u8 = 51;
+const IPV6_DEST_OPTS: u8 = 60;
+/// How many extension headers we follow before giving up (and passing the packet).
+pub const IPV6_MAX_EXT_HEADERS: usize = 6;
 
 /// Returns a pointer to a `T` at `offset`, or `None` if it would cross the end of the packet.
 #[inline(always)]
@@ -62,52 +75,156 @@ pub struct Ports {
     pub dst: u16,
 }
 
-/// An IPv4 TCP or UDP packet whose headers are all inside the packet.
-pub struct Ipv4L4 {
-    pub ip: *mut Ipv4Hdr,
+/// The network header of a parsed packet.
+#[derive(Clone, Copy)]
+pub enum Ip {
+    V4(*mut Ipv4Hdr),
+    V6(*mut Ipv6Hdr),
+}
+
+/// A TCP or UDP packet whose headers are all inside the packet.
+pub struct L4Packet {
+    pub ip: Ip,
+    pub l3: usize,
+    pub l4: usize,
+    pub proto: u8,
     pub ports: *mut Ports,
     /// The L4 checksum field.
     pub check: *mut u16,
-    pub proto: u8,
+    /// L4 header plus payload, as the IP header says.
+    pub l4_len: usize,
+}
+
+impl L4Packet {
+    #[inline(always)]
+    pub fn family(&self) -> u8 {
+        match self.ip {
+            Ip::V4(_) => FAMILY_IPV4,
+            Ip::V6(_) => FAMILY_IPV6,
+        }
+    }
+
+    /// (source, destination) addresses.
+    #[inline(always)]
+    pub fn addrs(&self) -> (Addr, Addr) {
+        // SAFETY: the header was bounds checked by the parser.
+        unsafe {
+            match self.ip {
+                Ip::V4(ip) => (
+                    fulgur_common::addr_v4((*ip).src_addr),
+                    fulgur_common::addr_v4((*ip).dst_addr),
+                ),
+                Ip::V6(ip) => (
+                    fulgur_common::addr_v6((*ip).src_addr),
+                    fulgur_common::addr_v6((*ip).dst_addr),
+                ),
+            }
+        }
+    }
 }
 
 #[inline(always)]
-pub fn ipv4_l4(ctx: &XdpContext, l3: usize) -> Result<Ipv4L4, Counter> {
+fn l4_header(proto: u8) -> Result<(usize, usize), Counter> {
+    // (checksum offset, minimum header length)
+    match proto {
+        PROTO_TCP => Ok((16, 20)),
+        PROTO_UDP => Ok((6, 8)),
+        _ => Err(Counter::PassNotTcpUdp),
+    }
+}
+
+#[inline(always)]
+pub fn ipv4(ctx: &XdpContext, l3: usize) -> Result<L4Packet, Counter> {
     let ip: *mut Ipv4Hdr = ptr_at(ctx, l3).ok_or(Counter::PassMalformed)?;
     // SAFETY: bounds checked by ptr_at.
     let (vihl, tot_len, frags, proto) = unsafe {
         (
             (*ip).vihl,
-            u16::from_be_bytes((*ip).tot_len),
+            u16::from_be_bytes((*ip).tot_len) as usize,
             u16::from_be_bytes((*ip).frags),
             (*ip).proto,
         )
     };
     let header_len = ((vihl & 0x0f) as usize) * 4;
-    if vihl >> 4 != 4 || header_len < Ipv4Hdr::LEN || (tot_len as usize) < header_len {
+    if vihl >> 4 != 4 || header_len < Ipv4Hdr::LEN || tot_len < header_len {
         return Err(Counter::PassMalformed);
     }
     if frags & IPV4_FRAG_OFFSET_MASK != 0 {
         return Err(Counter::PassFragment);
     }
-    let l4 = l3 + header_len;
-    let (check_offset, l4_min) = match proto {
-        PROTO_TCP => (16, 20),
-        PROTO_UDP => (6, 8),
-        _ => return Err(Counter::PassNotTcpUdp),
-    };
+    let (check_offset, l4_min) = l4_header(proto)?;
     // The datagram must hold the L4 header, and the frame must hold the datagram.
-    if (tot_len as usize) < header_len + l4_min
-        || ctx.data() + l3 + tot_len as usize > ctx.data_end()
-    {
+    if tot_len < header_len + l4_min || ctx.data() + l3 + tot_len > ctx.data_end() {
         return Err(Counter::PassMalformed);
     }
+    let l4 = l3 + header_len;
     let ports: *mut Ports = ptr_at(ctx, l4).ok_or(Counter::PassMalformed)?;
     let check: *mut u16 = ptr_at(ctx, l4 + check_offset).ok_or(Counter::PassMalformed)?;
-    Ok(Ipv4L4 {
-        ip,
+    Ok(L4Packet {
+        ip: Ip::V4(ip),
+        l3,
+        l4,
+        proto,
         ports,
         check,
-        proto,
+        l4_len: tot_len - header_len,
+    })
+}
+
+#[inline(always)]
+pub fn ipv6(ctx: &XdpContext, l3: usize) -> Result<L4Packet, Counter> {
+    let ip: *mut Ipv6Hdr = ptr_at(ctx, l3).ok_or(Counter::PassMalformed)?;
+    // SAFETY: bounds checked by ptr_at.
+    let (version, payload_len, mut next) = unsafe {
+        (
+            (*ip).vcf[0] >> 4,
+            u16::from_be_bytes((*ip).payload_len) as usize,
+            (*ip).next_hdr,
+        )
+    };
+    if version != 6 || ctx.data() + l3 + Ipv6Hdr::LEN + payload_len > ctx.data_end() {
+        return Err(Counter::PassMalformed);
+    }
+    let mut offset = l3 + Ipv6Hdr::LEN;
+    for _ in 0..IPV6_MAX_EXT_HEADERS {
+        let len = match next {
+            IPV6_HOP_BY_HOP | IPV6_DEST_OPTS | IPV6_ROUTING | IPV6_AUTH | IPV6_FRAGMENT => {
+                let ext: *const [u8; 4] = ptr_at(ctx, offset).ok_or(Counter::PassMalformed)?;
+                // SAFETY: bounds checked by ptr_at.
+                let ext = unsafe { ext.read_unaligned() };
+                if next == IPV6_ROUTING && ext[3] != 0 {
+                    // Segments left: the destination is not final, so it is not ours to rewrite.
+                    return Err(Counter::PassUnsupported);
+                }
+                if next == IPV6_FRAGMENT && (u16::from_be_bytes([ext[2], ext[3]]) & 0xfff8) != 0 {
+                    return Err(Counter::PassFragment);
+                }
+                match next {
+                    IPV6_FRAGMENT => 8,
+                    IPV6_AUTH => (ext[1] as usize + 2) * 4,
+                    _ => (ext[1] as usize + 1) * 8,
+                }
+            }
+            _ => break,
+        };
+        // SAFETY: bounds checked by ptr_at (the first byte of every extension is its next header).
+        next = unsafe { *ptr_at::<u8>(ctx, offset).ok_or(Counter::PassMalformed)? };
+        offset += len;
+    }
+    let (check_offset, l4_min) = l4_header(next)?;
+    let headers = offset - l3 - Ipv6Hdr::LEN;
+    if payload_len < headers + l4_min {
+        return Err(Counter::PassMalformed);
+    }
+    let ports: *mut Ports = ptr_at(ctx, offset).ok_or(Counter::PassMalformed)?;
+    let check: *mut u16 = ptr_at(ctx, offset + check_offset).ok_or(Counter::PassMalformed)?;
+    Ok(L4Packet {
+        ip: Ip::V6(ip),
+        l3,
+        l4: offset,
+        proto: next,
+        ports,
+        check,
+        l4_len: payload_len - headers,
     })
 }

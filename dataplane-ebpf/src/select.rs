@@ -1,14 +1,14 @@
 //! Backend selection: conntrack first, so a flow keeps its backend; otherwise the service's
-//! lookup table indexed by the flow hash.
+//! lookup table indexed by the flow hash. A table slot may say "reject".
 
 use fulgur_common::{
-    Addr, BACKEND_LIVE, Backend, ConntrackValue, Counter, FlowKey, ReverseNatValue, ServiceValue,
-    hash::flow_hash,
+    Addr, BACKEND_LIVE, Backend, ConntrackValue, Counter, FlowKey, REJECT, ReverseNatValue,
+    ServiceValue, hash::flow_hash,
 };
 
 use crate::{
     maps::{BACKENDS, CONNTRACK, LOOKUP, REVNAT},
-    stats::count,
+    stats::{self, count},
 };
 
 /// Compared word by word: a slice compare would become a memcmp call BPF cannot make.
@@ -19,8 +19,15 @@ pub fn addr_eq(a: &Addr, b: &Addr) -> bool {
 
 /// The backend a packet goes to.
 pub struct Target {
+    pub id: u32,
     pub addr: Addr,
     pub port: u16,
+}
+
+pub enum Choice {
+    Forward(Target),
+    /// No usable backend, or the flow fell on the reject weight.
+    Reject,
 }
 
 #[inline(always)]
@@ -31,32 +38,41 @@ fn still_valid(ct: &ConntrackValue, service: &ServiceValue) -> Option<Target> {
         && backend.port == ct.backend_port
         && addr_eq(&backend.addr, &ct.backend_addr);
     same.then_some(Target {
+        id: ct.backend_id,
         addr: backend.addr,
         port: backend.port,
     })
 }
 
 #[inline(always)]
-pub fn backend_for(flow: &FlowKey, service: &ServiceValue) -> Result<Target, Counter> {
+pub fn choose(flow: &FlowKey, service: &ServiceValue) -> Choice {
     // SAFETY: LRU values are only read here; a concurrent rewrite yields a stale but whole flow.
     if let Some(ct) = unsafe { CONNTRACK.get(flow) }
         && let Some(target) = still_valid(ct, service)
     {
-        return Ok(target);
+        return Choice::Forward(target);
     }
     if service.table_size == 0 {
-        return Err(Counter::PassNoBackend);
+        return Choice::Reject;
     }
     let slot = service
         .table_base
         .wrapping_add(flow_hash(flow) % service.table_size);
-    let backend_id = *LOOKUP.get(slot).ok_or(Counter::PassNoBackend)?;
-    let backend: &Backend = BACKENDS.get(backend_id).ok_or(Counter::PassNoBackend)?;
+    let Some(backend_id) = LOOKUP.get(slot).copied() else {
+        return Choice::Reject;
+    };
+    if backend_id == REJECT {
+        return Choice::Reject;
+    }
+    let Some(backend) = BACKENDS.get(backend_id) else {
+        return Choice::Reject;
+    };
     if backend.flags & BACKEND_LIVE == 0 || backend.service_id != service.id {
-        return Err(Counter::PassNoBackend);
+        return Choice::Reject;
     }
     remember(flow, service, backend_id, backend);
-    Ok(Target {
+    Choice::Forward(Target {
+        id: backend_id,
         addr: backend.addr,
         port: backend.port,
     })
@@ -91,4 +107,5 @@ fn remember(flow: &FlowKey, service: &ServiceValue, backend_id: u32, backend: &B
         count(Counter::ConntrackFull);
     }
     count(Counter::NewFlow);
+    stats::new_flow(service.id, backend_id);
 }

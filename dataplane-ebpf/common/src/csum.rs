@@ -3,8 +3,9 @@
 //! The ones' complement sum does not depend on byte order as long as every operand is read the
 //! same way, so callers pass raw words loaded from packet memory and store the result back raw.
 
+/// Folds a 32-bit ones' complement sum to 16 bits (not inverted).
 #[inline(always)]
-const fn fold(mut sum: u32) -> u16 {
+pub const fn fold(mut sum: u32) -> u16 {
     sum = (sum & 0xffff) + (sum >> 16);
     sum = (sum & 0xffff) + (sum >> 16);
     sum as u16
@@ -31,6 +32,32 @@ pub const fn replace128(mut check: u16, old: &[u32; 4], new: &[u32; 4]) -> u16 {
     check = replace32(check, old[1], new[1]);
     check = replace32(check, old[2], new[2]);
     replace32(check, old[3], new[3])
+}
+
+/// Sums 16-bit words, for building a checksum from scratch: `!fold(sum)`.
+#[inline(always)]
+pub const fn sum_words<const N: usize>(words: &[u16; N]) -> u32 {
+    let mut sum = 0u32;
+    let mut i = 0;
+    while i < N {
+        sum += words[i] as u32;
+        i += 1;
+    }
+    sum
+}
+
+/// Sums the 16-bit words of an address as they sit in the packet (IPv4 uses word 0 only and
+/// leaves the others zero, so this serves both families).
+#[inline(always)]
+pub const fn sum_addr(addr: &[u32; 4]) -> u32 {
+    (addr[0] & 0xffff)
+        + (addr[0] >> 16)
+        + (addr[1] & 0xffff)
+        + (addr[1] >> 16)
+        + (addr[2] & 0xffff)
+        + (addr[2] >> 16)
+        + (addr[3] & 0xffff)
+        + (addr[3] >> 16)
 }
 
 /// A UDP checksum of 0 means "none"; a computed 0 is sent as 0xffff (RFC 768).

@@ -16,6 +16,8 @@ pub mod map_names {
     pub const CONNTRACK: &str = "FULGUR_CONNTRACK";
     pub const REVERSE_NAT: &str = "FULGUR_REVNAT";
     pub const COUNTERS: &str = "FULGUR_COUNTERS";
+    pub const SERVICE_STATS: &str = "FULGUR_SERVICE_STATS";
+    pub const BACKEND_STATS: &str = "FULGUR_BACKEND_STATS";
 }
 
 /// Program names as compiled into the object.
@@ -38,6 +40,8 @@ pub const FAMILY_IPV4: u8 = 4;
 pub const FAMILY_IPV6: u8 = 6;
 pub const PROTO_TCP: u8 = 6;
 pub const PROTO_UDP: u8 = 17;
+pub const PROTO_ICMP: u8 = 1;
+pub const PROTO_ICMPV6: u8 = 58;
 
 /// An address as four 32-bit words in network byte order. IPv4 uses word 0 only.
 pub type Addr = [u32; 4];
@@ -49,6 +53,7 @@ pub const fn addr_v4(octets: [u8; 4]) -> Addr {
 }
 
 /// Builds an [`Addr`] from IPv6 octets.
+#[inline(always)]
 pub const fn addr_v6(o: [u8; 16]) -> Addr {
     [
         u32::from_ne_bytes([o[0], o[1], o[2], o[3]]),
@@ -98,8 +103,21 @@ pub struct Backend {
 
 pub const BACKEND_LIVE: u8 = 1;
 
-/// A lookup-table entry that is not a backend id.
-pub const NO_BACKEND: u32 = u32::MAX;
+/// A lookup-table entry that rejects the flow (the weight of invalid backendRefs).
+pub const REJECT: u32 = u32::MAX;
+
+/// Per-service and per-backend traffic, per CPU.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct TrafficStats {
+    /// Packets translated towards backends.
+    pub packets: u64,
+    pub bytes: u64,
+    /// Flows that were given a backend.
+    pub new_flows: u64,
+    /// Flows rejected (TCP RST or ICMP unreachable sent).
+    pub rejects: u64,
+}
 
 /// A flow as seen on the wire, in one direction.
 #[repr(C)]
@@ -167,10 +185,18 @@ pub enum Counter {
     ReplyTranslated = 10,
     /// Conntrack insert failed.
     ConntrackFull = 11,
+    /// TCP RST sent for a rejected flow.
+    RejectTcpReset = 12,
+    /// ICMP or ICMPv6 port unreachable sent for a rejected flow.
+    RejectIcmpUnreachable = 13,
+    /// A rejected packet that gets no answer (a RST, or no room to build the answer): dropped.
+    RejectDropped = 14,
+    /// IPv6 with a routing header still in use, or other headers we do not rewrite.
+    PassUnsupported = 15,
 }
 
 impl Counter {
-    pub const COUNT: u32 = 12;
+    pub const COUNT: u32 = 16;
     pub const ALL: [Counter; Self::COUNT as usize] = [
         Counter::PassNotIp,
         Counter::PassNotTcpUdp,
@@ -184,6 +210,10 @@ impl Counter {
         Counter::NewFlow,
         Counter::ReplyTranslated,
         Counter::ConntrackFull,
+        Counter::RejectTcpReset,
+        Counter::RejectIcmpUnreachable,
+        Counter::RejectDropped,
+        Counter::PassUnsupported,
     ];
 
     /// A stable snake_case name, used for metrics labels and `inspect`.
@@ -201,6 +231,10 @@ impl Counter {
             Counter::NewFlow => "new_flow",
             Counter::ReplyTranslated => "reply_translated",
             Counter::ConntrackFull => "conntrack_full",
+            Counter::RejectTcpReset => "reject_tcp_reset",
+            Counter::RejectIcmpUnreachable => "reject_icmp_unreachable",
+            Counter::RejectDropped => "reject_dropped",
+            Counter::PassUnsupported => "pass_unsupported",
         }
     }
 }
@@ -211,6 +245,7 @@ const _: () = assert!(core::mem::size_of::<Backend>() == 24);
 const _: () = assert!(core::mem::size_of::<FlowKey>() == 40);
 const _: () = assert!(core::mem::size_of::<ConntrackValue>() == 32);
 const _: () = assert!(core::mem::size_of::<ReverseNatValue>() == 24);
+const _: () = assert!(core::mem::size_of::<TrafficStats>() == 32);
 
 #[cfg(feature = "user")]
 mod pod {
@@ -221,4 +256,5 @@ mod pod {
     unsafe impl aya::Pod for super::FlowKey {}
     unsafe impl aya::Pod for super::ConntrackValue {}
     unsafe impl aya::Pod for super::ReverseNatValue {}
+    unsafe impl aya::Pod for super::TrafficStats {}
 }
