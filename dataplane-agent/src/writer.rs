@@ -237,6 +237,11 @@ impl MapWriter {
         Ok(())
     }
 
+    /// The id (counter index) of an installed service.
+    pub fn service_id(&self, spec: &ServiceSpec) -> Option<u32> {
+        self.installed.get(&service_key(spec)).map(|s| s.id)
+    }
+
     pub fn layout(&self) -> Layout {
         self.layout
     }

@@ -129,8 +129,8 @@ fn reverse_nat(ctx: &TcContext) -> Result<(), i64> {
         ctx.l3_csum_replace(h.l3 + 10, h.src[0] as u64, vip[0] as u64, 4)?;
         ctx.store(h.l3 + 12, &vip[0], 0)?;
     } else {
-        for i in 0..4 {
-            ctx.l4_csum_replace(l4_check, h.src[i] as u64, vip[i] as u64, pseudo)?;
+        for (old, new) in h.src.iter().zip(vip.iter()) {
+            ctx.l4_csum_replace(l4_check, *old as u64, *new as u64, pseudo)?;
         }
         ctx.store(h.l3 + 8, &vip, 0)?;
     }

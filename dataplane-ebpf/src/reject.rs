@@ -70,9 +70,7 @@ fn swap_macs(frame: &Frame) {
     // SAFETY: the Ethernet header was bounds checked by the parser.
     unsafe {
         let eth = frame.eth;
-        let dst = (*eth).dst_addr;
-        (*eth).dst_addr = (*eth).src_addr;
-        (*eth).src_addr = dst;
+        core::mem::swap(&mut (*eth).dst_addr, &mut (*eth).src_addr);
     }
 }
 

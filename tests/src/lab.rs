@@ -1,16 +1,17 @@
 //! A packet lab: the dataplane loaded inside its own namespace with a fixed routing table and
 //! neighbour entries, so `BPF_PROG_TEST_RUN` results (FIB lookups included) are deterministic.
 
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, Ipv6Addr};
 
 use anyhow::Context as _;
+use aya::maps::{MapData, PerCpuArray};
 use aya::programs::{SchedClassifier, TestRun, TestRunOptions, Xdp};
 use fulgur_agent::{
     config::ServiceSet,
     dataplane::{self, Dataplane, Pins, Sizes},
     writer::{Layout, MapWriter},
 };
-use fulgur_common::{Counter, map_names, program_names};
+use fulgur_common::{Counter, TrafficStats, map_names, program_names};
 
 use crate::netns::{Entered, NetNs, unique_token};
 
@@ -29,6 +30,11 @@ pub const BACKEND_WITH_NEIGHBOUR: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 2);
 /// Routed out of `out0`, neighbour unknown: the kernel-fallback path.
 pub const BACKEND_NO_NEIGHBOUR: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 3);
 
+pub const CLIENT6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 1, 0, 0, 0, 0, 2);
+pub const VIP6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0xffff, 0, 0, 0, 0, 0x10);
+pub const BACKEND6_WITH_NEIGHBOUR: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 2, 0, 0, 0, 0, 2);
+pub const BACKEND6_NO_NEIGHBOUR: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 2, 0, 0, 0, 0, 3);
+
 fn mac(m: [u8; 6]) -> String {
     m.iter()
         .map(|b| format!("{b:02x}"))
@@ -39,7 +45,9 @@ fn mac(m: [u8; 6]) -> String {
 pub struct Lab {
     pub writer: MapWriter,
     pub dataplane: Dataplane,
-    counters: aya::maps::PerCpuArray<aya::maps::MapData, u64>,
+    counters: PerCpuArray<MapData, u64>,
+    service_stats: PerCpuArray<MapData, TrafficStats>,
+    backend_stats: PerCpuArray<MapData, TrafficStats>,
     pub in_ifindex: u32,
     pub out_ifindex: u32,
     // Drop order: leave the namespace before deleting it.
@@ -104,7 +112,32 @@ impl Lab {
             "nud",
             "permanent",
         ])?;
+        ns.ip(&["addr", "add", "2001:db8:1::1/64", "dev", "in0", "nodad"])?;
+        ns.ip(&["addr", "add", "2001:db8:2::1/64", "dev", "out0", "nodad"])?;
+        ns.ip(&[
+            "neigh",
+            "replace",
+            &BACKEND6_WITH_NEIGHBOUR.to_string(),
+            "lladdr",
+            &mac(BACKEND_MAC),
+            "dev",
+            "out0",
+            "nud",
+            "permanent",
+        ])?;
+        ns.ip(&[
+            "neigh",
+            "replace",
+            &CLIENT6.to_string(),
+            "lladdr",
+            &mac(CLIENT_MAC),
+            "dev",
+            "in0",
+            "nud",
+            "permanent",
+        ])?;
         ns.sysctl("net.ipv4.ip_forward", "1")?;
+        ns.sysctl("net.ipv6.conf.all.forwarding", "1")?;
         let entered = ns.enter()?;
         let in_ifindex = dataplane::if_index("in0")?;
         let out_ifindex = dataplane::if_index("out0")?;
@@ -120,15 +153,25 @@ impl Lab {
         let pins = Pins::new(format!("/sys/fs/bpf/{}", unique_token("fgpk")));
         let mut dataplane = Dataplane::load(pins, &sizes).context("loading the dataplane")?;
         let writer = MapWriter::adopt(sizes.layout, |name| dataplane.take_map(name))?;
-        let counters = aya::maps::PerCpuArray::try_from(
+        let mut take = |name| {
             dataplane
-                .take_map(map_names::COUNTERS)
-                .context("counters map")?,
-        )?;
+                .take_map(name)
+                .with_context(|| format!("map {name}"))
+        };
+        let counters = PerCpuArray::try_from(take(map_names::COUNTERS)?)?;
+        // The writer owns the stats maps (it zeroes reused ids); read them through their pins.
+        let pinned = |name| -> anyhow::Result<PerCpuArray<MapData, TrafficStats>> {
+            let map = aya::maps::Map::from_map_data(MapData::from_pin(dataplane.pins.map(name))?)?;
+            Ok(PerCpuArray::try_from(map)?)
+        };
+        let service_stats = pinned(map_names::SERVICE_STATS)?;
+        let backend_stats = pinned(map_names::BACKEND_STATS)?;
         Ok(Lab {
             writer,
             dataplane,
             counters,
+            service_stats,
+            backend_stats,
             in_ifindex,
             out_ifindex,
             _entered: entered,
@@ -192,6 +235,16 @@ impl Lab {
         Ok((result.return_value as i32, out))
     }
 
+    /// A service's traffic counters summed over CPUs.
+    pub fn service_stats(&self, service_id: u32) -> anyhow::Result<TrafficStats> {
+        sum_stats(&self.service_stats, service_id)
+    }
+
+    /// A backend's traffic counters summed over CPUs.
+    pub fn backend_stats(&self, backend_id: u32) -> anyhow::Result<TrafficStats> {
+        sum_stats(&self.backend_stats, backend_id)
+    }
+
     /// A global counter summed over CPUs.
     pub fn counter(&self, counter: Counter) -> anyhow::Result<u64> {
         Ok(self.counters.get(&(counter as u32), 0)?.iter().sum())
@@ -202,4 +255,16 @@ impl Drop for Lab {
     fn drop(&mut self) {
         let _ = dataplane::detach(&self.dataplane.pins);
     }
+}
+
+fn sum_stats(map: &PerCpuArray<MapData, TrafficStats>, id: u32) -> anyhow::Result<TrafficStats> {
+    Ok(map
+        .get(&id, 0)?
+        .iter()
+        .fold(TrafficStats::default(), |a, b| TrafficStats {
+            packets: a.packets + b.packets,
+            bytes: a.bytes + b.bytes,
+            new_flows: a.new_flows + b.new_flows,
+            rejects: a.rejects + b.rejects,
+        }))
 }

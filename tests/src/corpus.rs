@@ -1,0 +1,592 @@
+//! The packet corpus: each case is an input frame, the verdict and exact output the XDP ingress
+//! program must produce, and the counter it must move. Expected outputs are built from scratch
+//! by etherparse, never by transforming the input with our own code.
+//!
+//! The packet tests, the fuzz test (as seeds) and the benchmark all use these cases.
+
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+
+use etherparse::{
+    Icmpv4Type, Icmpv6Type, IpHeaders, IpNumber, Ipv4Header, Ipv6FlowLabel, Ipv6Header,
+    PacketBuilder, VlanId, icmpv4::DestUnreachableHeader, icmpv6::DestUnreachableCode,
+};
+use fulgur_common::Counter;
+
+use crate::{
+    lab::{
+        BACKEND_MAC, BACKEND_NO_NEIGHBOUR, BACKEND_WITH_NEIGHBOUR, BACKEND6_NO_NEIGHBOUR,
+        BACKEND6_WITH_NEIGHBOUR, CLIENT, CLIENT6, IN_MAC, OUT_MAC, VIP, VIP6,
+    },
+    packets::{CLIENT_MAC, Kind, Pkt},
+};
+
+pub const XDP_DROP: u32 = 1;
+pub const XDP_PASS: u32 = 2;
+pub const XDP_TX: u32 = 3;
+pub const XDP_REDIRECT: u32 = 4;
+
+/// Services the corpus expects (apply with `Lab::apply_yaml`).
+pub const SERVICES: &str = r#"
+services:
+- {vip: 192.0.2.10, port: 80, protocol: TCP, backends: [{address: 203.0.113.2, port: 8080}]}
+- {vip: 192.0.2.10, port: 53, protocol: UDP, backends: [{address: 203.0.113.2, port: 5353}]}
+- {vip: 192.0.2.11, port: 80, protocol: TCP, backends: [{address: 203.0.113.3, port: 8080}]}
+- {vip: 192.0.2.11, port: 53, protocol: UDP, backends: [{address: 203.0.113.3, port: 5353}]}
+- {vip: 192.0.2.12, port: 80, protocol: TCP, backends: []}
+- {vip: 192.0.2.12, port: 53, protocol: UDP, backends: [{address: 203.0.113.2, port: 5353, weight: 0}]}
+- {vip: "2001:db8:ffff::10", port: 80, protocol: TCP, backends: [{address: "2001:db8:2::2", port: 8080}]}
+- {vip: "2001:db8:ffff::10", port: 53, protocol: UDP, backends: [{address: "2001:db8:2::2", port: 5353}]}
+- {vip: "2001:db8:ffff::11", port: 80, protocol: TCP, backends: [{address: "2001:db8:2::3", port: 8080}]}
+- {vip: "2001:db8:ffff::11", port: 53, protocol: UDP, backends: [{address: "2001:db8:2::3", port: 5353}]}
+- {vip: "2001:db8:ffff::12", port: 80, protocol: TCP, backends: []}
+- {vip: "2001:db8:ffff::12", port: 53, protocol: UDP, backends: []}
+"#;
+
+pub enum Expect {
+    Unchanged,
+    Exactly(Vec<u8>),
+}
+
+pub struct Case {
+    pub name: String,
+    pub input: Vec<u8>,
+    pub verdict: u32,
+    pub output: Expect,
+    /// The counter this packet must move by exactly one.
+    pub counter: Counter,
+}
+
+impl Case {
+    pub fn expected_output(&self) -> &[u8] {
+        match &self.output {
+            Expect::Unchanged => &self.input,
+            Expect::Exactly(bytes) => bytes,
+        }
+    }
+}
+
+/// One address family's cast.
+#[derive(Clone, Copy)]
+pub struct Family {
+    pub name: &'static str,
+    pub client: IpAddr,
+    pub vip: IpAddr,
+    /// A service whose backend has no neighbour entry.
+    pub vip_no_neighbour: IpAddr,
+    /// A service that has no usable backend.
+    pub vip_rejecting: IpAddr,
+    pub backend: IpAddr,
+    pub backend_no_neighbour: IpAddr,
+    pub not_a_service: IpAddr,
+}
+
+pub const V4: Family = Family {
+    name: "IPv4",
+    client: IpAddr::V4(CLIENT),
+    vip: IpAddr::V4(VIP),
+    vip_no_neighbour: IpAddr::V4(Ipv4Addr::new(192, 0, 2, 11)),
+    vip_rejecting: IpAddr::V4(Ipv4Addr::new(192, 0, 2, 12)),
+    backend: IpAddr::V4(BACKEND_WITH_NEIGHBOUR),
+    backend_no_neighbour: IpAddr::V4(BACKEND_NO_NEIGHBOUR),
+    not_a_service: IpAddr::V4(Ipv4Addr::new(192, 0, 2, 99)),
+};
+
+pub const V6: Family = Family {
+    name: "IPv6",
+    client: IpAddr::V6(CLIENT6),
+    vip: IpAddr::V6(VIP6),
+    vip_no_neighbour: IpAddr::V6(Ipv6Addr::new(0x2001, 0xdb8, 0xffff, 0, 0, 0, 0, 0x11)),
+    vip_rejecting: IpAddr::V6(Ipv6Addr::new(0x2001, 0xdb8, 0xffff, 0, 0, 0, 0, 0x12)),
+    backend: IpAddr::V6(BACKEND6_WITH_NEIGHBOUR),
+    backend_no_neighbour: IpAddr::V6(BACKEND6_NO_NEIGHBOUR),
+    not_a_service: IpAddr::V6(Ipv6Addr::new(0x2001, 0xdb8, 0xffff, 0, 0, 0, 0, 0x99)),
+};
+
+fn service_port(kind: Kind) -> (u16, u16) {
+    // (service port, backend port)
+    if kind == Kind::Udp {
+        (53, 5353)
+    } else {
+        (80, 8080)
+    }
+}
+
+/// A client packet of `kind` to `vip`, from a client port unique to the case.
+pub fn to_service(f: &Family, kind: Kind, vip: IpAddr, client_port: u16) -> Pkt {
+    Pkt::new(kind, (f.client, client_port), (vip, service_port(kind).0))
+}
+
+/// What the redirect path makes of `input`: DNAT, TTL - 1, MACs from the FIB.
+pub fn redirected(input: &Pkt, backend: IpAddr) -> Pkt {
+    Pkt {
+        dst: backend,
+        dst_port: service_port(input.kind).1,
+        ttl: input.ttl - 1,
+        eth_src: OUT_MAC,
+        eth_dst: BACKEND_MAC,
+        ..input.clone()
+    }
+}
+
+/// What the kernel-fallback path makes of `input`: DNAT only.
+pub fn dnat_only(input: &Pkt, backend: IpAddr) -> Pkt {
+    Pkt {
+        dst: backend,
+        dst_port: service_port(input.kind).1,
+        ..input.clone()
+    }
+}
+
+fn reply_ip(input: &Pkt, protocol: IpNumber, tos: u8) -> IpHeaders {
+    match (input.dst, input.src) {
+        (IpAddr::V4(from), IpAddr::V4(to)) => {
+            let mut h = Ipv4Header::new(0, 64, protocol, from.octets(), to.octets()).unwrap();
+            h.identification = 0;
+            h.dont_fragment = false;
+            h.dscp = (tos >> 2).try_into().unwrap();
+            IpHeaders::Ipv4(h, Default::default())
+        }
+        (IpAddr::V6(from), IpAddr::V6(to)) => IpHeaders::Ipv6(
+            Ipv6Header {
+                traffic_class: 0,
+                flow_label: Ipv6FlowLabel::ZERO,
+                payload_length: 0,
+                next_header: protocol,
+                hop_limit: 64,
+                source: from.octets(),
+                destination: to.octets(),
+            },
+            Default::default(),
+        ),
+        _ => unreachable!(),
+    }
+}
+
+/// The RST a closed port sends for `input` (RFC 9293): from the service, MACs swapped.
+pub fn expected_reset(input: &Pkt) -> Vec<u8> {
+    let eth = PacketBuilder::ethernet2(input.eth_dst, input.eth_src);
+    let ip = reply_ip(input, IpNumber::TCP, 0);
+    let mut out = Vec::new();
+    macro_rules! finish {
+        ($step:expr) => {
+            match input.kind {
+                // The segment carried an ACK: the reset takes its sequence number from it.
+                Kind::TcpData => $step
+                    .tcp(input.dst_port, input.src_port, 777, 0)
+                    .rst()
+                    .write(&mut out, &[]),
+                // A SYN: acknowledge it (and any data) so the client accepts the reset.
+                _ => $step
+                    .tcp(input.dst_port, input.src_port, 0, 0)
+                    .rst()
+                    .ack(1000 + input.payload.len() as u32 + 1)
+                    .write(&mut out, &[]),
+            }
+        };
+    }
+    match input.vlan {
+        Some(id) => finish!(eth.single_vlan(VlanId::try_new(id).unwrap()).ip(ip)),
+        None => finish!(eth.ip(ip)),
+    }
+    .unwrap();
+    out
+}
+
+/// ICMP (type 3 code 3) or ICMPv6 (type 1 code 4) port unreachable for `raw` (built from
+/// `input`), quoting its IP headers and the first 8 bytes of UDP.
+pub fn expected_unreachable(input: &Pkt, raw: &[u8]) -> Vec<u8> {
+    let quote = &raw[input.l3_offset()..input.l4_offset() + 8];
+    let eth = PacketBuilder::ethernet2(input.eth_dst, input.eth_src);
+    let mut out = Vec::new();
+    macro_rules! finish {
+        ($step:expr) => {
+            match input.src {
+                IpAddr::V4(_) => $step
+                    .ip(reply_ip(input, IpNumber::ICMP, 0xc0))
+                    .icmpv4(Icmpv4Type::DestinationUnreachable(
+                        DestUnreachableHeader::Port,
+                    ))
+                    .write(&mut out, quote),
+                IpAddr::V6(_) => $step
+                    .ip(reply_ip(input, IpNumber::IPV6_ICMP, 0))
+                    .icmpv6(Icmpv6Type::DestinationUnreachable(
+                        DestUnreachableCode::Port,
+                    ))
+                    .write(&mut out, quote),
+            }
+        };
+    }
+    match input.vlan {
+        Some(id) => finish!(eth.single_vlan(VlanId::try_new(id).unwrap())),
+        None => finish!(eth),
+    }
+    .unwrap();
+    out
+}
+
+/// Every ingress case, for both address families.
+pub fn ingress_cases() -> Vec<Case> {
+    let mut cases = Vec::new();
+    let mut next_port = 40000u16;
+    let mut port = || {
+        next_port += 1;
+        next_port
+    };
+    for f in [V4, V6] {
+        translated_cases(&f, &mut cases, &mut port);
+        reject_cases(&f, &mut cases, &mut port);
+        pass_cases(&f, &mut cases, &mut port);
+        malformed_cases(&f, &mut cases, &mut port);
+    }
+    cases
+}
+
+fn case(
+    f: &Family,
+    name: &str,
+    input: Vec<u8>,
+    verdict: u32,
+    output: Expect,
+    counter: Counter,
+) -> Case {
+    Case {
+        name: format!("{} {name}", f.name),
+        input,
+        verdict,
+        output,
+        counter,
+    }
+}
+
+fn translated_cases(f: &Family, cases: &mut Vec<Case>, port: &mut impl FnMut() -> u16) {
+    for kind in [Kind::TcpSyn, Kind::TcpData, Kind::Udp] {
+        let k = format!("{kind:?}");
+        let plain = to_service(f, kind, f.vip, port());
+        cases.push(case(
+            f,
+            &format!("{k} to the service: DNAT and redirect"),
+            plain.build(),
+            XDP_REDIRECT,
+            Expect::Exactly(redirected(&plain, f.backend).build()),
+            Counter::Redirect,
+        ));
+        let odd = Pkt {
+            payload: b"odd".to_vec(),
+            ..to_service(f, kind, f.vip, port())
+        };
+        cases.push(case(
+            f,
+            &format!("{k} with an odd-length payload"),
+            odd.build(),
+            XDP_REDIRECT,
+            Expect::Exactly(redirected(&odd, f.backend).build()),
+            Counter::Redirect,
+        ));
+        let empty = Pkt {
+            payload: Vec::new(),
+            ..to_service(f, kind, f.vip, port())
+        };
+        cases.push(case(
+            f,
+            &format!("{k} with no payload"),
+            empty.build(),
+            XDP_REDIRECT,
+            Expect::Exactly(redirected(&empty, f.backend).build()),
+            Counter::Redirect,
+        ));
+        let mut extended = to_service(f, kind, f.vip, port());
+        match f.vip {
+            IpAddr::V4(_) => extended.options = vec![1, 1, 1, 0, 0x44, 4, 5, 0],
+            IpAddr::V6(_) => extended.destination_options = true,
+        }
+        cases.push(case(
+            f,
+            &format!("{k} with IPv4 options / IPv6 extension header"),
+            extended.build(),
+            XDP_REDIRECT,
+            Expect::Exactly(redirected(&extended, f.backend).build()),
+            Counter::Redirect,
+        ));
+        let no_neighbour = to_service(f, kind, f.vip_no_neighbour, port());
+        cases.push(case(
+            f,
+            &format!("{k}, neighbour unknown: DNAT, then the kernel forwards"),
+            no_neighbour.build(),
+            XDP_PASS,
+            Expect::Exactly(dnat_only(&no_neighbour, f.backend_no_neighbour).build()),
+            Counter::PassToKernel,
+        ));
+        let tagged = Pkt {
+            vlan: Some(42),
+            ..to_service(f, kind, f.vip, port())
+        };
+        cases.push(case(
+            f,
+            &format!("{k}, 802.1Q-tagged: DNAT, then the VLAN device forwards"),
+            tagged.build(),
+            XDP_PASS,
+            Expect::Exactly(dnat_only(&tagged, f.backend).build()),
+            Counter::PassToKernel,
+        ));
+        let expiring = Pkt {
+            ttl: 1,
+            ..to_service(f, kind, f.vip, port())
+        };
+        cases.push(case(
+            f,
+            &format!("{k}, TTL 1: DNAT, then the kernel answers time-exceeded"),
+            expiring.build(),
+            XDP_PASS,
+            Expect::Exactly(dnat_only(&expiring, f.backend).build()),
+            Counter::PassToKernel,
+        ));
+    }
+    let no_checksum = to_service(f, Kind::Udp, f.vip, port());
+    cases.push(case(
+        f,
+        "UDP checksum 0 stays 0",
+        no_checksum.build_without_udp_checksum(),
+        XDP_REDIRECT,
+        Expect::Exactly(redirected(&no_checksum, f.backend).build_without_udp_checksum()),
+        Counter::Redirect,
+    ));
+}
+
+fn reject_cases(f: &Family, cases: &mut Vec<Case>, port: &mut impl FnMut() -> u16) {
+    let syn = to_service(f, Kind::TcpSyn, f.vip_rejecting, port());
+    cases.push(case(
+        f,
+        "SYN to a service without backends: RST+ACK",
+        syn.build(),
+        XDP_TX,
+        Expect::Exactly(expected_reset(&syn)),
+        Counter::RejectTcpReset,
+    ));
+    let data = to_service(f, Kind::TcpData, f.vip_rejecting, port());
+    cases.push(case(
+        f,
+        "data segment to a service without backends: RST",
+        data.build(),
+        XDP_TX,
+        Expect::Exactly(expected_reset(&data)),
+        Counter::RejectTcpReset,
+    ));
+    let tagged = Pkt {
+        vlan: Some(7),
+        ..to_service(f, Kind::TcpSyn, f.vip_rejecting, port())
+    };
+    cases.push(case(
+        f,
+        "tagged SYN: the RST keeps the tag",
+        tagged.build(),
+        XDP_TX,
+        Expect::Exactly(expected_reset(&tagged)),
+        Counter::RejectTcpReset,
+    ));
+    let reset = to_service(f, Kind::TcpRst, f.vip_rejecting, port());
+    cases.push(case(
+        f,
+        "a RST is never answered: dropped",
+        reset.build(),
+        XDP_DROP,
+        Expect::Unchanged,
+        Counter::RejectDropped,
+    ));
+    let udp = to_service(f, Kind::Udp, f.vip_rejecting, port());
+    let raw = udp.build();
+    cases.push(case(
+        f,
+        "UDP to a service without backends: port unreachable",
+        raw.clone(),
+        XDP_TX,
+        Expect::Exactly(expected_unreachable(&udp, &raw)),
+        Counter::RejectIcmpUnreachable,
+    ));
+    let tagged_udp = Pkt {
+        vlan: Some(7),
+        ..to_service(f, Kind::Udp, f.vip_rejecting, port())
+    };
+    let raw = tagged_udp.build();
+    cases.push(case(
+        f,
+        "tagged UDP: the ICMP error keeps the tag",
+        raw.clone(),
+        XDP_TX,
+        Expect::Exactly(expected_unreachable(&tagged_udp, &raw)),
+        Counter::RejectIcmpUnreachable,
+    ));
+    let mut extended = Pkt {
+        payload: vec![0x5a; 200],
+        ..to_service(f, Kind::Udp, f.vip_rejecting, port())
+    };
+    match f.vip {
+        IpAddr::V4(_) => extended.options = vec![1, 1, 1, 0],
+        IpAddr::V6(_) => extended.destination_options = true,
+    }
+    let raw = extended.build();
+    cases.push(case(
+        f,
+        "UDP with options/extensions: the quote holds every header",
+        raw.clone(),
+        XDP_TX,
+        Expect::Exactly(expected_unreachable(&extended, &raw)),
+        Counter::RejectIcmpUnreachable,
+    ));
+}
+
+fn pass_cases(f: &Family, cases: &mut Vec<Case>, port: &mut impl FnMut() -> u16) {
+    let other_address = Pkt::new(Kind::TcpSyn, (f.client, port()), (f.not_a_service, 80));
+    cases.push(case(
+        f,
+        "TCP to another address",
+        other_address.build(),
+        XDP_PASS,
+        Expect::Unchanged,
+        Counter::PassNotService,
+    ));
+    let other_port = Pkt::new(Kind::TcpSyn, (f.client, port()), (f.vip, 81));
+    cases.push(case(
+        f,
+        "TCP to the service address, other port",
+        other_port.build(),
+        XDP_PASS,
+        Expect::Unchanged,
+        Counter::PassNotService,
+    ));
+    let wrong_protocol = Pkt::new(Kind::Udp, (f.client, port()), (f.vip, 80));
+    cases.push(case(
+        f,
+        "UDP to a TCP-only port",
+        wrong_protocol.build(),
+        XDP_PASS,
+        Expect::Unchanged,
+        Counter::PassNotService,
+    ));
+    let mut echo = Vec::new();
+    let eth = PacketBuilder::ethernet2(CLIENT_MAC, IN_MAC);
+    match (f.client, f.vip) {
+        (IpAddr::V4(c), IpAddr::V4(v)) => eth
+            .ipv4(c.octets(), v.octets(), 64)
+            .icmpv4_echo_request(1, 1)
+            .write(&mut echo, b"ping"),
+        (IpAddr::V6(c), IpAddr::V6(v)) => eth
+            .ipv6(c.octets(), v.octets(), 64)
+            .icmpv6_echo_request(1, 1)
+            .write(&mut echo, b"ping"),
+        _ => unreachable!(),
+    }
+    .unwrap();
+    cases.push(case(
+        f,
+        "ICMP echo to the service address",
+        echo,
+        XDP_PASS,
+        Expect::Unchanged,
+        Counter::PassNotTcpUdp,
+    ));
+    let mut fragment = to_service(f, Kind::TcpData, f.vip, port()).build();
+    match f.vip {
+        IpAddr::V4(_) => {
+            fragment[14 + 6] = 0x00;
+            fragment[14 + 7] = 0x10; // offset 16 × 8 bytes
+            let header = etherparse::Ipv4HeaderSlice::from_slice(&fragment[14..34])
+                .unwrap()
+                .to_header();
+            fragment[24..26].copy_from_slice(&header.calc_header_checksum().to_be_bytes());
+        }
+        IpAddr::V6(_) => {
+            // Insert a fragment header (offset 16) between the IPv6 header and TCP.
+            fragment[14 + 6] = 44;
+            let payload_len = u16::from_be_bytes([fragment[18], fragment[19]]) + 8;
+            fragment[18..20].copy_from_slice(&payload_len.to_be_bytes());
+            fragment.splice(54..54, [6, 0, 0, 0x80, 0, 0, 0, 1]);
+        }
+    }
+    cases.push(case(
+        f,
+        "non-first fragment",
+        fragment,
+        XDP_PASS,
+        Expect::Unchanged,
+        Counter::PassFragment,
+    ));
+}
+
+fn malformed_cases(f: &Family, cases: &mut Vec<Case>, port: &mut impl FnMut() -> u16) {
+    let tcp = to_service(f, Kind::TcpData, f.vip, port());
+    let full_tcp = tcp.build();
+    let full_udp = to_service(f, Kind::Udp, f.vip, port()).build();
+    let l4 = tcp.l4_offset();
+    let truncated = [
+        ("ethernet header and nothing else", full_tcp[..14].to_vec()),
+        ("IP header cut short", full_tcp[..14 + 12].to_vec()),
+        ("TCP header cut short", full_tcp[..l4 + 10].to_vec()),
+        ("UDP header cut short", full_udp[..l4 + 4].to_vec()),
+    ];
+    for (name, input) in truncated {
+        cases.push(case(
+            f,
+            name,
+            input,
+            XDP_PASS,
+            Expect::Unchanged,
+            Counter::PassMalformed,
+        ));
+    }
+    let mut long_length = full_tcp.clone();
+    let length_at = if matches!(f.vip, IpAddr::V4(_)) {
+        14 + 2
+    } else {
+        14 + 4
+    };
+    long_length[length_at..length_at + 2].copy_from_slice(&1400u16.to_be_bytes());
+    cases.push(case(
+        f,
+        "length beyond the frame",
+        long_length,
+        XDP_PASS,
+        Expect::Unchanged,
+        Counter::PassMalformed,
+    ));
+    let mut short_length = full_tcp.clone();
+    let short = if matches!(f.vip, IpAddr::V4(_)) {
+        24u16
+    } else {
+        4
+    };
+    short_length[length_at..length_at + 2].copy_from_slice(&short.to_be_bytes());
+    cases.push(case(
+        f,
+        "length shorter than the headers",
+        short_length,
+        XDP_PASS,
+        Expect::Unchanged,
+        Counter::PassMalformed,
+    ));
+    let mut wrong_version = full_tcp.clone();
+    wrong_version[14] = if matches!(f.vip, IpAddr::V4(_)) {
+        0x65
+    } else {
+        0x45
+    };
+    cases.push(case(
+        f,
+        "wrong IP version for the ethertype",
+        wrong_version,
+        XDP_PASS,
+        Expect::Unchanged,
+        Counter::PassMalformed,
+    ));
+    if matches!(f.vip, IpAddr::V4(_)) {
+        let mut short_ihl = full_tcp;
+        short_ihl[14] = 0x44;
+        cases.push(case(
+            f,
+            "IHL below 5",
+            short_ihl,
+            XDP_PASS,
+            Expect::Unchanged,
+            Counter::PassMalformed,
+        ));
+    }
+}
