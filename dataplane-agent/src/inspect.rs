@@ -1,11 +1,11 @@
 //! Reads the pinned maps directly, so it works while the agent is down.
 
-use std::{fmt::Write as _, net::IpAddr};
+use std::{collections::BTreeMap, fmt::Write as _, net::IpAddr};
 
 use aya::maps::{Array, HashMap, Map, MapData, PerCpuArray};
 use fulgur_common::{
-    BACKEND_LIVE, Backend, ConntrackValue, Counter, FlowKey, PROTO_TCP, ServiceKey, ServiceValue,
-    map_names,
+    BACKEND_LIVE, Backend, ConntrackValue, Counter, FlowKey, PROTO_TCP, REJECT, ServiceKey,
+    ServiceValue, TrafficStats, map_names,
 };
 use serde::Serialize;
 
@@ -19,6 +19,24 @@ pub struct InspectError {
     source: aya::maps::MapError,
 }
 
+/// Traffic counters summed over CPUs.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct Traffic {
+    pub packets: u64,
+    pub bytes: u64,
+    pub new_flows: u64,
+    pub rejects: u64,
+}
+
+#[derive(Debug, Serialize)]
+pub struct BackendView {
+    pub address: String,
+    pub id: u32,
+    /// Maglev table slots this backend holds.
+    pub slots: usize,
+    pub traffic: Traffic,
+}
+
 #[derive(Debug, Serialize)]
 pub struct ServiceView {
     pub vip: IpAddr,
@@ -26,8 +44,10 @@ pub struct ServiceView {
     pub protocol: &'static str,
     pub id: u32,
     pub table_size: u32,
-    /// `address:port` and how many table slots each backend holds.
-    pub backends: Vec<(String, usize)>,
+    /// Table slots that reject (the reject weight).
+    pub reject_slots: usize,
+    pub backends: Vec<BackendView>,
+    pub traffic: Traffic,
 }
 
 #[derive(Debug, Serialize)]
@@ -41,7 +61,8 @@ pub struct FlowView {
 #[derive(Debug, Serialize)]
 pub struct Report {
     pub services: Vec<ServiceView>,
-    pub counters: Vec<(&'static str, u64)>,
+    /// Global pass, drop and verdict counters by name.
+    pub counters: BTreeMap<&'static str, u64>,
     pub flows: Vec<FlowView>,
 }
 
@@ -66,6 +87,22 @@ fn endpoint(addr: &fulgur_common::Addr, family: u8, port_be: u16) -> String {
     }
 }
 
+/// Sums one entry of a per-CPU traffic map.
+pub fn traffic(
+    map: &PerCpuArray<MapData, TrafficStats>,
+    id: u32,
+) -> Result<Traffic, aya::maps::MapError> {
+    Ok(map
+        .get(&id, 0)?
+        .iter()
+        .fold(Traffic::default(), |t, s| Traffic {
+            packets: t.packets + s.packets,
+            bytes: t.bytes + s.bytes,
+            new_flows: t.new_flows + s.new_flows,
+            rejects: t.rejects + s.rejects,
+        }))
+}
+
 /// Reads services, backends, counters and up to `max_flows` conntrack entries.
 pub fn read(pins: &Pins, max_flows: usize) -> Result<Report, InspectError> {
     let err = |name: &'static str| {
@@ -84,22 +121,34 @@ pub fn read(pins: &Pins, max_flows: usize) -> Result<Report, InspectError> {
     let counters: PerCpuArray<MapData, u64> =
         PerCpuArray::try_from(open(pins, map_names::COUNTERS)?)
             .map_err(err(map_names::COUNTERS))?;
+    let service_stats: PerCpuArray<MapData, TrafficStats> =
+        PerCpuArray::try_from(open(pins, map_names::SERVICE_STATS)?)
+            .map_err(err(map_names::SERVICE_STATS))?;
+    let backend_stats: PerCpuArray<MapData, TrafficStats> =
+        PerCpuArray::try_from(open(pins, map_names::BACKEND_STATS)?)
+            .map_err(err(map_names::BACKEND_STATS))?;
     let conntrack: HashMap<MapData, FlowKey, ConntrackValue> =
         HashMap::try_from(open(pins, map_names::CONNTRACK)?).map_err(err(map_names::CONNTRACK))?;
 
     let mut service_views = Vec::new();
     for entry in services.iter() {
         let (key, value) = entry.map_err(err(map_names::SERVICES))?;
-        let mut slots = std::collections::BTreeMap::<u32, usize>::new();
+        let mut slots = BTreeMap::<u32, usize>::new();
         for slot in value.table_base..value.table_base + value.table_size {
             let id = lookup.get(&slot, 0).map_err(err(map_names::LOOKUP_TABLE))?;
             *slots.entry(id).or_default() += 1;
         }
+        let reject_slots = slots.remove(&REJECT).unwrap_or(0);
         let mut backend_views = Vec::new();
         for (id, count) in slots {
             let b = backends.get(&id, 0).map_err(err(map_names::BACKENDS))?;
             if b.flags & BACKEND_LIVE != 0 {
-                backend_views.push((endpoint(&b.addr, b.family, b.port), count));
+                backend_views.push(BackendView {
+                    address: endpoint(&b.addr, b.family, b.port),
+                    id,
+                    slots: count,
+                    traffic: traffic(&backend_stats, id).map_err(err(map_names::BACKEND_STATS))?,
+                });
             }
         }
         service_views.push(ServiceView {
@@ -108,17 +157,19 @@ pub fn read(pins: &Pins, max_flows: usize) -> Result<Report, InspectError> {
             protocol: protocol_name(key.proto),
             id: value.id,
             table_size: value.table_size,
+            reject_slots,
             backends: backend_views,
+            traffic: traffic(&service_stats, value.id).map_err(err(map_names::SERVICE_STATS))?,
         });
     }
     service_views.sort_by_key(|s| (s.vip, s.port, s.protocol));
 
-    let mut counter_values = Vec::new();
+    let mut counter_values = BTreeMap::new();
     for counter in Counter::ALL {
         let per_cpu = counters
             .get(&(counter as u32), 0)
             .map_err(err(map_names::COUNTERS))?;
-        counter_values.push((counter.name(), per_cpu.iter().sum()));
+        counter_values.insert(counter.name(), per_cpu.iter().sum());
     }
 
     let mut flows = Vec::new();
@@ -142,18 +193,33 @@ impl Report {
     pub fn to_text(&self) -> String {
         let mut out = String::from("SERVICES\n");
         for s in &self.services {
+            let t = &s.traffic;
             let _ = writeln!(
                 out,
-                "  {} {}:{} (id {}, {} slots)",
-                s.protocol, s.vip, s.port, s.id, s.table_size
+                "  {} {}:{}  id {}  {} slots ({} reject)  packets {}  bytes {}  flows {}  rejects {}",
+                s.protocol,
+                s.vip,
+                s.port,
+                s.id,
+                s.table_size,
+                s.reject_slots,
+                t.packets,
+                t.bytes,
+                t.new_flows,
+                t.rejects
             );
-            for (backend, slots) in &s.backends {
-                let _ = writeln!(out, "    -> {backend:<28} {slots} slots");
+            for b in &s.backends {
+                let t = &b.traffic;
+                let _ = writeln!(
+                    out,
+                    "    -> {:<28} {:>6} slots  packets {}  bytes {}  flows {}",
+                    b.address, b.slots, t.packets, t.bytes, t.new_flows
+                );
             }
         }
         out.push_str("COUNTERS\n");
         for (name, value) in &self.counters {
-            let _ = writeln!(out, "  {name:<20} {value}");
+            let _ = writeln!(out, "  {name:<24} {value}");
         }
         let _ = writeln!(out, "FLOWS ({} shown)", self.flows.len());
         for f in &self.flows {

@@ -113,22 +113,42 @@ fn backend_of(reply: &[u8], sent: &[u8]) -> anyhow::Result<String> {
     Ok(name.to_owned())
 }
 
+/// A long-lived TCP connection that can exchange many messages.
+pub struct TcpSession {
+    stream: TcpStream,
+    to: SocketAddr,
+}
+
+impl TcpSession {
+    pub fn connect(to: SocketAddr) -> anyhow::Result<Self> {
+        let stream =
+            TcpStream::connect_timeout(&to, IO_TIMEOUT).with_context(|| format!("connect {to}"))?;
+        stream.set_read_timeout(Some(IO_TIMEOUT))?;
+        Ok(TcpSession { stream, to })
+    }
+
+    /// Sends `payload`, reads the echo, returns the backend's name.
+    pub fn exchange(&mut self, payload: &[u8]) -> anyhow::Result<String> {
+        self.stream
+            .write_all(payload)
+            .with_context(|| format!("writing to {}", self.to))?;
+        let mut reply = Vec::new();
+        let mut buf = [0u8; 4096];
+        while reply.len() < payload.len() + 2 || !reply.ends_with(payload) {
+            let n = self
+                .stream
+                .read(&mut buf)
+                .with_context(|| format!("reading from {}", self.to))?;
+            ensure!(n > 0, "connection to {} closed", self.to);
+            reply.extend_from_slice(&buf[..n]);
+        }
+        backend_of(&reply, payload)
+    }
+}
+
 /// One TCP connection: connect, send, read the echo; returns the backend's name.
 pub fn tcp_exchange(to: SocketAddr, payload: &[u8]) -> anyhow::Result<String> {
-    let mut stream =
-        TcpStream::connect_timeout(&to, IO_TIMEOUT).with_context(|| format!("connect {to}"))?;
-    stream.set_read_timeout(Some(IO_TIMEOUT))?;
-    stream.write_all(payload)?;
-    let mut reply = Vec::new();
-    let mut buf = [0u8; 4096];
-    while reply.len() < payload.len() + 2 || !reply.ends_with(payload) {
-        let n = stream
-            .read(&mut buf)
-            .with_context(|| format!("reading from {to}"))?;
-        ensure!(n > 0, "connection to {to} closed early");
-        reply.extend_from_slice(&buf[..n]);
-    }
-    backend_of(&reply, payload)
+    TcpSession::connect(to)?.exchange(payload)
 }
 
 /// A UDP client socket; every datagram it sends is one flow (same 5-tuple).

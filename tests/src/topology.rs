@@ -5,10 +5,12 @@
 //! ```
 //!
 //! The service address 192.0.2.10 belongs to no host: the client routes it to the load balancer.
+//! IPv6 runs beside it: client 2001:db8:1::2, load balancer 2001:db8:1::1, backend I
+//! 2001:db8:2:I::2, service 2001:db8:ffff::10.
 
 use std::{
     fs,
-    net::{Ipv4Addr, SocketAddr},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
     path::{Path, PathBuf},
     process::{Child, Stdio},
     time::{Duration, Instant},
@@ -27,14 +29,34 @@ pub const VIP: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 10);
 /// The load balancer's client-facing interface, where the agent attaches.
 pub const LB_IFACE: &str = "lb-cl";
 
+pub const CLIENT6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 1, 0, 0, 0, 0, 2);
+pub const LB_CLIENT_SIDE6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 1, 0, 0, 0, 0, 1);
+pub const VIP6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0xffff, 0, 0, 0, 0, 0x10);
+
 pub fn backend_addr(i: usize) -> Ipv4Addr {
     Ipv4Addr::new(203, 0, 113, (4 * i + 2) as u8)
+}
+
+pub fn backend_addr6(i: usize) -> Ipv6Addr {
+    Ipv6Addr::new(0x2001, 0xdb8, 2, i as u16, 0, 0, 0, 2)
 }
 
 pub struct BackendHost {
     pub name: String,
     pub addr: Ipv4Addr,
+    pub addr6: Ipv6Addr,
     pub ns: NetNs,
+}
+
+impl BackendHost {
+    /// The backend's address in the family of `like`.
+    pub fn addr_like(&self, like: IpAddr) -> IpAddr {
+        if like.is_ipv4() {
+            self.addr.into()
+        } else {
+            self.addr6.into()
+        }
+    }
 }
 
 pub struct Topology {
@@ -81,10 +103,35 @@ impl Topology {
             "via",
             &LB_CLIENT_SIDE.to_string(),
         ])?;
+        lb.ip(&[
+            "addr",
+            "add",
+            &format!("{LB_CLIENT_SIDE6}/64"),
+            "dev",
+            LB_IFACE,
+            "nodad",
+        ])?;
+        client.ip(&[
+            "addr",
+            "add",
+            &format!("{CLIENT6}/64"),
+            "dev",
+            "cl0",
+            "nodad",
+        ])?;
+        client.ip(&[
+            "-6",
+            "route",
+            "add",
+            "default",
+            "via",
+            &LB_CLIENT_SIDE6.to_string(),
+        ])?;
         // Frames we rewrite in XDP must carry full checksums, as they do off a real wire.
         client.exec("ethtool", &["-K", "cl0", "tx", "off"])?;
         lb.sysctl("net.ipv4.ip_forward", "1")?;
         lb.sysctl("net.ipv4.conf.all.rp_filter", "0")?;
+        lb.sysctl("net.ipv6.conf.all.forwarding", "1")?;
 
         let mut hosts = Vec::new();
         for i in 0..backends {
@@ -115,9 +162,35 @@ impl Topology {
             ])?;
             ns.ip(&["link", "set", "dev", "eth0", "up"])?;
             ns.ip(&["route", "add", "default", "via", &gateway.to_string()])?;
+            let gateway6 = Ipv6Addr::new(0x2001, 0xdb8, 2, i as u16, 0, 0, 0, 1);
+            lb.ip(&[
+                "addr",
+                "add",
+                &format!("{gateway6}/64"),
+                "dev",
+                &lb_side,
+                "nodad",
+            ])?;
+            ns.ip(&[
+                "addr",
+                "add",
+                &format!("{}/64", backend_addr6(i)),
+                "dev",
+                "eth0",
+                "nodad",
+            ])?;
+            ns.ip(&[
+                "-6",
+                "route",
+                "add",
+                "default",
+                "via",
+                &gateway6.to_string(),
+            ])?;
             hosts.push(BackendHost {
                 name: format!("backend-{i}"),
                 addr: backend_addr(i),
+                addr6: backend_addr6(i),
                 ns,
             });
         }
@@ -140,6 +213,10 @@ impl Topology {
 
     pub fn vip(&self, port: u16) -> SocketAddr {
         SocketAddr::from((VIP, port))
+    }
+
+    pub fn vip6(&self, port: u16) -> SocketAddr {
+        SocketAddr::from((VIP6, port))
     }
 
     /// Starts the real agent binary on the load balancer's client-facing interface.
@@ -184,6 +261,8 @@ pub struct AgentProcess {
     pub bpffs_dir: PathBuf,
     pub log: PathBuf,
     ns_path: String,
+    /// Whether dropping this handle removes the pinned dataplane.
+    owns_pins: bool,
 }
 
 impl AgentProcess {
@@ -236,6 +315,7 @@ impl AgentProcess {
             bpffs_dir,
             log,
             ns_path: ns.path(),
+            owns_pins: true,
         };
         agent.wait_for_log("ready", Duration::from_secs(20))?;
         Ok(agent)
@@ -269,18 +349,36 @@ impl AgentProcess {
         }
     }
 
-    /// Stops the process the hard way; the pinned dataplane stays.
+    /// Stops the process the hard way (SIGKILL); the pinned dataplane stays.
     pub fn kill(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
 
-    /// Runs `fulgur-agent inspect --json` against this agent's pins.
+    /// SIGKILLs the agent and hands its pins over, for a successor started with `start_with`.
+    pub fn kill_and_keep_pins(mut self) -> PathBuf {
+        self.kill();
+        self.owns_pins = false;
+        self.bpffs_dir.clone()
+    }
+
+    /// `fulgur-agent inspect --json` against this agent's pins.
     pub fn inspect(&self) -> anyhow::Result<String> {
+        self.run_inspect(&["--json"])
+    }
+
+    /// `fulgur-agent inspect --flows 0`, as a person would read it.
+    pub fn inspect_text(&self) -> anyhow::Result<String> {
+        self.run_inspect(&["--flows", "0"])
+    }
+
+    fn run_inspect(&self, args: &[&str]) -> anyhow::Result<String> {
         let out = std::process::Command::new("nsenter")
             .arg(format!("--net={}", self.ns_path))
             .arg(crate::agent_binary())
-            .args(["inspect", "--json", "--bpffs-dir"])
+            .arg("inspect")
+            .args(args)
+            .arg("--bpffs-dir")
             .arg(&self.bpffs_dir)
             .output()?;
         if !out.status.success() {
@@ -293,10 +391,12 @@ impl AgentProcess {
 impl Drop for AgentProcess {
     fn drop(&mut self) {
         self.kill();
-        let _ = std::process::Command::new(crate::agent_binary())
-            .args(["detach", "--bpffs-dir"])
-            .arg(&self.bpffs_dir)
-            .output();
+        if self.owns_pins {
+            let _ = std::process::Command::new(crate::agent_binary())
+                .args(["detach", "--bpffs-dir"])
+                .arg(&self.bpffs_dir)
+                .output();
+        }
         let _ = fs::remove_file(&self.log);
     }
 }

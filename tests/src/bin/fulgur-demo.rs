@@ -118,17 +118,8 @@ fn main() -> anyhow::Result<()> {
             "weight 0 got traffic"
         );
 
-        println!("\nfulgur-agent inspect:");
-        let report: serde_json::Value = serde_json::from_str(&agent.inspect()?)?;
-        for counter in report["counters"].as_array().into_iter().flatten() {
-            if counter[1].as_u64().unwrap_or(0) > 0 {
-                println!(
-                    "  {:<20} {}",
-                    counter[0].as_str().unwrap_or("?"),
-                    counter[1]
-                );
-            }
-        }
+        println!("\n$ fulgur-agent inspect --flows 0");
+        print!("{}", agent.inspect_text()?);
         anyhow::Ok(())
     })();
     let _ = std::fs::remove_file(&services);
