@@ -11,8 +11,7 @@ use fulgur_common::{Addr, Counter, FAMILY_IPV4, FAMILY_IPV6, FlowKey, PROTO_TCP,
 use crate::{
     maps::REVNAT,
     parse::{
-        ETH_P_8021Q, ETH_P_IPV4, ETH_P_IPV6, IPV4_FRAG_OFFSET_MASK, IPV6_MAX_EXT_HEADERS,
-        VLAN_TAG_LEN,
+        ETH_P_8021Q, ETH_P_IPV4, ETH_P_IPV6, IPV4_FRAGMENT_BITS, IPV6_MAX_EXT_HEADERS, VLAN_TAG_LEN,
     },
     stats::count,
 };
@@ -40,7 +39,7 @@ fn ipv4(ctx: &TcContext, l3: usize) -> Result<Headers, i64> {
     let vihl: u8 = ctx.load(l3)?;
     let frags: u16 = ctx.load(l3 + 6)?;
     let header_len = ((vihl & 0x0f) as usize) * 4;
-    if vihl >> 4 != 4 || header_len < 20 || u16::from_be(frags) & IPV4_FRAG_OFFSET_MASK != 0 {
+    if vihl >> 4 != 4 || header_len < 20 || u16::from_be(frags) & IPV4_FRAGMENT_BITS != 0 {
         return Err(0);
     }
     Ok(Headers {
@@ -60,14 +59,7 @@ fn ipv6(ctx: &TcContext, l3: usize) -> Result<Headers, i64> {
     for _ in 0..IPV6_MAX_EXT_HEADERS {
         let len = match next {
             0 | 43 | 60 => (ctx.load::<u8>(offset + 1)? as usize + 1) * 8,
-            51 => (ctx.load::<u8>(offset + 1)? as usize + 2) * 4,
-            44 => {
-                let fragment: u16 = ctx.load(offset + 2)?;
-                if u16::from_be(fragment) & 0xfff8 != 0 {
-                    return Err(0);
-                }
-                8
-            }
+            44 => return Err(0), // A fragment: see IPV4_FRAGMENT_BITS.
             _ => break,
         };
         next = ctx.load(offset)?;

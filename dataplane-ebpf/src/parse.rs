@@ -12,8 +12,9 @@ pub const ETH_P_IPV4: u16 = 0x0800u16.to_be();
 pub const ETH_P_IPV6: u16 = 0x86ddu16.to_be();
 pub const ETH_P_8021Q: u16 = 0x8100u16.to_be();
 pub const VLAN_TAG_LEN: usize = 4;
-/// The fragment-offset bits of the IPv4 flags/offset word.
-pub const IPV4_FRAG_OFFSET_MASK: u16 = 0x1fff;
+/// The more-fragments flag and fragment offset of the IPv4 flags/offset word: any fragment.
+/// Fragments are never translated: without reassembly only the first carries the ports.
+pub const IPV4_FRAGMENT_BITS: u16 = 0x3fff;
 
 /// IPv6 extension headers we walk over.
 const IPV6_HOP_BY_HOP: u8 = 0;
@@ -123,14 +124,48 @@ impl L4Packet {
     }
 }
 
+/// Checks the TCP or UDP header at `l4`, which the IP header says spans `l4_len` bytes.
 #[inline(always)]
-fn l4_header(proto: u8) -> Result<(usize, usize), Counter> {
-    // (checksum offset, minimum header length)
-    match proto {
-        PROTO_TCP => Ok((16, 20)),
-        PROTO_UDP => Ok((6, 8)),
-        _ => Err(Counter::PassNotTcpUdp),
-    }
+fn transport(
+    ctx: &XdpContext,
+    ip: Ip,
+    l3: usize,
+    l4: usize,
+    proto: u8,
+    l4_len: usize,
+) -> Result<L4Packet, Counter> {
+    let check_offset = match proto {
+        PROTO_TCP => {
+            let data_offset: *const u8 = ptr_at(ctx, l4 + 12).ok_or(Counter::PassMalformed)?;
+            // SAFETY: bounds checked by ptr_at.
+            let header_len = ((unsafe { *data_offset } >> 4) as usize) * 4;
+            if header_len < 20 || header_len > l4_len {
+                return Err(Counter::PassMalformed);
+            }
+            16
+        }
+        PROTO_UDP => {
+            let length: *const [u8; 2] = ptr_at(ctx, l4 + 4).ok_or(Counter::PassMalformed)?;
+            // SAFETY: bounds checked by ptr_at.
+            let length = u16::from_be_bytes(unsafe { length.read_unaligned() }) as usize;
+            if length < 8 || length > l4_len {
+                return Err(Counter::PassMalformed);
+            }
+            6
+        }
+        _ => return Err(Counter::PassNotTcpUdp),
+    };
+    let ports: *mut Ports = ptr_at(ctx, l4).ok_or(Counter::PassMalformed)?;
+    let check: *mut u16 = ptr_at(ctx, l4 + check_offset).ok_or(Counter::PassMalformed)?;
+    Ok(L4Packet {
+        ip,
+        l3,
+        l4,
+        proto,
+        ports,
+        check,
+        l4_len,
+    })
 }
 
 #[inline(always)]
@@ -149,26 +184,21 @@ pub fn ipv4(ctx: &XdpContext, l3: usize) -> Result<L4Packet, Counter> {
     if vihl >> 4 != 4 || header_len < Ipv4Hdr::LEN || tot_len < header_len {
         return Err(Counter::PassMalformed);
     }
-    if frags & IPV4_FRAG_OFFSET_MASK != 0 {
+    if frags & IPV4_FRAGMENT_BITS != 0 {
         return Err(Counter::PassFragment);
     }
-    let (check_offset, l4_min) = l4_header(proto)?;
-    // The datagram must hold the L4 header, and the frame must hold the datagram.
-    if tot_len < header_len + l4_min || ctx.data() + l3 + tot_len > ctx.data_end() {
+    // The frame must hold the datagram.
+    if ctx.data() + l3 + tot_len > ctx.data_end() {
         return Err(Counter::PassMalformed);
     }
-    let l4 = l3 + header_len;
-    let ports: *mut Ports = ptr_at(ctx, l4).ok_or(Counter::PassMalformed)?;
-    let check: *mut u16 = ptr_at(ctx, l4 + check_offset).ok_or(Counter::PassMalformed)?;
-    Ok(L4Packet {
-        ip: Ip::V4(ip),
+    transport(
+        ctx,
+        Ip::V4(ip),
         l3,
-        l4,
+        l3 + header_len,
         proto,
-        ports,
-        check,
-        l4_len: tot_len - header_len,
-    })
+        tot_len - header_len,
+    )
 }
 
 #[inline(always)]
@@ -188,7 +218,9 @@ pub fn ipv6(ctx: &XdpContext, l3: usize) -> Result<L4Packet, Counter> {
     let mut offset = l3 + Ipv6Hdr::LEN;
     for _ in 0..IPV6_MAX_EXT_HEADERS {
         let len = match next {
-            IPV6_HOP_BY_HOP | IPV6_DEST_OPTS | IPV6_ROUTING | IPV6_AUTH | IPV6_FRAGMENT => {
+            // Rewriting an authenticated packet would break its integrity check.
+            IPV6_AUTH => return Err(Counter::PassUnsupported),
+            IPV6_HOP_BY_HOP | IPV6_DEST_OPTS | IPV6_ROUTING | IPV6_FRAGMENT => {
                 let ext: *const [u8; 4] = ptr_at(ctx, offset).ok_or(Counter::PassMalformed)?;
                 // SAFETY: bounds checked by ptr_at.
                 let ext = unsafe { ext.read_unaligned() };
@@ -196,14 +228,10 @@ pub fn ipv6(ctx: &XdpContext, l3: usize) -> Result<L4Packet, Counter> {
                     // Segments left: the destination is not final, so it is not ours to rewrite.
                     return Err(Counter::PassUnsupported);
                 }
-                if next == IPV6_FRAGMENT && (u16::from_be_bytes([ext[2], ext[3]]) & 0xfff8) != 0 {
+                if next == IPV6_FRAGMENT {
                     return Err(Counter::PassFragment);
                 }
-                match next {
-                    IPV6_FRAGMENT => 8,
-                    IPV6_AUTH => (ext[1] as usize + 2) * 4,
-                    _ => (ext[1] as usize + 1) * 8,
-                }
+                (ext[1] as usize + 1) * 8
             }
             _ => break,
         };
@@ -211,20 +239,9 @@ pub fn ipv6(ctx: &XdpContext, l3: usize) -> Result<L4Packet, Counter> {
         next = unsafe { *ptr_at::<u8>(ctx, offset).ok_or(Counter::PassMalformed)? };
         offset += len;
     }
-    let (check_offset, l4_min) = l4_header(next)?;
     let headers = offset - l3 - Ipv6Hdr::LEN;
-    if payload_len < headers + l4_min {
+    if payload_len < headers {
         return Err(Counter::PassMalformed);
     }
-    let ports: *mut Ports = ptr_at(ctx, offset).ok_or(Counter::PassMalformed)?;
-    let check: *mut u16 = ptr_at(ctx, offset + check_offset).ok_or(Counter::PassMalformed)?;
-    Ok(L4Packet {
-        ip: Ip::V6(ip),
-        l3,
-        l4: offset,
-        proto: next,
-        ports,
-        check,
-        l4_len: payload_len - headers,
-    })
+    transport(ctx, Ip::V6(ip), l3, offset, next, payload_len - headers)
 }

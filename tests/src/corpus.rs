@@ -484,32 +484,69 @@ fn pass_cases(f: &Family, cases: &mut Vec<Case>, port: &mut impl FnMut() -> u16)
         Expect::Unchanged,
         Counter::PassNotTcpUdp,
     ));
-    let mut fragment = to_service(f, Kind::TcpData, f.vip, port()).build();
-    match f.vip {
-        IpAddr::V4(_) => {
-            fragment[14 + 6] = 0x00;
-            fragment[14 + 7] = 0x10; // offset 16 × 8 bytes
-            let header = etherparse::Ipv4HeaderSlice::from_slice(&fragment[14..34])
-                .unwrap()
-                .to_header();
-            fragment[24..26].copy_from_slice(&header.calc_header_checksum().to_be_bytes());
+    // (name, IPv4 flags/offset word, IPv6 fragment offset/flags word)
+    let fragments = [
+        ("first fragment", 0x2000u16, 0x0001u16),
+        ("non-first fragment", 0x0010, 0x0080),
+    ];
+    for (name, v4_bits, v6_bits) in fragments {
+        let mut fragment = to_service(f, Kind::TcpData, f.vip, port()).build();
+        match f.vip {
+            IpAddr::V4(_) => {
+                fragment[14 + 6..14 + 8].copy_from_slice(&v4_bits.to_be_bytes());
+                let header = etherparse::Ipv4HeaderSlice::from_slice(&fragment[14..34])
+                    .unwrap()
+                    .to_header();
+                fragment[24..26].copy_from_slice(&header.calc_header_checksum().to_be_bytes());
+            }
+            IpAddr::V6(_) => {
+                // A fragment header between the IPv6 header and TCP.
+                fragment[14 + 6] = 44;
+                let payload_len = u16::from_be_bytes([fragment[18], fragment[19]]) + 8;
+                fragment[18..20].copy_from_slice(&payload_len.to_be_bytes());
+                let [hi, lo] = v6_bits.to_be_bytes();
+                fragment.splice(54..54, [6, 0, hi, lo, 0, 0, 0, 1]);
+            }
         }
-        IpAddr::V6(_) => {
-            // Insert a fragment header (offset 16) between the IPv6 header and TCP.
-            fragment[14 + 6] = 44;
-            let payload_len = u16::from_be_bytes([fragment[18], fragment[19]]) + 8;
-            fragment[18..20].copy_from_slice(&payload_len.to_be_bytes());
-            fragment.splice(54..54, [6, 0, 0, 0x80, 0, 0, 0, 1]);
-        }
+        cases.push(case(
+            f,
+            name,
+            fragment,
+            XDP_PASS,
+            Expect::Unchanged,
+            Counter::PassFragment,
+        ));
     }
-    cases.push(case(
-        f,
-        "non-first fragment",
-        fragment,
-        XDP_PASS,
-        Expect::Unchanged,
-        Counter::PassFragment,
-    ));
+    if matches!(f.vip, IpAddr::V6(_)) {
+        // An authentication header: rewriting would break its integrity check.
+        let mut authenticated = to_service(f, Kind::TcpData, f.vip, port()).build();
+        authenticated[14 + 6] = 51;
+        let payload_len = u16::from_be_bytes([authenticated[18], authenticated[19]]) + 16;
+        authenticated[18..20].copy_from_slice(&payload_len.to_be_bytes());
+        authenticated.splice(54..54, [6, 2, 0, 0, 0, 0, 1, 0, 0, 0, 0, 1, 0, 0, 0, 0]);
+        cases.push(case(
+            f,
+            "IPv6 authentication header",
+            authenticated,
+            XDP_PASS,
+            Expect::Unchanged,
+            Counter::PassUnsupported,
+        ));
+        // A routing header with segments left: the destination is not the final one.
+        let mut routed = to_service(f, Kind::TcpData, f.vip, port()).build();
+        routed[14 + 6] = 43;
+        let payload_len = u16::from_be_bytes([routed[18], routed[19]]) + 8;
+        routed[18..20].copy_from_slice(&payload_len.to_be_bytes());
+        routed.splice(54..54, [6, 0, 4, 1, 0, 0, 0, 0]);
+        cases.push(case(
+            f,
+            "IPv6 routing header with segments left",
+            routed,
+            XDP_PASS,
+            Expect::Unchanged,
+            Counter::PassUnsupported,
+        ));
+    }
 }
 
 fn malformed_cases(f: &Family, cases: &mut Vec<Case>, port: &mut impl FnMut() -> u16) {

@@ -34,6 +34,13 @@ enum Task {
     Demo,
     /// `cargo fmt --check` and `cargo clippy -D warnings`.
     Lint,
+    /// The packet fuzz test with more iterations than `test` runs (needs root).
+    Fuzz {
+        #[arg(long, default_value_t = 5_000_000)]
+        iterations: u64,
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
+    },
 }
 
 const APT_PACKAGES: &[(&str, &str)] = &[
@@ -58,6 +65,22 @@ fn main() -> anyhow::Result<()> {
             demo()
         }
         Task::Lint => lint(),
+        Task::Fuzz { iterations, seed } => {
+            setup()?;
+            run(cargo()
+                .args([
+                    "test",
+                    "--release",
+                    "-p",
+                    "fulgur-tests",
+                    "--test",
+                    "fuzz",
+                    "--",
+                    "--nocapture",
+                ])
+                .env("FULGUR_FUZZ_ITERATIONS", iterations.to_string())
+                .env("FULGUR_FUZZ_SEED", seed.to_string()))
+        }
     }
 }
 
