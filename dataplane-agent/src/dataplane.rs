@@ -180,6 +180,7 @@ impl Dataplane {
             .map_max_entries(map_names::REVERSE_NAT, sizes.conntrack_entries)
             .map_max_entries(map_names::SERVICE_STATS, sizes.layout.max_services)
             .map_max_entries(map_names::BACKEND_STATS, sizes.layout.max_backends)
+            .map_max_entries(map_names::NEXT_HOPS, sizes.layout.max_backends)
             .load(EBPF_OBJECT)?;
         for name in [program_names::XDP_INGRESS, program_names::XDP_PASS] {
             xdp_program(&mut ebpf, name)?

@@ -12,8 +12,8 @@ use std::{
 
 use aya::maps::{Array, HashMap, Map, MapData, MapError, PerCpuArray, PerCpuValues};
 use fulgur_common::{
-    Addr, BACKEND_LIVE, Backend, FAMILY_IPV4, FAMILY_IPV6, REJECT, ServiceKey, ServiceValue,
-    TrafficStats, addr_v4, addr_v6, map_names,
+    Addr, BACKEND_LIVE, Backend, FAMILY_IPV4, FAMILY_IPV6, NextHop, REJECT, ServiceKey,
+    ServiceValue, TrafficStats, addr_v4, addr_v6, map_names,
 };
 
 use crate::{
@@ -104,6 +104,7 @@ pub struct MapWriter {
     lookup: Array<MapData, u32>,
     service_stats: PerCpuArray<MapData, TrafficStats>,
     backend_stats: PerCpuArray<MapData, TrafficStats>,
+    next_hops: PerCpuArray<MapData, NextHop>,
     installed: BTreeMap<ServiceKey, Installed>,
     free_service_ids: BTreeSet<u32>,
     free_backend_ids: BTreeSet<u32>,
@@ -169,6 +170,8 @@ impl MapWriter {
             .map_err(map_err(map_names::SERVICE_STATS))?;
         let backend_stats = PerCpuArray::try_from(take(&mut take_map, map_names::BACKEND_STATS)?)
             .map_err(map_err(map_names::BACKEND_STATS))?;
+        let next_hops = PerCpuArray::try_from(take(&mut take_map, map_names::NEXT_HOPS)?)
+            .map_err(map_err(map_names::NEXT_HOPS))?;
         if lookup.len() as u64 != layout.lookup_entries() {
             return Err(WriteError::LayoutMismatch {
                 actual: lookup.len(),
@@ -184,6 +187,7 @@ impl MapWriter {
             lookup,
             service_stats,
             backend_stats,
+            next_hops,
             installed: BTreeMap::new(),
             free_service_ids: (0..layout.max_services).collect(),
             free_backend_ids: (0..layout.max_backends).collect(),
@@ -346,8 +350,7 @@ impl MapWriter {
             Some(p) => p.id,
             None => {
                 let id = self.free_service_ids.pop_first().expect("capacity checked");
-                zero_stats(&mut self.service_stats, id)
-                    .map_err(map_err(map_names::SERVICE_STATS))?;
+                reset(&mut self.service_stats, id).map_err(map_err(map_names::SERVICE_STATS))?;
                 id
             }
         };
@@ -365,8 +368,9 @@ impl MapWriter {
                 Some(id) => *id,
                 None => {
                     let id = self.free_backend_ids.pop_first().expect("capacity checked");
-                    zero_stats(&mut self.backend_stats, id)
+                    reset(&mut self.backend_stats, id)
                         .map_err(map_err(map_names::BACKEND_STATS))?;
+                    reset(&mut self.next_hops, id).map_err(map_err(map_names::NEXT_HOPS))?;
                     let backend = Backend {
                         addr,
                         port: b.port.to_be(),
@@ -446,14 +450,18 @@ impl MapWriter {
     }
 }
 
-/// Counters of a freshly allocated id start from zero, whatever its last owner counted.
-fn zero_stats(stats: &mut PerCpuArray<MapData, TrafficStats>, id: u32) -> Result<(), MapError> {
+/// A freshly allocated id starts from zero (counters, cached next hop), whatever its last owner
+/// left there.
+fn reset<T: aya::Pod + Default>(
+    map: &mut PerCpuArray<MapData, T>,
+    id: u32,
+) -> Result<(), MapError> {
     let syscall =
         |call, io_error| MapError::SyscallError(aya::sys::SyscallError { call, io_error });
     let cpus = aya::util::nr_cpus().map_err(|(_, e)| syscall("nr_cpus", e))?;
-    let zeros = PerCpuValues::try_from(vec![TrafficStats::default(); cpus])
+    let zeros = PerCpuValues::try_from(vec![T::default(); cpus])
         .map_err(|e| syscall("per-cpu values", e))?;
-    stats.set(id, zeros, 0)
+    map.set(id, zeros, 0)
 }
 
 enum Change {

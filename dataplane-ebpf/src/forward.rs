@@ -4,12 +4,13 @@
 use aya_ebpf::{
     EbpfContext as _,
     bindings::{BPF_FIB_LKUP_RET_SUCCESS, bpf_fib_lookup as FibParams, xdp_action},
-    helpers::generated::{bpf_fib_lookup, bpf_redirect},
+    helpers::generated::{bpf_fib_lookup, bpf_ktime_get_coarse_ns, bpf_redirect},
     programs::XdpContext,
 };
-use fulgur_common::{Counter, csum};
+use fulgur_common::{Counter, NEXT_HOP_TTL_NS, NextHop, csum};
 
 use crate::{
+    maps::NEXT_HOPS,
     parse::{Frame, Ip, L4Packet},
     stats::count,
 };
@@ -18,39 +19,35 @@ const AF_INET: u8 = 2;
 const AF_INET6: u8 = 10;
 
 #[inline(always)]
-pub fn forward(ctx: &XdpContext, frame: &Frame, pkt: &L4Packet) -> u32 {
+/// Sends a translated packet towards backend `backend_id`. The FIB result is cached per backend
+/// and CPU for [`NEXT_HOP_TTL_NS`]: a FIB and neighbour lookup costs more than everything else
+/// on the path together.
+pub fn forward(ctx: &XdpContext, frame: &Frame, pkt: &L4Packet, backend_id: u32) -> u32 {
     // SAFETY: every pointer in `frame` and `pkt` was bounds checked by the parser.
     unsafe {
-        let mut params: FibParams = core::mem::zeroed();
-        params.l4_protocol = pkt.proto;
-        params.sport = (*pkt.ports).src;
-        params.dport = (*pkt.ports).dst;
-        params.ifindex = ctx.ingress_ifindex() as u32;
         let ttl = match pkt.ip {
-            Ip::V4(ip) => {
-                params.family = AF_INET;
-                params.__bindgen_anon_1.tot_len = u16::from_be_bytes((*ip).tot_len);
-                params.__bindgen_anon_2.tos = (*ip).tos;
-                params.__bindgen_anon_3.ipv4_src = u32::from_ne_bytes((*ip).src_addr);
-                params.__bindgen_anon_4.ipv4_dst = u32::from_ne_bytes((*ip).dst_addr);
-                (*ip).ttl
-            }
-            Ip::V6(ip) => {
-                params.family = AF_INET6;
-                params.__bindgen_anon_1.tot_len = u16::from_be_bytes((*ip).payload_len) + 40;
-                params.__bindgen_anon_2.flowinfo =
-                    u32::from_ne_bytes((*ip).vcf) & 0xffff_ff0fu32.to_be();
-                params.__bindgen_anon_3.ipv6_src = fulgur_common::addr_v6((*ip).src_addr);
-                params.__bindgen_anon_4.ipv6_dst = fulgur_common::addr_v6((*ip).dst_addr);
-                (*ip).hop_limit
-            }
+            Ip::V4(ip) => (*ip).ttl,
+            Ip::V6(ip) => (*ip).hop_limit,
         };
         if frame.tagged || ttl <= 1 {
             return to_kernel();
         }
-        let rc = bpf_fib_lookup(ctx.as_ptr(), &mut params, size_of::<FibParams>() as i32, 0);
-        if rc != BPF_FIB_LKUP_RET_SUCCESS as i64 {
+        let Some(hop) = NEXT_HOPS.get_ptr_mut(backend_id) else {
             return to_kernel();
+        };
+        let now = bpf_ktime_get_coarse_ns();
+        if (*hop).expires_ns <= now {
+            let mut params = fib_params(ctx, pkt);
+            let rc = bpf_fib_lookup(ctx.as_ptr(), &mut params, size_of::<FibParams>() as i32, 0);
+            if rc != BPF_FIB_LKUP_RET_SUCCESS as i64 {
+                return to_kernel();
+            }
+            *hop = NextHop {
+                ifindex: params.ifindex,
+                smac: params.smac,
+                dmac: params.dmac,
+                expires_ns: now + NEXT_HOP_TTL_NS,
+            };
         }
         // We route the packet ourselves, so we age it like a router does.
         match pkt.ip {
@@ -64,14 +61,46 @@ pub fn forward(ctx: &XdpContext, frame: &Frame, pkt: &L4Packet) -> u32 {
             }
             Ip::V6(ip) => (*ip).hop_limit -= 1,
         }
-        (*frame.eth).dst_addr = params.dmac;
-        (*frame.eth).src_addr = params.smac;
-        if params.ifindex == ctx.ingress_ifindex() as u32 {
+        (*frame.eth).dst_addr = (*hop).dmac;
+        (*frame.eth).src_addr = (*hop).smac;
+        let out = (*hop).ifindex;
+        if out == ctx.ingress_ifindex() as u32 {
             count(Counter::Transmit);
             return xdp_action::XDP_TX;
         }
         count(Counter::Redirect);
-        bpf_redirect(params.ifindex, 0) as u32
+        bpf_redirect(out, 0) as u32
+    }
+}
+
+/// The FIB lookup for the (already translated) packet, as if routed from the ingress interface.
+#[inline(always)]
+unsafe fn fib_params(ctx: &XdpContext, pkt: &L4Packet) -> FibParams {
+    // SAFETY: the caller passes a parsed packet; every pointer in it was bounds checked.
+    unsafe {
+        let mut params: FibParams = core::mem::zeroed();
+        params.l4_protocol = pkt.proto;
+        params.sport = (*pkt.ports).src;
+        params.dport = (*pkt.ports).dst;
+        params.ifindex = ctx.ingress_ifindex() as u32;
+        match pkt.ip {
+            Ip::V4(ip) => {
+                params.family = AF_INET;
+                params.__bindgen_anon_1.tot_len = u16::from_be_bytes((*ip).tot_len);
+                params.__bindgen_anon_2.tos = (*ip).tos;
+                params.__bindgen_anon_3.ipv4_src = u32::from_ne_bytes((*ip).src_addr);
+                params.__bindgen_anon_4.ipv4_dst = u32::from_ne_bytes((*ip).dst_addr);
+            }
+            Ip::V6(ip) => {
+                params.family = AF_INET6;
+                params.__bindgen_anon_1.tot_len = u16::from_be_bytes((*ip).payload_len) + 40;
+                params.__bindgen_anon_2.flowinfo =
+                    u32::from_ne_bytes((*ip).vcf) & 0xffff_ff0fu32.to_be();
+                params.__bindgen_anon_3.ipv6_src = fulgur_common::addr_v6((*ip).src_addr);
+                params.__bindgen_anon_4.ipv6_dst = fulgur_common::addr_v6((*ip).dst_addr);
+            }
+        }
+        params
     }
 }
 

@@ -57,7 +57,7 @@ fn translate(ctx: &XdpContext) -> Result<u32, Counter> {
         Choice::Forward(target) => {
             stats::forwarded(service.id, target.id, (ctx.data_end() - ctx.data()) as u64);
             nat::dnat(&pkt, &dst, &target);
-            Ok(forward::forward(ctx, &frame, &pkt))
+            Ok(forward::forward(ctx, &frame, &pkt, target.id))
         }
         Choice::Reject => {
             stats::rejected(service.id);

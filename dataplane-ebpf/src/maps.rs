@@ -5,7 +5,7 @@ use aya_ebpf::{
     maps::{Array, HashMap, LruHashMap, PerCpuArray},
 };
 use fulgur_common::{
-    Backend, ConntrackValue, Counter, FlowKey, ReverseNatValue, ServiceKey, ServiceValue,
+    Backend, ConntrackValue, Counter, FlowKey, NextHop, ReverseNatValue, ServiceKey, ServiceValue,
     TrafficStats, defaults,
 };
 
@@ -44,3 +44,7 @@ pub static SERVICE_STATS: PerCpuArray<TrafficStats> =
 #[map(name = "FULGUR_BACKEND_STATS")]
 pub static BACKEND_STATS: PerCpuArray<TrafficStats> =
     PerCpuArray::pinned(defaults::MAX_BACKENDS, 0);
+
+/// Backend id → cached FIB result, per CPU (no torn reads, no contention).
+#[map(name = "FULGUR_NEXT_HOPS")]
+pub static NEXT_HOPS: PerCpuArray<NextHop> = PerCpuArray::pinned(defaults::MAX_BACKENDS, 0);

@@ -58,6 +58,18 @@ pub struct Lab {
 impl Lab {
     /// Moves the calling thread into a fresh lab namespace and loads the dataplane there.
     pub fn new() -> anyhow::Result<Self> {
+        Self::with_sizes(Sizes {
+            layout: Layout {
+                max_services: 16,
+                max_backends: 256,
+                table_size: 251,
+            },
+            conntrack_entries: 4096,
+        })
+    }
+
+    /// A lab whose maps have these sizes (the benchmark uses the agent's defaults).
+    pub fn with_sizes(sizes: Sizes) -> anyhow::Result<Self> {
         let ns = NetNs::new("fgpk")?;
         ns.ip(&[
             "link",
@@ -142,14 +154,6 @@ impl Lab {
         let in_ifindex = dataplane::if_index("in0")?;
         let out_ifindex = dataplane::if_index("out0")?;
 
-        let sizes = Sizes {
-            layout: Layout {
-                max_services: 16,
-                max_backends: 256,
-                table_size: 251,
-            },
-            conntrack_entries: 4096,
-        };
         let pins = Pins::new(format!("/sys/fs/bpf/{}", unique_token("fgpk")));
         let mut dataplane = Dataplane::load(pins, &sizes).context("loading the dataplane")?;
         let writer = MapWriter::adopt(sizes.layout, |name| dataplane.take_map(name))?;
@@ -215,6 +219,24 @@ impl Lab {
         })?;
         out.truncate(result.data_size_out as usize);
         Ok((result.return_value, out))
+    }
+
+    /// Runs an XDP program once on `packet`: (verdict, kernel-measured run time in ns).
+    pub fn run_xdp_timed(&self, name: &str, packet: &[u8]) -> anyhow::Result<(u32, u64)> {
+        let program: &Xdp = self
+            .dataplane
+            .ebpf
+            .program(name)
+            .context("program")?
+            .try_into()?;
+        let md: [u32; 6] = [0, packet.len() as u32, 0, self.in_ifindex, 0, 0];
+        let ctx: Vec<u8> = md.iter().flat_map(|w| w.to_ne_bytes()).collect();
+        let result = program.test_run(TestRunOptions {
+            data_in: Some(packet),
+            ctx_in: Some(&ctx),
+            ..TestRunOptions::new()
+        })?;
+        Ok((result.return_value, result.duration.as_nanos() as u64))
     }
 
     /// Runs the TC egress program on `packet`.

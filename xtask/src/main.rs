@@ -34,6 +34,11 @@ enum Task {
     Demo,
     /// `cargo fmt --check` and `cargo clippy -D warnings`.
     Lint,
+    /// Benchmarks (needs root): `dataplane` = ns per packet through the XDP program.
+    Bench {
+        #[arg(value_enum, default_value = "dataplane")]
+        target: BenchTarget,
+    },
     /// The packet fuzz test with more iterations than `test` runs (needs root).
     Fuzz {
         #[arg(long, default_value_t = 5_000_000)]
@@ -41,6 +46,12 @@ enum Task {
         #[arg(long, default_value_t = 1)]
         seed: u64,
     },
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum BenchTarget {
+    /// ns per packet through BPF_PROG_TEST_RUN; writes target/bench/dataplane.json
+    Dataplane,
 }
 
 const APT_PACKAGES: &[(&str, &str)] = &[
@@ -65,6 +76,20 @@ fn main() -> anyhow::Result<()> {
             demo()
         }
         Task::Lint => lint(),
+        Task::Bench {
+            target: BenchTarget::Dataplane,
+        } => {
+            setup()?;
+            require_root("bench")?;
+            run(cargo().args([
+                "run",
+                "--release",
+                "-p",
+                "fulgur-tests",
+                "--bin",
+                "fulgur-bench",
+            ]))
+        }
         Task::Fuzz { iterations, seed } => {
             setup()?;
             run(cargo()

@@ -18,6 +18,7 @@ pub mod map_names {
     pub const COUNTERS: &str = "FULGUR_COUNTERS";
     pub const SERVICE_STATS: &str = "FULGUR_SERVICE_STATS";
     pub const BACKEND_STATS: &str = "FULGUR_BACKEND_STATS";
+    pub const NEXT_HOPS: &str = "FULGUR_NEXT_HOPS";
 }
 
 /// Program names as compiled into the object.
@@ -105,6 +106,21 @@ pub const BACKEND_LIVE: u8 = 1;
 
 /// A lookup-table entry that rejects the flow (the weight of invalid backendRefs).
 pub const REJECT: u32 = u32::MAX;
+
+/// A cached FIB result for one backend, per CPU: where to send its packets without a FIB and
+/// neighbour lookup on every packet.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct NextHop {
+    pub ifindex: u32,
+    pub smac: [u8; 6],
+    pub dmac: [u8; 6],
+    /// `bpf_ktime_get_coarse_ns` after which the entry must be looked up again; 0 = empty.
+    pub expires_ns: u64,
+}
+
+/// How long a cached next hop is trusted (a neighbour's new MAC is seen within this time).
+pub const NEXT_HOP_TTL_NS: u64 = 500_000_000;
 
 /// Per-service and per-backend traffic, per CPU.
 #[repr(C)]
@@ -246,6 +262,7 @@ const _: () = assert!(core::mem::size_of::<FlowKey>() == 40);
 const _: () = assert!(core::mem::size_of::<ConntrackValue>() == 32);
 const _: () = assert!(core::mem::size_of::<ReverseNatValue>() == 24);
 const _: () = assert!(core::mem::size_of::<TrafficStats>() == 32);
+const _: () = assert!(core::mem::size_of::<NextHop>() == 24);
 
 #[cfg(feature = "user")]
 mod pod {
@@ -257,4 +274,5 @@ mod pod {
     unsafe impl aya::Pod for super::ConntrackValue {}
     unsafe impl aya::Pod for super::ReverseNatValue {}
     unsafe impl aya::Pod for super::TrafficStats {}
+    unsafe impl aya::Pod for super::NextHop {}
 }
