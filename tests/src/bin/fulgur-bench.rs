@@ -64,7 +64,7 @@ fn main() -> anyhow::Result<()> {
         })
         .collect();
     let other = Pkt::new(Kind::TcpData, (V4.client, 50003), (V4.not_a_service, 80)).build();
-    let mut benches = vec![
+    let mut benches = [
         Bench {
             name: "floor",
             program: program_names::XDP_PASS,
