@@ -18,14 +18,35 @@ use crate::{
 const AF_INET: u8 = 2;
 const AF_INET6: u8 = 10;
 
-#[inline(always)]
+/// What the FIB lookup needs of a translated packet.
+pub struct Route {
+    pub ip: Ip,
+    pub proto: u8,
+    /// (source, destination) ports as they sit in the packet; 0 for ICMP.
+    pub ports: (u16, u16),
+}
+
+impl Route {
+    #[inline(always)]
+    pub fn of(pkt: &L4Packet) -> Self {
+        // SAFETY: bounds checked by the parser.
+        let ports = unsafe { ((*pkt.ports).src, (*pkt.ports).dst) };
+        Route {
+            ip: pkt.ip,
+            proto: pkt.proto,
+            ports,
+        }
+    }
+}
+
 /// Sends a translated packet towards backend `backend_id`. The FIB result is cached per backend
 /// and CPU for [`NEXT_HOP_TTL_NS`]: a FIB and neighbour lookup costs more than everything else
 /// on the path together.
-pub fn forward(ctx: &XdpContext, frame: &Frame, pkt: &L4Packet, backend_id: u32) -> u32 {
-    // SAFETY: every pointer in `frame` and `pkt` was bounds checked by the parser.
+#[inline(always)]
+pub fn forward(ctx: &XdpContext, frame: &Frame, route: &Route, backend_id: u32) -> u32 {
+    // SAFETY: every pointer in `frame` and `route` was bounds checked by the parser.
     unsafe {
-        let ttl = match pkt.ip {
+        let ttl = match route.ip {
             Ip::V4(ip) => (*ip).ttl,
             Ip::V6(ip) => (*ip).hop_limit,
         };
@@ -37,7 +58,7 @@ pub fn forward(ctx: &XdpContext, frame: &Frame, pkt: &L4Packet, backend_id: u32)
         };
         let now = bpf_ktime_get_coarse_ns();
         if (*hop).expires_ns <= now {
-            let mut params = fib_params(ctx, pkt);
+            let mut params = fib_params(ctx, route);
             let rc = bpf_fib_lookup(ctx.as_ptr(), &mut params, size_of::<FibParams>() as i32, 0);
             if rc != BPF_FIB_LKUP_RET_SUCCESS as i64 {
                 return to_kernel();
@@ -50,7 +71,7 @@ pub fn forward(ctx: &XdpContext, frame: &Frame, pkt: &L4Packet, backend_id: u32)
             };
         }
         // We route the packet ourselves, so we age it like a router does.
-        match pkt.ip {
+        match route.ip {
             Ip::V4(ip) => {
                 let ttl_word = ip.cast::<u8>().add(8).cast::<u16>();
                 let old_word = ttl_word.read_unaligned();
@@ -75,15 +96,15 @@ pub fn forward(ctx: &XdpContext, frame: &Frame, pkt: &L4Packet, backend_id: u32)
 
 /// The FIB lookup for the (already translated) packet, as if routed from the ingress interface.
 #[inline(always)]
-unsafe fn fib_params(ctx: &XdpContext, pkt: &L4Packet) -> FibParams {
-    // SAFETY: the caller passes a parsed packet; every pointer in it was bounds checked.
+unsafe fn fib_params(ctx: &XdpContext, route: &Route) -> FibParams {
+    // SAFETY: the caller's network header was bounds checked.
     unsafe {
         let mut params: FibParams = core::mem::zeroed();
-        params.l4_protocol = pkt.proto;
-        params.sport = (*pkt.ports).src;
-        params.dport = (*pkt.ports).dst;
+        params.l4_protocol = route.proto;
+        params.sport = route.ports.0;
+        params.dport = route.ports.1;
         params.ifindex = ctx.ingress_ifindex() as u32;
-        match pkt.ip {
+        match route.ip {
             Ip::V4(ip) => {
                 params.family = AF_INET;
                 params.__bindgen_anon_1.tot_len = u16::from_be_bytes((*ip).tot_len);

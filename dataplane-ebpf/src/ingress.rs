@@ -4,7 +4,7 @@ use aya_ebpf::{bindings::xdp_action, programs::XdpContext};
 use fulgur_common::{Counter, FlowKey, ServiceKey};
 
 use crate::{
-    forward,
+    forward, icmp,
     maps::SERVICES,
     nat,
     parse::{self, ETH_P_IPV4, ETH_P_IPV6},
@@ -27,10 +27,14 @@ pub fn handle(ctx: &XdpContext) -> u32 {
 #[inline(always)]
 fn translate(ctx: &XdpContext) -> Result<u32, Counter> {
     let frame = parse::ethernet(ctx)?;
-    let pkt = match frame.ether_type {
-        ETH_P_IPV4 => parse::ipv4(ctx, frame.l3)?,
-        ETH_P_IPV6 => parse::ipv6(ctx, frame.l3)?,
+    let parsed = match frame.ether_type {
+        ETH_P_IPV4 => parse::ipv4(ctx, frame.l3),
+        ETH_P_IPV6 => parse::ipv6(ctx, frame.l3),
         _ => return Err(Counter::PassNotIp),
+    };
+    let pkt = match parsed {
+        Err(Counter::PassNotTcpUdp) => return icmp::to_backend(ctx, &frame),
+        other => other?,
     };
     let (src, dst) = pkt.addrs();
     // SAFETY: bounds checked by the parser.
@@ -57,7 +61,12 @@ fn translate(ctx: &XdpContext) -> Result<u32, Counter> {
         Choice::Forward(target) => {
             stats::forwarded(service.id, target.id, (ctx.data_end() - ctx.data()) as u64);
             nat::dnat(&pkt, &dst, &target);
-            Ok(forward::forward(ctx, &frame, &pkt, target.id))
+            Ok(forward::forward(
+                ctx,
+                &frame,
+                &forward::Route::of(&pkt),
+                target.id,
+            ))
         }
         Choice::Reject => {
             stats::rejected(service.id);

@@ -5,6 +5,7 @@
 
 mod egress;
 mod forward;
+mod icmp;
 mod ingress;
 mod maps;
 mod nat;

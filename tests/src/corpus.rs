@@ -627,3 +627,56 @@ fn malformed_cases(f: &Family, cases: &mut Vec<Case>, port: &mut impl FnMut() ->
         ));
     }
 }
+
+/// An IPv4/IPv6 TCP or UDP packet with no payload, built (and checksummed) by etherparse: what
+/// an ICMP error quotes.
+pub fn quoted(kind: Kind, src: (IpAddr, u16), dst: (IpAddr, u16)) -> Vec<u8> {
+    let packet = Pkt {
+        payload: Vec::new(),
+        ..Pkt::new(kind, src, dst)
+    }
+    .build();
+    packet[14..].to_vec()
+}
+
+/// An ICMP error from `from` to `to` quoting `quote`: fragmentation needed (IPv4) or packet too
+/// big (IPv6) when `mtu` is set, else port unreachable.
+pub fn icmp_error(
+    eth: ([u8; 6], [u8; 6]),
+    from: IpAddr,
+    to: IpAddr,
+    ttl: u8,
+    mtu: bool,
+    quote: &[u8],
+) -> Vec<u8> {
+    use etherparse::{Icmpv4Type, Icmpv6Type, icmpv4, icmpv6};
+    let builder = etherparse::PacketBuilder::ethernet2(eth.0, eth.1);
+    let mut out = Vec::new();
+    match (from, to) {
+        (IpAddr::V4(f), IpAddr::V4(t)) => {
+            let kind = if mtu {
+                icmpv4::DestUnreachableHeader::FragmentationNeeded { next_hop_mtu: 1400 }
+            } else {
+                icmpv4::DestUnreachableHeader::Port
+            };
+            builder
+                .ipv4(f.octets(), t.octets(), ttl)
+                .icmpv4(Icmpv4Type::DestinationUnreachable(kind))
+                .write(&mut out, quote)
+        }
+        (IpAddr::V6(f), IpAddr::V6(t)) => {
+            let kind = if mtu {
+                Icmpv6Type::PacketTooBig { mtu: 1280 }
+            } else {
+                Icmpv6Type::DestinationUnreachable(icmpv6::DestUnreachableCode::Port)
+            };
+            builder
+                .ipv6(f.octets(), t.octets(), ttl)
+                .icmpv6(kind)
+                .write(&mut out, quote)
+        }
+        _ => unreachable!(),
+    }
+    .unwrap();
+    out
+}

@@ -8,8 +8,8 @@
 use etherparse::{NetSlice, SlicedPacket};
 use fulgur_tests::{
     corpus::{self, XDP_DROP, XDP_PASS, XDP_REDIRECT, XDP_TX},
-    lab::Lab,
-    packets::diff,
+    lab::{self, Lab},
+    packets::{CLIENT_MAC, Kind, diff},
 };
 
 /// xorshift64*: small, deterministic, good enough to pick mutations.
@@ -115,10 +115,30 @@ fn mutated_packets_never_leave_malformed() {
         .unwrap_or(0x5eed_f00d);
     let mut lab = Lab::new().expect("lab");
     lab.apply_yaml(corpus::SERVICES).unwrap();
-    let seeds: Vec<Vec<u8>> = corpus::ingress_cases()
+    let mut seeds: Vec<Vec<u8>> = corpus::ingress_cases()
         .into_iter()
         .map(|c| c.input)
         .collect();
+    // ICMP errors about tracked flows, so mutations reach the ICMP translation too.
+    for (f, router) in [
+        (&corpus::V4, "198.51.100.254"),
+        (&corpus::V6, "2001:db8:1::fe"),
+    ] {
+        for (kind, port, service_port) in [(Kind::TcpSyn, 44000, 80), (Kind::Udp, 44001, 53)] {
+            lab.xdp(&corpus::to_service(f, kind, f.vip, port).build())
+                .unwrap();
+            let quote = corpus::quoted(kind, (f.vip, service_port), (f.client, port));
+            let eth = (CLIENT_MAC, lab::IN_MAC);
+            seeds.push(corpus::icmp_error(
+                eth,
+                router.parse().unwrap(),
+                f.vip,
+                64,
+                true,
+                &quote,
+            ));
+        }
+    }
     let mut rng = Rng(seed);
     let mut verdicts = [0usize; 5];
     for i in 0..iterations {

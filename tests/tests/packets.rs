@@ -5,7 +5,7 @@ use std::net::IpAddr;
 
 use fulgur_common::Counter;
 use fulgur_tests::{
-    corpus::{self, Case, V4, V6, XDP_REDIRECT},
+    corpus::{self, Case, V4, V6, XDP_REDIRECT, icmp_error, quoted},
     lab::{Lab, OUT_MAC},
     packets::{CLIENT_MAC, Kind, Pkt, diff},
 };
@@ -202,4 +202,124 @@ fn reject_weight_rejects_its_share_of_new_flows() {
     let service = lab.service_stats(service_id).unwrap();
     assert_eq!(service.rejects, resets as u64);
     assert_eq!(service.new_flows, (flows - resets) as u64);
+}
+
+#[test]
+fn icmp_errors_about_tracked_flows_are_translated_both_ways() {
+    let lab = lab();
+    let routers: [IpAddr; 2] = [
+        "198.51.100.254".parse().unwrap(),
+        "2001:db8:1::fe".parse().unwrap(),
+    ];
+    for (f, router) in [(V4, routers[0]), (V6, routers[1])] {
+        // Track a TCP flow and a UDP flow.
+        for (kind, port) in [(Kind::TcpSyn, 43000), (Kind::Udp, 43001)] {
+            let (verdict, _) = lab
+                .xdp(&corpus::to_service(&f, kind, f.vip, port).build())
+                .unwrap();
+            assert_eq!(verdict, XDP_REDIRECT);
+        }
+
+        // A router on the client side says our reply (service → client) was too big: the error
+        // goes on to the backend, quoting backend → client.
+        let input = icmp_error(
+            (CLIENT_MAC, fulgur_tests::lab::IN_MAC),
+            router,
+            f.vip,
+            64,
+            true,
+            &quoted(Kind::TcpData, (f.vip, 80), (f.client, 43000)),
+        );
+        let expected = icmp_error(
+            (OUT_MAC, fulgur_tests::lab::BACKEND_MAC),
+            router,
+            f.backend,
+            63,
+            true,
+            &quoted(Kind::TcpData, (f.backend, 8080), (f.client, 43000)),
+        );
+        let (verdict, output) = lab.xdp(&input).unwrap();
+        assert_eq!(verdict, XDP_REDIRECT, "{} error to the backend", f.name);
+        assert!(
+            output == expected,
+            "{} error to the backend:\n{}",
+            f.name,
+            diff(&expected, &output)
+        );
+
+        // The same error about a flow nobody tracks passes untouched.
+        let stray = icmp_error(
+            (CLIENT_MAC, fulgur_tests::lab::IN_MAC),
+            router,
+            f.vip,
+            64,
+            true,
+            &quoted(Kind::TcpData, (f.vip, 80), (f.client, 43999)),
+        );
+        assert_eq!(
+            lab.xdp(&stray).unwrap(),
+            (corpus::XDP_PASS, stray.clone()),
+            "{} stray error",
+            f.name
+        );
+
+        // The backend answers a datagram with port unreachable: the client sees it come from
+        // the service, about a datagram to the service.
+        let from_backend = icmp_error(
+            (OUT_MAC, CLIENT_MAC),
+            f.backend,
+            f.client,
+            64,
+            false,
+            &quoted(Kind::Udp, (f.client, 43001), (f.backend, 5353)),
+        );
+        let expected = icmp_error(
+            (OUT_MAC, CLIENT_MAC),
+            f.vip,
+            f.client,
+            64,
+            false,
+            &quoted(Kind::Udp, (f.client, 43001), (f.vip, 53)),
+        );
+        let (verdict, output) = lab.tc(&from_backend).unwrap();
+        assert_eq!(verdict, TC_ACT_OK);
+        assert!(
+            output == expected,
+            "{} error from the backend:\n{}",
+            f.name,
+            diff(&expected, &output)
+        );
+
+        // A router behind the backend keeps its own source address; the quote is translated.
+        let behind: IpAddr = if f.name == "IPv4" {
+            "203.0.113.99".parse().unwrap()
+        } else {
+            "2001:db8:2::99".parse().unwrap()
+        };
+        let from_router = icmp_error(
+            (OUT_MAC, CLIENT_MAC),
+            behind,
+            f.client,
+            64,
+            true,
+            &quoted(Kind::TcpData, (f.client, 43000), (f.backend, 8080)),
+        );
+        let expected = icmp_error(
+            (OUT_MAC, CLIENT_MAC),
+            behind,
+            f.client,
+            64,
+            true,
+            &quoted(Kind::TcpData, (f.client, 43000), (f.vip, 80)),
+        );
+        let (_, output) = lab.tc(&from_router).unwrap();
+        assert!(
+            output == expected,
+            "{} error from behind the backend:\n{}",
+            f.name,
+            diff(&expected, &output)
+        );
+    }
+    assert_eq!(lab.counter(Counter::IcmpToBackend).unwrap(), 2);
+    assert_eq!(lab.counter(Counter::IcmpToClient).unwrap(), 4);
 }

@@ -7,6 +7,7 @@ extern crate std;
 
 pub mod csum;
 pub mod hash;
+pub mod icmp;
 
 /// Pinned map names. The eBPF side declares maps with exactly these identifiers.
 pub mod map_names {
@@ -209,10 +210,14 @@ pub enum Counter {
     RejectDropped = 14,
     /// IPv6 with a routing header still in use, or other headers we do not rewrite.
     PassUnsupported = 15,
+    /// An ICMP error about a tracked flow, translated and sent on to its backend.
+    IcmpToBackend = 16,
+    /// An ICMP error from a backend about a tracked flow, translated on its way to the client.
+    IcmpToClient = 17,
 }
 
 impl Counter {
-    pub const COUNT: u32 = 16;
+    pub const COUNT: u32 = 18;
     pub const ALL: [Counter; Self::COUNT as usize] = [
         Counter::PassNotIp,
         Counter::PassNotTcpUdp,
@@ -230,6 +235,8 @@ impl Counter {
         Counter::RejectIcmpUnreachable,
         Counter::RejectDropped,
         Counter::PassUnsupported,
+        Counter::IcmpToBackend,
+        Counter::IcmpToClient,
     ];
 
     /// A stable snake_case name, used for metrics labels and `inspect`.
@@ -251,6 +258,8 @@ impl Counter {
             Counter::RejectIcmpUnreachable => "reject_icmp_unreachable",
             Counter::RejectDropped => "reject_dropped",
             Counter::PassUnsupported => "pass_unsupported",
+            Counter::IcmpToBackend => "icmp_to_backend",
+            Counter::IcmpToClient => "icmp_to_client",
         }
     }
 }
