@@ -108,7 +108,14 @@ pub struct MapWriter {
     installed: BTreeMap<ServiceKey, Installed>,
     free_service_ids: BTreeSet<u32>,
     free_backend_ids: BTreeSet<u32>,
+    /// Freed at the end of the apply, after a grace period.
+    retiring_backends: Vec<u32>,
+    retiring_services: Vec<u32>,
 }
+
+/// How long old tables and backends stay intact after the swap: a program run takes well under
+/// a microsecond.
+const RETIRE_GRACE: std::time::Duration = std::time::Duration::from_millis(2);
 
 pub fn service_key(spec: &ServiceSpec) -> ServiceKey {
     let (addr, family) = encode_addr(spec.vip);
@@ -191,6 +198,8 @@ impl MapWriter {
             installed: BTreeMap::new(),
             free_service_ids: (0..layout.max_services).collect(),
             free_backend_ids: (0..layout.max_backends).collect(),
+            retiring_backends: Vec::new(),
+            retiring_services: Vec::new(),
         };
         writer.read_back()?;
         Ok(writer)
@@ -279,7 +288,24 @@ impl MapWriter {
                 Change::Unchanged => report.unchanged += 1,
             }
         }
+        self.retire()?;
         Ok(report)
+    }
+
+    /// Frees what no service points at any more, once no program run can still be using it: a
+    /// run that read a service entry just before its swap may go on to read the old table and
+    /// backends, so they stay intact for a grace period far longer than any run.
+    fn retire(&mut self) -> Result<(), WriteError> {
+        if self.retiring_backends.is_empty() && self.retiring_services.is_empty() {
+            return Ok(());
+        }
+        std::thread::sleep(RETIRE_GRACE);
+        for id in std::mem::take(&mut self.retiring_backends) {
+            self.release_backend(id)?;
+        }
+        self.free_service_ids
+            .extend(std::mem::take(&mut self.retiring_services));
+        Ok(())
     }
 
     fn check_capacity(&self, desired: &ServiceSet) -> Result<(), WriteError> {
@@ -291,15 +317,33 @@ impl MapWriter {
                 flag: "max-services",
             });
         }
-        // Old and new backends of one service coexist until its table is swapped.
-        let desired_backends: usize = desired.services.iter().map(|s| s.backends.len()).sum();
-        let largest_installed = self
-            .installed
-            .values()
-            .map(|s| s.backends.len())
-            .max()
-            .unwrap_or(0);
-        let needed = desired_backends + largest_installed;
+        // Services and backends that go away are freed only at the end of the apply (see
+        // `retire`), so what is installed now and what is new must fit side by side.
+        let mut new_services = 0;
+        let mut new_backends = 0;
+        for spec in &desired.services {
+            let installed = self.installed.get(&service_key(spec));
+            new_services += usize::from(installed.is_none());
+            new_backends += spec
+                .backends
+                .iter()
+                .filter(|b| {
+                    let addr = (encode_addr(b.address).0, b.port.to_be());
+                    installed.is_none_or(|s| !s.backends.contains_key(&addr))
+                })
+                .count();
+        }
+        let installed_services = self.installed.len();
+        if installed_services + new_services > self.layout.max_services as usize {
+            return Err(WriteError::Capacity {
+                what: "service slots (installed and new side by side)",
+                needed: installed_services + new_services,
+                capacity: self.layout.max_services,
+                flag: "max-services",
+            });
+        }
+        let installed_backends: usize = self.installed.values().map(|s| s.backends.len()).sum();
+        let needed = installed_backends + new_backends;
         if needed > self.layout.max_backends as usize {
             return Err(WriteError::Capacity {
                 what: "backend slots",
@@ -318,10 +362,8 @@ impl MapWriter {
         self.services
             .remove(key)
             .map_err(map_err(map_names::SERVICES))?;
-        for id in old.backends.values() {
-            self.release_backend(*id)?;
-        }
-        self.free_service_ids.insert(old.id);
+        self.retiring_backends.extend(old.backends.values());
+        self.retiring_services.push(old.id);
         Ok(())
     }
 
@@ -429,7 +471,7 @@ impl MapWriter {
         if let Some(p) = &previous {
             for (addr, id) in &p.backends {
                 if !backends.contains_key(addr) {
-                    self.release_backend(*id)?;
+                    self.retiring_backends.push(*id);
                 }
             }
         }
