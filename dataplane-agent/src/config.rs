@@ -248,6 +248,15 @@ services:
     }
 
     #[test]
+    fn the_example_services_file_is_valid() {
+        let path =
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("../manifests/examples/agent/services.yaml");
+        let set = ServiceSet::from_file(&path).unwrap();
+        assert_eq!(set.services.len(), 4);
+        assert_eq!(set.services[1].reject_weight, 1);
+    }
+
+    #[test]
     fn unknown_fields_are_refused() {
         let err = serde_yaml::from_str::<ServiceSet>(
             "services:\n- vip: 192.0.2.10\n  port: 80\n  protocol: TCP\n  backend: []\n",
