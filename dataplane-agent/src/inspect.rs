@@ -4,8 +4,8 @@ use std::{collections::BTreeMap, fmt::Write as _, net::IpAddr};
 
 use aya::maps::{Array, HashMap, Map, MapData, PerCpuArray};
 use fulgur_common::{
-    BACKEND_LIVE, Backend, ConntrackValue, Counter, FlowKey, PROTO_TCP, REJECT, ServiceKey,
-    ServiceValue, TrafficStats, map_names,
+    BACKEND_LIVE, Backend, ConntrackValue, Counter, FlowKey, LOOKUP_SLOTS_PER_ENTRY, LookupEntry,
+    PROTO_TCP, REJECT, ServiceKey, ServiceValue, TrafficStats, map_names,
 };
 use serde::Serialize;
 
@@ -116,7 +116,7 @@ pub fn read(pins: &Pins, max_flows: usize) -> Result<Report, InspectError> {
         HashMap::try_from(open(pins, map_names::SERVICES)?).map_err(err(map_names::SERVICES))?;
     let backends: Array<MapData, Backend> =
         Array::try_from(open(pins, map_names::BACKENDS)?).map_err(err(map_names::BACKENDS))?;
-    let lookup: Array<MapData, u32> = Array::try_from(open(pins, map_names::LOOKUP_TABLE)?)
+    let lookup: Array<MapData, LookupEntry> = Array::try_from(open(pins, map_names::LOOKUP_TABLE)?)
         .map_err(err(map_names::LOOKUP_TABLE))?;
     let counters: PerCpuArray<MapData, u64> =
         PerCpuArray::try_from(open(pins, map_names::COUNTERS)?)
@@ -135,7 +135,10 @@ pub fn read(pins: &Pins, max_flows: usize) -> Result<Report, InspectError> {
         let (key, value) = entry.map_err(err(map_names::SERVICES))?;
         let mut slots = BTreeMap::<u32, usize>::new();
         for slot in value.table_base..value.table_base + value.table_size {
-            let id = lookup.get(&slot, 0).map_err(err(map_names::LOOKUP_TABLE))?;
+            let pair = lookup
+                .get(&(slot / LOOKUP_SLOTS_PER_ENTRY), 0)
+                .map_err(err(map_names::LOOKUP_TABLE))?;
+            let id = pair[(slot % LOOKUP_SLOTS_PER_ENTRY) as usize];
             *slots.entry(id).or_default() += 1;
         }
         let reject_slots = slots.remove(&REJECT).unwrap_or(0);

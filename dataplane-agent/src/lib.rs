@@ -4,6 +4,7 @@ pub mod config;
 pub mod dataplane;
 pub mod inspect;
 pub mod maglev;
+pub mod mmap;
 pub mod writer;
 
 /// The eBPF object built by build.rs (aya-build) from `dataplane-ebpf`.

@@ -10,19 +10,22 @@ use std::{
     net::IpAddr,
 };
 
-use aya::maps::{Array, HashMap, Map, MapData, MapError, PerCpuArray, PerCpuValues};
+use aya::maps::{HashMap, Map, MapData, MapError, PerCpuArray, PerCpuValues};
 use fulgur_common::{
-    Addr, BACKEND_LIVE, Backend, FAMILY_IPV4, FAMILY_IPV6, NextHop, REJECT, ServiceKey,
-    ServiceValue, TrafficStats, addr_v4, addr_v6, map_names,
+    Addr, BACKEND_LIVE, Backend, FAMILY_IPV4, FAMILY_IPV6, LOOKUP_SLOTS_PER_ENTRY, LookupEntry,
+    NextHop, REJECT, ServiceKey, ServiceValue, TrafficStats, addr_v4, addr_v6, map_names,
 };
 
 use crate::{
     config::{FieldError, ServiceSet, ServiceSpec},
     maglev,
+    mmap::{MmapArray, MmapError},
 };
 
 #[derive(Debug, thiserror::Error)]
 pub enum WriteError {
+    #[error(transparent)]
+    Mmap(#[from] MmapError),
     #[error("map {name} is missing from the loaded object")]
     MissingMap { name: &'static str },
     #[error("map {name}: {source}")]
@@ -40,7 +43,7 @@ pub enum WriteError {
         flag: &'static str,
     },
     #[error(
-        "pinned lookup table holds {actual} slots, but {expected} are needed for \
+        "pinned lookup table holds {actual} elements, but {expected} are needed for \
          --max-services {max_services} and --table-size {table_size}; \
          run `fulgur-agent detach` to start afresh"
     )]
@@ -66,8 +69,14 @@ pub struct Layout {
 }
 
 impl Layout {
-    pub fn lookup_entries(&self) -> u64 {
+    /// Table slots in all, two regions per service.
+    pub fn lookup_slots(&self) -> u64 {
         self.max_services as u64 * 2 * self.table_size as u64
+    }
+
+    /// Elements of the lookup-table map ([`LOOKUP_SLOTS_PER_ENTRY`] slots each).
+    pub fn lookup_entries(&self) -> u64 {
+        self.lookup_slots().div_ceil(LOOKUP_SLOTS_PER_ENTRY as u64)
     }
 
     fn table_base(&self, service_id: u32, region: u32) -> u32 {
@@ -100,8 +109,8 @@ pub struct ApplyReport {
 pub struct MapWriter {
     layout: Layout,
     services: HashMap<MapData, ServiceKey, ServiceValue>,
-    backends: Array<MapData, Backend>,
-    lookup: Array<MapData, u32>,
+    backends: MmapArray<Backend>,
+    lookup: MmapArray<LookupEntry>,
     service_stats: PerCpuArray<MapData, TrafficStats>,
     backend_stats: PerCpuArray<MapData, TrafficStats>,
     next_hops: PerCpuArray<MapData, NextHop>,
@@ -168,20 +177,23 @@ impl MapWriter {
     ) -> Result<Self, WriteError> {
         let services = HashMap::try_from(take(&mut take_map, map_names::SERVICES)?)
             .map_err(map_err(map_names::SERVICES))?;
-        let backends = Array::try_from(take(&mut take_map, map_names::BACKENDS)?)
-            .map_err(map_err(map_names::BACKENDS))?;
-        let lookup: Array<MapData, u32> =
-            Array::try_from(take(&mut take_map, map_names::LOOKUP_TABLE)?)
-                .map_err(map_err(map_names::LOOKUP_TABLE))?;
+        let backends = MmapArray::new(
+            map_names::BACKENDS,
+            take(&mut take_map, map_names::BACKENDS)?,
+        )?;
+        let lookup = MmapArray::new(
+            map_names::LOOKUP_TABLE,
+            take(&mut take_map, map_names::LOOKUP_TABLE)?,
+        )?;
         let service_stats = PerCpuArray::try_from(take(&mut take_map, map_names::SERVICE_STATS)?)
             .map_err(map_err(map_names::SERVICE_STATS))?;
         let backend_stats = PerCpuArray::try_from(take(&mut take_map, map_names::BACKEND_STATS)?)
             .map_err(map_err(map_names::BACKEND_STATS))?;
         let next_hops = PerCpuArray::try_from(take(&mut take_map, map_names::NEXT_HOPS)?)
             .map_err(map_err(map_names::NEXT_HOPS))?;
-        if lookup.len() as u64 != layout.lookup_entries() {
+        if lookup.as_slice().len() as u64 != layout.lookup_entries() {
             return Err(WriteError::LayoutMismatch {
-                actual: lookup.len(),
+                actual: lookup.as_slice().len() as u32,
                 expected: layout.lookup_entries(),
                 max_services: layout.max_services,
                 table_size: layout.table_size,
@@ -215,11 +227,7 @@ impl MapWriter {
         for (key, value) in entries {
             let mut table = Vec::with_capacity(value.table_size as usize);
             for slot in value.table_base..value.table_base + value.table_size {
-                table.push(
-                    self.lookup
-                        .get(&slot, 0)
-                        .map_err(map_err(map_names::LOOKUP_TABLE))?,
-                );
+                table.push(lookup_get(self.lookup.as_slice(), slot));
             }
             let mut backends = BTreeMap::new();
             for id in table
@@ -228,10 +236,7 @@ impl MapWriter {
                 .filter(|id| *id != REJECT)
                 .collect::<BTreeSet<_>>()
             {
-                let backend = self
-                    .backends
-                    .get(&id, 0)
-                    .map_err(map_err(map_names::BACKENDS))?;
+                let backend = self.backends.as_slice()[id as usize];
                 backends.insert((backend.addr, backend.port), id);
                 self.free_backend_ids.remove(&id);
             }
@@ -300,11 +305,16 @@ impl MapWriter {
             return Ok(());
         }
         std::thread::sleep(RETIRE_GRACE);
+        // Ids go back clean (counters, cached next hop), so allocating one costs no syscall.
         for id in std::mem::take(&mut self.retiring_backends) {
-            self.release_backend(id)?;
+            reset(&mut self.backend_stats, id).map_err(map_err(map_names::BACKEND_STATS))?;
+            reset(&mut self.next_hops, id).map_err(map_err(map_names::NEXT_HOPS))?;
+            self.release_backend(id);
         }
-        self.free_service_ids
-            .extend(std::mem::take(&mut self.retiring_services));
+        for id in std::mem::take(&mut self.retiring_services) {
+            reset(&mut self.service_stats, id).map_err(map_err(map_names::SERVICE_STATS))?;
+            self.free_service_ids.insert(id);
+        }
         Ok(())
     }
 
@@ -367,7 +377,7 @@ impl MapWriter {
         Ok(())
     }
 
-    fn release_backend(&mut self, id: u32) -> Result<(), WriteError> {
+    fn release_backend(&mut self, id: u32) {
         let empty = Backend {
             addr: [0; 4],
             port: 0,
@@ -375,11 +385,8 @@ impl MapWriter {
             flags: 0,
             service_id: 0,
         };
-        self.backends
-            .set(id, empty, 0)
-            .map_err(map_err(map_names::BACKENDS))?;
+        self.backends.as_mut_slice()[id as usize] = empty;
         self.free_backend_ids.insert(id);
-        Ok(())
     }
 
     fn upsert_service(
@@ -390,11 +397,7 @@ impl MapWriter {
         let previous = self.installed.get(&key).cloned();
         let service_id = match &previous {
             Some(p) => p.id,
-            None => {
-                let id = self.free_service_ids.pop_first().expect("capacity checked");
-                reset(&mut self.service_stats, id).map_err(map_err(map_names::SERVICE_STATS))?;
-                id
-            }
+            None => self.free_service_ids.pop_first().expect("capacity checked"),
         };
 
         // Stable ids for backends that stay; fresh ids for new ones.
@@ -410,9 +413,6 @@ impl MapWriter {
                 Some(id) => *id,
                 None => {
                     let id = self.free_backend_ids.pop_first().expect("capacity checked");
-                    reset(&mut self.backend_stats, id)
-                        .map_err(map_err(map_names::BACKEND_STATS))?;
-                    reset(&mut self.next_hops, id).map_err(map_err(map_names::NEXT_HOPS))?;
                     let backend = Backend {
                         addr,
                         port: b.port.to_be(),
@@ -420,9 +420,7 @@ impl MapWriter {
                         flags: BACKEND_LIVE,
                         service_id,
                     };
-                    self.backends
-                        .set(id, backend, 0)
-                        .map_err(map_err(map_names::BACKENDS))?;
+                    self.backends.as_mut_slice()[id as usize] = backend;
                     id
                 }
             };
@@ -453,11 +451,13 @@ impl MapWriter {
         }
         let region = previous.as_ref().map_or(0, |p| 1 - p.region);
         let table_base = self.layout.table_base(service_id, region);
+        let lookup = self.lookup.as_mut_slice();
         for (i, id) in table.iter().enumerate() {
-            self.lookup
-                .set(table_base + i as u32, id, 0)
-                .map_err(map_err(map_names::LOOKUP_TABLE))?;
+            lookup_set(lookup, table_base + i as u32, *id);
         }
+        // The table and backends are plain memory writes: make them visible before the
+        // services-map update publishes them.
+        std::sync::atomic::fence(std::sync::atomic::Ordering::SeqCst);
         let value = ServiceValue {
             id: service_id,
             table_base,
@@ -492,8 +492,7 @@ impl MapWriter {
     }
 }
 
-/// A freshly allocated id starts from zero (counters, cached next hop), whatever its last owner
-/// left there.
+/// Zeroes an id's per-CPU entry (counters, cached next hop) before it is reused.
 fn reset<T: aya::Pod + Default>(
     map: &mut PerCpuArray<MapData, T>,
     id: u32,
@@ -504,6 +503,15 @@ fn reset<T: aya::Pod + Default>(
     let zeros = PerCpuValues::try_from(vec![T::default(); cpus])
         .map_err(|e| syscall("per-cpu values", e))?;
     map.set(id, zeros, 0)
+}
+
+fn lookup_get(entries: &[LookupEntry], slot: u32) -> u32 {
+    entries[(slot / LOOKUP_SLOTS_PER_ENTRY) as usize][(slot % LOOKUP_SLOTS_PER_ENTRY) as usize]
+}
+
+fn lookup_set(entries: &mut [LookupEntry], slot: u32, id: u32) {
+    entries[(slot / LOOKUP_SLOTS_PER_ENTRY) as usize][(slot % LOOKUP_SLOTS_PER_ENTRY) as usize] =
+        id;
 }
 
 enum Change {

@@ -1,12 +1,13 @@
 //! The maps, pinned by name so a restarted agent adopts them. Sizes are set by the agent at load.
 
 use aya_ebpf::{
+    bindings::BPF_F_MMAPABLE,
     macros::map,
     maps::{Array, HashMap, LruHashMap, PerCpuArray},
 };
 use fulgur_common::{
-    Backend, ConntrackValue, Counter, FlowKey, NextHop, ReverseNatValue, ServiceKey, ServiceValue,
-    TrafficStats, defaults,
+    Backend, ConntrackValue, Counter, FlowKey, LookupEntry, NextHop, ReverseNatValue, ServiceKey,
+    ServiceValue, TrafficStats, defaults,
 };
 
 /// `{VIP, port, proto}` → where the service's lookup table is.
@@ -14,12 +15,15 @@ use fulgur_common::{
 pub static SERVICES: HashMap<ServiceKey, ServiceValue> = HashMap::pinned(defaults::MAX_SERVICES, 0);
 
 /// Backend id → backend address.
+/// mmap-able: the agent writes it as plain memory.
 #[map(name = "FULGUR_BACKENDS")]
-pub static BACKENDS: Array<Backend> = Array::pinned(defaults::MAX_BACKENDS, 0);
+pub static BACKENDS: Array<Backend> = Array::pinned(defaults::MAX_BACKENDS, BPF_F_MMAPABLE);
 
 /// Every service's backend-selection table, back to back: slot → backend id.
+/// mmap-able, two slots per element ([`LookupEntry`]).
 #[map(name = "FULGUR_LOOKUP")]
-pub static LOOKUP: Array<u32> = Array::pinned(defaults::LOOKUP_TABLE_ENTRIES, 0);
+pub static LOOKUP: Array<LookupEntry> =
+    Array::pinned(defaults::LOOKUP_TABLE_ENTRIES, BPF_F_MMAPABLE);
 
 /// Client flow → chosen backend.
 #[map(name = "FULGUR_CONNTRACK")]

@@ -2,8 +2,8 @@
 //! lookup table indexed by the flow hash. A table slot may say "reject".
 
 use fulgur_common::{
-    Addr, BACKEND_LIVE, Backend, ConntrackValue, Counter, FlowKey, REJECT, ReverseNatValue,
-    ServiceValue, hash::flow_hash,
+    Addr, BACKEND_LIVE, Backend, ConntrackValue, Counter, FlowKey, LOOKUP_SLOTS_PER_ENTRY, REJECT,
+    ReverseNatValue, ServiceValue, hash::flow_hash,
 };
 
 use crate::{
@@ -58,9 +58,10 @@ pub fn choose(flow: &FlowKey, service: &ServiceValue) -> Choice {
     let slot = service
         .table_base
         .wrapping_add(flow_hash(flow) % service.table_size);
-    let Some(backend_id) = LOOKUP.get(slot).copied() else {
+    let Some(pair) = LOOKUP.get(slot / LOOKUP_SLOTS_PER_ENTRY) else {
         return Choice::Reject;
     };
+    let backend_id = pair[(slot % LOOKUP_SLOTS_PER_ENTRY) as usize];
     if backend_id == REJECT {
         return Choice::Reject;
     }

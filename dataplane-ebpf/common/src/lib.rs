@@ -34,7 +34,7 @@ pub mod defaults {
     pub const MAX_SERVICES: u32 = 1024;
     pub const MAX_BACKENDS: u32 = 65536;
     pub const CONNTRACK_ENTRIES: u32 = 262_144;
-    /// Lookup-table slots; the total is shared by all services' tables.
+    /// Lookup-table elements (two slots each), shared by all services' tables.
     pub const LOOKUP_TABLE_ENTRIES: u32 = 4 * 1024 * 1024;
 }
 
@@ -104,6 +104,11 @@ pub struct Backend {
 }
 
 pub const BACKEND_LIVE: u8 = 1;
+
+/// The lookup-table map packs two table slots per element: the map is mmap-able, and the
+/// kernel aligns mmap-able elements to 8 bytes.
+pub type LookupEntry = [u32; 2];
+pub const LOOKUP_SLOTS_PER_ENTRY: u32 = 2;
 
 /// A lookup-table entry that rejects the flow (the weight of invalid backendRefs).
 pub const REJECT: u32 = u32::MAX;
