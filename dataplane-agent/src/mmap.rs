@@ -48,7 +48,7 @@ impl<T: aya::Pod> MmapArray<T> {
     pub fn new(name: &'static str, map: Map) -> Result<Self, MmapError> {
         const {
             assert!(
-                size_of::<T>() % 8 == 0,
+                size_of::<T>().is_multiple_of(8),
                 "mmap-able elements are 8-byte aligned"
             )
         };
