@@ -71,6 +71,13 @@ pub enum XdpAttachMode {
 }
 
 impl XdpAttachMode {
+    pub fn name(self) -> &'static str {
+        match self {
+            XdpAttachMode::Native => "native",
+            XdpAttachMode::Generic => "generic",
+        }
+    }
+
     fn flags(self) -> XdpMode {
         match self {
             XdpAttachMode::Native => XdpMode::Driver,

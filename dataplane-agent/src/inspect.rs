@@ -30,11 +30,19 @@ pub struct Traffic {
 
 #[derive(Debug, Serialize)]
 pub struct BackendView {
-    pub address: String,
+    pub address: IpAddr,
+    pub port: u16,
     pub id: u32,
     /// Maglev table slots this backend holds.
     pub slots: usize,
     pub traffic: Traffic,
+}
+
+impl BackendView {
+    /// `address:port`, with brackets for IPv6.
+    pub fn endpoint(&self) -> String {
+        std::net::SocketAddr::new(self.address, self.port).to_string()
+    }
 }
 
 #[derive(Debug, Serialize)]
@@ -147,7 +155,8 @@ pub fn read(pins: &Pins, max_flows: usize) -> Result<Report, InspectError> {
             let b = backends.get(&id, 0).map_err(err(map_names::BACKENDS))?;
             if b.flags & BACKEND_LIVE != 0 {
                 backend_views.push(BackendView {
-                    address: endpoint(&b.addr, b.family, b.port),
+                    address: decode_addr(&b.addr, b.family),
+                    port: u16::from_be(b.port),
                     id,
                     slots: count,
                     traffic: traffic(&backend_stats, id).map_err(err(map_names::BACKEND_STATS))?,
@@ -216,7 +225,11 @@ impl Report {
                 let _ = writeln!(
                     out,
                     "    -> {:<28} {:>6} slots  packets {}  bytes {}  flows {}",
-                    b.address, b.slots, t.packets, t.bytes, t.new_flows
+                    b.endpoint(),
+                    b.slots,
+                    t.packets,
+                    t.bytes,
+                    t.new_flows
                 );
             }
         }

@@ -2,8 +2,10 @@
 
 pub mod config;
 pub mod dataplane;
+pub mod grpc;
 pub mod inspect;
 pub mod maglev;
+pub mod metrics;
 pub mod mmap;
 pub mod writer;
 

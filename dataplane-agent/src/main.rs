@@ -1,16 +1,20 @@
 //! `fulgur-agent`: runs the dataplane on this node, or inspects and detaches it.
 
-use std::{path::PathBuf, time::Duration};
+use std::{net::SocketAddr, path::PathBuf, sync::Arc, time::Duration};
 
 use anyhow::{Context as _, bail};
 use clap::{Args, Parser, Subcommand};
 use fulgur_agent::{
     config::ServiceSet,
     dataplane::{self, Dataplane, Pins, Sizes, XdpAttachMode},
+    grpc::{DataplaneService, Programmer},
     inspect, maglev,
-    writer::{Layout, MapWriter},
+    metrics::Metrics,
+    writer::{ApplyReport, Layout, MapWriter},
 };
 use fulgur_common::defaults;
+use fulgur_proto::v1::dataplane_server::DataplaneServer;
+use tonic::transport::{Certificate, Identity, ServerTlsConfig};
 use tracing::{error, info, warn};
 
 #[derive(Parser)]
@@ -58,9 +62,28 @@ struct RunArgs {
     bpffs_dir: PathBuf,
     #[arg(long, value_enum, default_value = "native")]
     xdp_mode: XdpAttachMode,
-    /// YAML/JSON file with the services to program; re-read when it changes.
-    #[arg(long)]
+    /// YAML/JSON file with the services to program; re-read when it changes. For debugging and
+    /// for running without a controller; not together with --grpc-listen.
+    #[arg(long, conflicts_with = "grpc_listen")]
     services: Option<PathBuf>,
+    /// Serve fulgur.dataplane.v1 (plus grpc.health.v1 and reflection) for the controller.
+    #[arg(long)]
+    grpc_listen: Option<SocketAddr>,
+    /// Plaintext gRPC. Without it, mutual TLS is required.
+    #[arg(long, conflicts_with_all = ["tls_cert", "tls_key", "client_ca"])]
+    insecure: bool,
+    /// PEM server certificate (chain) for gRPC.
+    #[arg(long)]
+    tls_cert: Option<PathBuf>,
+    /// PEM private key of --tls-cert.
+    #[arg(long)]
+    tls_key: Option<PathBuf>,
+    /// PEM CA that client (controller) certificates must chain to.
+    #[arg(long)]
+    client_ca: Option<PathBuf>,
+    /// Serve Prometheus metrics on /metrics and readiness on /ready.
+    #[arg(long)]
+    metrics_listen: Option<SocketAddr>,
     /// Capacity of the services map.
     #[arg(long, default_value_t = defaults::MAX_SERVICES)]
     max_services: u32,
@@ -116,7 +139,7 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
     }
     if !maglev::is_prime(args.table_size) {
         bail!(
-            "--table-size {} is not a prime (try 4099, 16381 or 65537)",
+            "--table-size {} is not a prime (try 1021, 4099, 16381 or 65537)",
             args.table_size
         );
     }
@@ -128,59 +151,67 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
         },
         conntrack_entries: args.conntrack_size,
     };
-    if sizes.layout.lookup_entries() > u32::MAX as u64 / 4 {
+    if sizes.layout.lookup_entries() > u32::MAX as u64 / 8 {
         bail!("--max-services × --table-size × 2 is too large for one lookup map");
     }
-    // Validate the input before touching the kernel.
-    let initial = match &args.services {
-        Some(path) => ServiceSet::from_file(path)?,
-        None => ServiceSet::default(),
+    // Check the input and the TLS material before touching the kernel.
+    let initial = args
+        .services
+        .as_deref()
+        .map(ServiceSet::from_file)
+        .transpose()?;
+    let tls = match (&args.grpc_listen, args.insecure) {
+        (Some(_), true) => None,
+        (Some(_), false) => Some(tls_config(&args)?),
+        (None, _) => None,
     };
+    if args.grpc_listen.is_none() && initial.is_none() {
+        warn!("neither --grpc-listen nor --services: the pinned services stay as they are");
+    }
 
     let pins = Pins::new(&args.bpffs_dir);
-    let mut dataplane = Dataplane::load(pins, &sizes)?;
+    let mut dataplane = Dataplane::load(pins.clone(), &sizes)?;
     let mut writer = MapWriter::adopt(sizes.layout, |name| dataplane.take_map(name))
         .context("adopting the pinned maps")?;
-    let report = writer.apply(&initial)?;
-    info!(
-        ?report,
-        services = initial.services.len(),
-        "services applied"
-    );
+    // A restarted agent keeps what is pinned until it is told otherwise.
+    if let Some(set) = &initial {
+        let report = writer.apply(set)?;
+        info!(?report, services = set.services.len(), "services applied");
+    }
+    let metrics = Metrics::new();
     for iface in &args.ifaces {
         dataplane
             .attach(iface, args.xdp_mode)
             .with_context(|| format!("attaching to {iface}"))?;
+        metrics.attached(iface, args.xdp_mode.name());
         info!(iface, mode = ?args.xdp_mode, "attached");
     }
-    info!(bpffs_dir = %args.bpffs_dir.display(), "ready");
+    metrics.set_ready();
 
-    let runtime = tokio::runtime::Builder::new_current_thread()
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
         .enable_all()
         .build()?;
     runtime.block_on(async move {
-        let mut last = initial;
-        let mut poll = tokio::time::interval(Duration::from_millis(500));
-        let mut terminate =
-            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
-        loop {
-            tokio::select! {
-                _ = tokio::signal::ctrl_c() => break,
-                _ = terminate.recv() => break,
-                _ = poll.tick() => {
-                    let Some(path) = &args.services else { continue };
-                    match ServiceSet::from_file(path) {
-                        Ok(next) if next != last => match writer.apply(&next) {
-                            Ok(report) => {
-                                info!(?report, "services file changed, applied");
-                                last = next;
-                            }
-                            Err(e) => error!("services file changed, not applied: {e}"),
-                        },
-                        Ok(_) => {}
-                        Err(e) => warn!("keeping the last good services: {e}"),
-                    }
-                }
+        if let Some(listen) = args.metrics_listen {
+            let listener = tokio::net::TcpListener::bind(listen)
+                .await
+                .with_context(|| format!("binding --metrics-listen {listen}"))?;
+            tokio::spawn(serve_metrics(listener, metrics.clone(), pins.clone()));
+            info!(%listen, "metrics on /metrics, readiness on /ready");
+        }
+        match (args.grpc_listen, initial) {
+            (Some(listen), _) => {
+                let programmer = MapProgrammer {
+                    writer,
+                    pins: pins.clone(),
+                };
+                info!(%listen, tls = tls.is_some(), bpffs_dir = %args.bpffs_dir.display(), "ready");
+                serve_grpc(listen, tls, programmer, metrics, shutdown()).await?;
+            }
+            (None, initial) => {
+                info!(bpffs_dir = %args.bpffs_dir.display(), "ready");
+                watch_services_file(args.services, initial.unwrap_or_default(), writer).await?;
             }
         }
         anyhow::Ok(())
@@ -188,4 +219,134 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
     // The programs stay attached through their pinned links; `detach` removes them.
     info!("exiting; the dataplane stays attached (use `fulgur-agent detach` to remove it)");
     Ok(())
+}
+
+/// Resolves on SIGINT or SIGTERM.
+async fn shutdown() {
+    let Ok(mut terminate) =
+        tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+    else {
+        return std::future::pending().await;
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = terminate.recv() => {}
+    }
+}
+
+async fn watch_services_file(
+    path: Option<PathBuf>,
+    mut last: ServiceSet,
+    mut writer: MapWriter,
+) -> anyhow::Result<()> {
+    let mut poll = tokio::time::interval(Duration::from_millis(500));
+    let stop = shutdown();
+    tokio::pin!(stop);
+    loop {
+        tokio::select! {
+            _ = &mut stop => return Ok(()),
+            _ = poll.tick() => {
+                let Some(path) = &path else { continue };
+                match ServiceSet::from_file(path) {
+                    Ok(next) if next != last => match writer.apply(&next) {
+                        Ok(report) => {
+                            info!(?report, "services file changed, applied");
+                            last = next;
+                        }
+                        Err(e) => error!("services file changed, not applied: {e}"),
+                    },
+                    Ok(_) => {}
+                    Err(e) => warn!("keeping the last good services: {e}"),
+                }
+            }
+        }
+    }
+}
+
+/// The map writer behind the gRPC service; stats come from the pinned maps.
+struct MapProgrammer {
+    writer: MapWriter,
+    pins: Pins,
+}
+
+impl Programmer for MapProgrammer {
+    fn apply(&mut self, set: &ServiceSet) -> Result<ApplyReport, String> {
+        self.writer.apply(set).map_err(|e| e.to_string())
+    }
+
+    fn stats(&self) -> Result<inspect::Report, String> {
+        inspect::read(&self.pins, 0).map_err(|e| e.to_string())
+    }
+}
+
+fn tls_config(args: &RunArgs) -> anyhow::Result<ServerTlsConfig> {
+    let (Some(cert), Some(key), Some(ca)) = (&args.tls_cert, &args.tls_key, &args.client_ca) else {
+        bail!(
+            "--grpc-listen needs --tls-cert, --tls-key and --client-ca (mutual TLS), or --insecure for plaintext"
+        );
+    };
+    let read =
+        |path: &PathBuf| std::fs::read(path).with_context(|| format!("reading {}", path.display()));
+    Ok(ServerTlsConfig::new()
+        .identity(Identity::from_pem(read(cert)?, read(key)?))
+        .client_ca_root(Certificate::from_pem(read(ca)?)))
+}
+
+async fn serve_grpc(
+    listen: SocketAddr,
+    tls: Option<ServerTlsConfig>,
+    programmer: MapProgrammer,
+    metrics: Arc<Metrics>,
+    shutdown: impl std::future::Future<Output = ()>,
+) -> anyhow::Result<()> {
+    let (health, health_service) = tonic_health::server::health_reporter();
+    health
+        .set_serving::<DataplaneServer<DataplaneService<MapProgrammer>>>()
+        .await;
+    let reflection = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(fulgur_proto::FILE_DESCRIPTOR_SET)
+        .build_v1()?;
+    let mut server = tonic::transport::Server::builder();
+    if let Some(tls) = tls {
+        server = server.tls_config(tls)?;
+    }
+    server
+        .add_service(health_service)
+        .add_service(reflection)
+        .add_service(DataplaneServer::new(DataplaneService::new(
+            programmer, metrics,
+        )))
+        .serve_with_shutdown(listen, shutdown)
+        .await
+        .with_context(|| format!("serving gRPC on {listen}"))
+}
+
+async fn serve_metrics(listener: tokio::net::TcpListener, metrics: Arc<Metrics>, pins: Pins) {
+    use axum::{http::StatusCode, routing::get};
+    let scrape = {
+        let metrics = metrics.clone();
+        move || async move {
+            let report = inspect::read(&pins, 0).ok();
+            (
+                [(
+                    "content-type",
+                    "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                )],
+                metrics.encode(report.as_ref()),
+            )
+        }
+    };
+    let ready = move || async move {
+        if metrics.is_ready() {
+            (StatusCode::OK, "ready\n")
+        } else {
+            (StatusCode::SERVICE_UNAVAILABLE, "not ready\n")
+        }
+    };
+    let app = axum::Router::new()
+        .route("/metrics", get(scrape))
+        .route("/ready", get(ready));
+    if let Err(e) = axum::serve(listener, app).await {
+        error!("metrics server stopped: {e}");
+    }
 }

@@ -6,6 +6,7 @@ pub mod echo;
 pub mod lab;
 pub mod netns;
 pub mod packets;
+pub mod pki;
 pub mod topology;
 
 /// Where the built agent binary is: `FULGUR_AGENT_BIN`, else next to the running test binary's

@@ -1,0 +1,321 @@
+//! The gRPC service in process, over loopback: every RPC and error, mutual TLS and its refusals.
+//! The kernel is replaced by a fake `Programmer` that records what it was asked to apply.
+
+use std::{
+    net::SocketAddr,
+    sync::{Arc, Mutex},
+};
+
+use fulgur_agent::{
+    config::ServiceSet,
+    grpc::{DataplaneService, Programmer},
+    inspect::{self, BackendView, ServiceView, Traffic},
+    metrics::Metrics,
+    writer::ApplyReport,
+};
+use fulgur_proto::v1::{
+    self, ApplyRequest, DesiredState, GetRequest, StatsRequest, dataplane_client::DataplaneClient,
+    dataplane_server::DataplaneServer,
+};
+use fulgur_tests::pki::Pki;
+use tonic::{
+    Code,
+    transport::{Channel, Endpoint, Server, ServerTlsConfig, server::TcpIncoming},
+};
+
+#[derive(Clone, Default)]
+struct Fake {
+    applied: Arc<Mutex<Vec<ServiceSet>>>,
+}
+
+impl Programmer for Fake {
+    fn apply(&mut self, set: &ServiceSet) -> Result<ApplyReport, String> {
+        self.applied.lock().unwrap().push(set.clone());
+        Ok(ApplyReport {
+            added: set.services.len(),
+            ..Default::default()
+        })
+    }
+
+    fn stats(&self) -> Result<inspect::Report, String> {
+        let traffic = Traffic {
+            packets: 10,
+            bytes: 1000,
+            new_flows: 2,
+            rejects: 1,
+        };
+        Ok(inspect::Report {
+            services: vec![ServiceView {
+                vip: "192.0.2.10".parse().unwrap(),
+                port: 80,
+                protocol: "TCP",
+                id: 0,
+                table_size: 13,
+                reject_slots: 0,
+                backends: vec![BackendView {
+                    address: "203.0.113.2".parse().unwrap(),
+                    port: 8080,
+                    id: 0,
+                    slots: 13,
+                    traffic,
+                }],
+                traffic,
+            }],
+            counters: [("redirect", 10)].into_iter().collect(),
+            flows: vec![],
+        })
+    }
+}
+
+/// Serves the Dataplane service on a loopback port; the server runs until the test ends.
+async fn serve(fake: Fake, tls: Option<ServerTlsConfig>) -> SocketAddr {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let mut server = Server::builder();
+    if let Some(tls) = tls {
+        server = server.tls_config(tls).unwrap();
+    }
+    let router = server.add_service(DataplaneServer::new(DataplaneService::new(
+        fake,
+        Metrics::new(),
+    )));
+    tokio::spawn(router.serve_with_incoming(TcpIncoming::from(listener)));
+    addr
+}
+
+async fn plain_client(addr: SocketAddr) -> DataplaneClient<Channel> {
+    DataplaneClient::connect(format!("http://{addr}"))
+        .await
+        .unwrap()
+}
+
+fn service(
+    vip: &str,
+    port: u32,
+    protocol: v1::Protocol,
+    backends: &[(&str, u32, u32)],
+) -> v1::Service {
+    v1::Service {
+        vip: vip.into(),
+        port,
+        protocol: protocol as i32,
+        backends: backends
+            .iter()
+            .map(|(address, port, weight)| v1::Backend {
+                address: (*address).into(),
+                port: *port,
+                weight: *weight,
+            })
+            .collect(),
+        reject_weight: 0,
+    }
+}
+
+fn state(generation: u64, services: Vec<v1::Service>) -> ApplyRequest {
+    ApplyRequest {
+        state: Some(DesiredState {
+            generation,
+            services,
+        }),
+    }
+}
+
+fn web(generation: u64) -> ApplyRequest {
+    state(
+        generation,
+        vec![service(
+            "192.0.2.10",
+            80,
+            v1::Protocol::Tcp,
+            &[("203.0.113.2", 8080, 1)],
+        )],
+    )
+}
+
+#[tokio::test]
+async fn apply_get_and_stats() {
+    let fake = Fake::default();
+    let mut client = plain_client(serve(fake.clone(), None).await).await;
+
+    let response = client.apply(web(5)).await.unwrap().into_inner();
+    assert_eq!((response.applied_generation, response.added), (5, 1));
+    assert_eq!(fake.applied.lock().unwrap().len(), 1);
+    let set = fake.applied.lock().unwrap()[0].clone();
+    assert_eq!(set.services[0].vip.to_string(), "192.0.2.10");
+    assert_eq!(set.services[0].backends[0].weight, 1);
+
+    // The same generation and state again: idempotent, nothing written.
+    let again = client.apply(web(5)).await.unwrap().into_inner();
+    assert_eq!(
+        (again.applied_generation, again.unchanged, again.added),
+        (5, 1, 0)
+    );
+    assert_eq!(fake.applied.lock().unwrap().len(), 1);
+
+    let got = client
+        .get(GetRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .state
+        .unwrap();
+    assert_eq!(got, web(5).state.unwrap());
+
+    let stats = client.stats(StatsRequest {}).await.unwrap().into_inner();
+    assert_eq!(stats.counters["redirect"], 10);
+    assert_eq!(stats.services[0].backends[0].address, "203.0.113.2");
+    assert_eq!(stats.services[0].traffic.unwrap().rejects, 1);
+}
+
+#[tokio::test]
+async fn an_older_generation_is_refused() {
+    let fake = Fake::default();
+    let mut client = plain_client(serve(fake.clone(), None).await).await;
+    client.apply(web(7)).await.unwrap();
+    let status = client.apply(web(6)).await.unwrap_err();
+    assert_eq!(status.code(), Code::FailedPrecondition, "{status:?}");
+    assert!(
+        status
+            .message()
+            .contains("older than the applied generation 7"),
+        "{}",
+        status.message()
+    );
+    // The same generation with different content is refused too.
+    let status = client.apply(state(7, vec![])).await.unwrap_err();
+    assert_eq!(status.code(), Code::FailedPrecondition);
+    assert_eq!(
+        fake.applied.lock().unwrap().len(),
+        1,
+        "refused states are not applied"
+    );
+}
+
+#[tokio::test]
+async fn every_invalid_field_is_reported_and_nothing_applied() {
+    let fake = Fake::default();
+    let mut client = plain_client(serve(fake.clone(), None).await).await;
+    let too_many: Vec<(&str, u32, u32)> = vec![("203.0.113.2", 8080, 1); 1025];
+    let request = state(
+        1,
+        vec![
+            service(
+                "192.0.2.10",
+                0,
+                v1::Protocol::Tcp,
+                &[("2001:db8::1", 8080, 1)],
+            ),
+            service(
+                "not-an-ip",
+                80,
+                v1::Protocol::Unspecified,
+                &[("203.0.113.2", 70000, 2_000_000)],
+            ),
+            service("192.0.2.11", 80, v1::Protocol::Udp, &too_many),
+        ],
+    );
+    let status = client.apply(request).await.unwrap_err();
+    assert_eq!(status.code(), Code::InvalidArgument);
+    for path in [
+        "services[0].port",
+        "services[1].vip",
+        "services[1].protocol",
+        "services[1].backends[0].port",
+        "services[1].backends[0].weight",
+        "services[2].backends",
+    ] {
+        assert!(
+            status.message().contains(path),
+            "{path} missing from:\n{}",
+            status.message()
+        );
+    }
+    // Family mismatch and duplicates are checked once every field parses.
+    let request = state(
+        1,
+        vec![
+            service(
+                "192.0.2.10",
+                80,
+                v1::Protocol::Tcp,
+                &[("2001:db8::1", 8080, 1)],
+            ),
+            service(
+                "192.0.2.10",
+                80,
+                v1::Protocol::Tcp,
+                &[("203.0.113.2", 8080, 1)],
+            ),
+        ],
+    );
+    let status = client.apply(request).await.unwrap_err();
+    assert_eq!(status.code(), Code::InvalidArgument);
+    assert!(
+        status.message().contains("services[0].backends[0].address"),
+        "{}",
+        status.message()
+    );
+    assert!(
+        status.message().contains("duplicate service"),
+        "{}",
+        status.message()
+    );
+    let status = client
+        .apply(ApplyRequest { state: None })
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::InvalidArgument);
+    assert!(fake.applied.lock().unwrap().is_empty(), "nothing applied");
+}
+
+async fn tls_client(
+    addr: SocketAddr,
+    pki: &Pki,
+    identify: bool,
+) -> Result<DataplaneClient<Channel>, tonic::transport::Error> {
+    let channel = Endpoint::from_shared(format!("https://{addr}"))
+        .unwrap()
+        .tls_config(pki.client_tls(identify))?
+        .connect()
+        .await?;
+    Ok(DataplaneClient::new(channel))
+}
+
+#[tokio::test]
+async fn mutual_tls_admits_only_clients_of_our_ca() {
+    let pki = Pki::generate("fulgur test CA").unwrap();
+    let addr = serve(Fake::default(), Some(pki.server_tls())).await;
+
+    // A client certificate from our CA: served.
+    let mut client = tls_client(addr, &pki, true).await.unwrap();
+    client.apply(web(1)).await.unwrap();
+
+    // No client certificate: the handshake or the first call fails.
+    let refused = match tls_client(addr, &pki, false).await {
+        Err(_) => true,
+        Ok(mut c) => c.get(GetRequest {}).await.is_err(),
+    };
+    assert!(refused, "a client without a certificate was served");
+
+    // A certificate from another CA (that trusts our server, so only the client side differs).
+    let other = Pki::generate("another CA").unwrap();
+    let mixed = Pki {
+        ca_pem: pki.ca_pem.clone(),
+        server_cert_pem: String::new(),
+        server_key_pem: String::new(),
+        client_cert_pem: other.client_cert_pem.clone(),
+        client_key_pem: other.client_key_pem.clone(),
+    };
+    let refused = match tls_client(addr, &mixed, true).await {
+        Err(_) => true,
+        Ok(mut c) => c.get(GetRequest {}).await.is_err(),
+    };
+    assert!(refused, "a client certificate from another CA was served");
+
+    // Plaintext against the TLS port fails too.
+    let refused = match DataplaneClient::connect(format!("http://{addr}")).await {
+        Err(_) => true,
+        Ok(mut c) => c.get(GetRequest {}).await.is_err(),
+    };
+    assert!(refused, "a plaintext client was served");
+}
