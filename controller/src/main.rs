@@ -1,7 +1,7 @@
 //! `fulgur-controller`: reconciles Gateway API L4 routes into per-node dataplane state.
 //!
-//! A skeleton: the providers, translate and the agent client arrive with their own issues.
-//! It does not compile aya; it will speak to agents only through `fulgur.dataplane.v1`.
+//! The providers and the translation from Gateway API objects arrive with their own issue; the
+//! agent client (`fulgur_controller::agents`) is in place.
 
 use clap::Parser;
 
@@ -19,7 +19,8 @@ struct Cli {
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     anyhow::bail!(
-        "provider {:?}: the controller is not implemented yet; program agents with `fulgur-agent --services FILE`",
+        "provider {:?}: the Gateway API providers are not implemented yet; program agents with \
+         `fulgur-agent --services FILE` or through fulgur.dataplane.v1",
         cli.provider
     )
 }

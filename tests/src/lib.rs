@@ -3,6 +3,7 @@
 
 pub mod corpus;
 pub mod echo;
+pub mod fake_agent;
 pub mod lab;
 pub mod netns;
 pub mod packets;

@@ -219,9 +219,10 @@ impl Topology {
         SocketAddr::from((VIP6, port))
     }
 
-    /// Starts the real agent binary on the load balancer's client-facing interface.
+    /// Starts the real agent binary on the load balancer's client-facing interface, programmed
+    /// from a services file.
     pub fn start_agent(&self, services_file: &Path) -> anyhow::Result<AgentProcess> {
-        AgentProcess::start(&self.lb, LB_IFACE, self.mode, services_file)
+        AgentProcess::start(&self.lb, LB_IFACE, self.mode, Source::File(services_file))
     }
 }
 
@@ -265,16 +266,29 @@ pub struct AgentProcess {
     owns_pins: bool,
 }
 
+/// Where an agent takes its services from.
+pub enum Source<'a> {
+    /// `--services FILE`
+    File(&'a Path),
+    /// `--grpc-listen ADDR` with mutual TLS from these files (or `--insecure` without), and
+    /// `--metrics-listen` when given.
+    Grpc {
+        listen: SocketAddr,
+        tls: Option<&'a crate::pki::PkiFiles>,
+        metrics: Option<SocketAddr>,
+    },
+}
+
 impl AgentProcess {
     pub fn start(
         ns: &NetNs,
         iface: &str,
         mode: XdpAttachMode,
-        services: &Path,
+        source: Source<'_>,
     ) -> anyhow::Result<Self> {
         let token = unique_token("fgag");
         let bpffs_dir = PathBuf::from(format!("/sys/fs/bpf/{token}"));
-        Self::start_with(ns, iface, mode, services, bpffs_dir)
+        Self::start_with(ns, iface, mode, source, bpffs_dir)
     }
 
     /// Starts an agent on an existing bpffs folder (to test restarts).
@@ -282,19 +296,13 @@ impl AgentProcess {
         ns: &NetNs,
         iface: &str,
         mode: XdpAttachMode,
-        services: &Path,
+        source: Source<'_>,
         bpffs_dir: PathBuf,
     ) -> anyhow::Result<Self> {
         let log = std::env::temp_dir().join(format!("{}.log", unique_token("fulgur-agent-")));
-        let mode_arg = match mode {
-            XdpAttachMode::Native => "native",
-            XdpAttachMode::Generic => "generic",
-        };
-        let child = ns
-            .command(crate::agent_binary())
-            .args(["--iface", iface, "--xdp-mode", mode_arg, "--services"])
-            .arg(services)
-            .arg("--bpffs-dir")
+        let mut command = ns.command(crate::agent_binary());
+        command
+            .args(["--iface", iface, "--xdp-mode", mode.name(), "--bpffs-dir"])
             .arg(&bpffs_dir)
             .args([
                 "--max-services",
@@ -303,7 +311,37 @@ impl AgentProcess {
                 "1024",
                 "--table-size",
                 "1021",
-            ])
+            ]);
+        match source {
+            Source::File(path) => {
+                command.arg("--services").arg(path);
+            }
+            Source::Grpc {
+                listen,
+                tls,
+                metrics,
+            } => {
+                command.arg("--grpc-listen").arg(listen.to_string());
+                match tls {
+                    Some(files) => {
+                        command
+                            .arg("--tls-cert")
+                            .arg(&files.server_cert)
+                            .arg("--tls-key")
+                            .arg(&files.server_key)
+                            .arg("--client-ca")
+                            .arg(&files.ca);
+                    }
+                    None => {
+                        command.arg("--insecure");
+                    }
+                }
+                if let Some(metrics) = metrics {
+                    command.arg("--metrics-listen").arg(metrics.to_string());
+                }
+            }
+        }
+        let child = command
             .env("RUST_LOG", "info")
             .env("NO_COLOR", "1")
             .stdout(Stdio::null())

@@ -18,7 +18,7 @@ use fulgur_agent::dataplane::XdpAttachMode;
 use fulgur_tests::{
     echo::{EchoServer, IO_TIMEOUT, TcpSession, UdpFlow, tcp_exchange},
     netns::{in_netns, unique_token},
-    topology::{AgentProcess, CLIENT, CLIENT6, LB_IFACE, Topology},
+    topology::{AgentProcess, CLIENT, CLIENT6, LB_IFACE, Source, Topology},
 };
 
 const BACKEND_PORT: u16 = 8080;
@@ -299,8 +299,14 @@ fn restart_keeps_every_flow(mode: XdpAttachMode) {
     wait_rounds(3); // Forwarding continues with no agent at all.
     // The successor gets new weights: most Maglev slots change, yet tracked flows must stay.
     services.write(&topology, &[5, 1, 1]);
-    let successor = AgentProcess::start_with(&topology.lb, LB_IFACE, mode, &services.0, bpffs_dir)
-        .expect("restarted agent");
+    let successor = AgentProcess::start_with(
+        &topology.lb,
+        LB_IFACE,
+        mode,
+        Source::File(&services.0),
+        bpffs_dir,
+    )
+    .expect("restarted agent");
     wait_rounds(3);
     stop.store(true, Ordering::Relaxed);
     let (rounds, flows) = traffic.join().unwrap().unwrap_or_else(|e| {

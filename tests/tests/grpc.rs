@@ -1,87 +1,19 @@
 //! The gRPC service in process, over loopback: every RPC and error, mutual TLS and its refusals.
 //! The kernel is replaced by a fake `Programmer` that records what it was asked to apply.
 
-use std::{
-    net::SocketAddr,
-    sync::{Arc, Mutex},
-};
+use std::net::SocketAddr;
 
-use fulgur_agent::{
-    config::ServiceSet,
-    grpc::{DataplaneService, Programmer},
-    inspect::{self, BackendView, ServiceView, Traffic},
-    metrics::Metrics,
-    writer::ApplyReport,
-};
 use fulgur_proto::v1::{
     self, ApplyRequest, DesiredState, GetRequest, StatsRequest, dataplane_client::DataplaneClient,
-    dataplane_server::DataplaneServer,
 };
-use fulgur_tests::pki::Pki;
+use fulgur_tests::{
+    fake_agent::{Fake, serve},
+    pki::Pki,
+};
 use tonic::{
     Code,
-    transport::{Channel, Endpoint, Server, ServerTlsConfig, server::TcpIncoming},
+    transport::{Channel, Endpoint},
 };
-
-#[derive(Clone, Default)]
-struct Fake {
-    applied: Arc<Mutex<Vec<ServiceSet>>>,
-}
-
-impl Programmer for Fake {
-    fn apply(&mut self, set: &ServiceSet) -> Result<ApplyReport, String> {
-        self.applied.lock().unwrap().push(set.clone());
-        Ok(ApplyReport {
-            added: set.services.len(),
-            ..Default::default()
-        })
-    }
-
-    fn stats(&self) -> Result<inspect::Report, String> {
-        let traffic = Traffic {
-            packets: 10,
-            bytes: 1000,
-            new_flows: 2,
-            rejects: 1,
-        };
-        Ok(inspect::Report {
-            services: vec![ServiceView {
-                vip: "192.0.2.10".parse().unwrap(),
-                port: 80,
-                protocol: "TCP",
-                id: 0,
-                table_size: 13,
-                reject_slots: 0,
-                backends: vec![BackendView {
-                    address: "203.0.113.2".parse().unwrap(),
-                    port: 8080,
-                    id: 0,
-                    slots: 13,
-                    traffic,
-                }],
-                traffic,
-            }],
-            counters: [("redirect", 10)].into_iter().collect(),
-            flows: vec![],
-        })
-    }
-}
-
-/// Serves the Dataplane service on a loopback port; the server runs until the test ends.
-async fn serve(fake: Fake, tls: Option<ServerTlsConfig>) -> SocketAddr {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let mut server = Server::builder();
-    if let Some(tls) = tls {
-        server = server.tls_config(tls).unwrap();
-    }
-    let router = server.add_service(DataplaneServer::new(DataplaneService::new(
-        fake,
-        Metrics::new(),
-    )));
-    tokio::spawn(router.serve_with_incoming(TcpIncoming::from(listener)));
-    addr
-}
 
 async fn plain_client(addr: SocketAddr) -> DataplaneClient<Channel> {
     DataplaneClient::connect(format!("http://{addr}"))
