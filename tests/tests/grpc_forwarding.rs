@@ -1,0 +1,212 @@
+//! The real agent binary serving gRPC over mutual TLS inside the load balancer's namespace, the
+//! controller's agent client programming it: traffic follows an apply, moves with an update and
+//! stops with a removal; health, readiness and metrics tell the truth.
+
+use std::{
+    io::{Read, Write},
+    net::{SocketAddr, TcpStream},
+    sync::mpsc,
+    time::Duration,
+};
+
+use fulgur_agent::dataplane::XdpAttachMode;
+use fulgur_controller::agents::Agents;
+use fulgur_proto::v1;
+use fulgur_tests::{
+    echo::{EchoServer, tcp_exchange},
+    netns::{NetNs, in_netns, unique_token},
+    pki::Pki,
+    topology::{AgentProcess, LB_IFACE, Source, Topology},
+};
+
+const GRPC: &str = "127.0.0.1:50051";
+const METRICS: &str = "127.0.0.1:9100";
+
+/// The controller side, on a thread inside `ns` (so its sockets live there): each command is a
+/// desired state, answered once every agent runs it.
+fn controller_in(
+    ns: &NetNs,
+    url: String,
+    pki: &Pki,
+) -> mpsc::Sender<(Vec<v1::Service>, mpsc::Sender<Result<u64, String>>)> {
+    let (commands, inbox) =
+        mpsc::channel::<(Vec<v1::Service>, mpsc::Sender<Result<u64, String>>)>();
+    let tls = pki.client_tls(true);
+    let path = ns.path();
+    std::thread::spawn(move || {
+        let netns = std::fs::File::open(&path).unwrap();
+        // SAFETY: a valid namespace fd; only this thread changes namespace.
+        assert_eq!(
+            unsafe { libc::setns(std::os::fd::AsRawFd::as_raw_fd(&netns), libc::CLONE_NEWNET) },
+            0
+        );
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        runtime.block_on(async move {
+            let agents = Agents::spawn(&[url], Some(tls)).unwrap();
+            while let Ok((services, reply)) = inbox.recv() {
+                let generation = agents.set_desired(services);
+                let result = if agents
+                    .wait_synced(generation, Duration::from_secs(20))
+                    .await
+                {
+                    Ok(generation)
+                } else {
+                    Err(format!("{:?}", agents.states()))
+                };
+                let _ = reply.send(result);
+            }
+        });
+    });
+    commands
+}
+
+fn apply(
+    controller: &mpsc::Sender<(Vec<v1::Service>, mpsc::Sender<Result<u64, String>>)>,
+    services: Vec<v1::Service>,
+) -> u64 {
+    let (reply, answer) = mpsc::channel();
+    controller.send((services, reply)).unwrap();
+    answer
+        .recv()
+        .unwrap()
+        .unwrap_or_else(|states| panic!("agents not in sync: {states}"))
+}
+
+fn web(topology: &Topology, backends: &[usize]) -> Vec<v1::Service> {
+    let backends: Vec<v1::Backend> = backends
+        .iter()
+        .map(|i| v1::Backend {
+            address: topology.backends[*i].addr.to_string(),
+            port: 8080,
+            weight: 1,
+        })
+        .collect();
+    vec![v1::Service {
+        vip: "192.0.2.10".into(),
+        port: 80,
+        protocol: v1::Protocol::Tcp as i32,
+        backends,
+        reject_weight: 0,
+    }]
+}
+
+/// One plain HTTP/1.1 GET from inside `ns`: (status line, body).
+fn http_get(ns: &NetNs, addr: &str, path: &str) -> (String, String) {
+    let (addr, path) = (addr.parse::<SocketAddr>().unwrap(), path.to_owned());
+    in_netns(ns, move || {
+        let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(3))?;
+        stream.set_read_timeout(Some(Duration::from_secs(3)))?;
+        write!(
+            stream,
+            "GET {path} HTTP/1.1\r\nHost: fulgur\r\nConnection: close\r\n\r\n"
+        )?;
+        let mut response = String::new();
+        stream.read_to_string(&mut response)?;
+        let (head, body) = response.split_once("\r\n\r\n").unwrap_or((&response, ""));
+        Ok((
+            head.lines().next().unwrap_or_default().to_owned(),
+            body.to_owned(),
+        ))
+    })
+    .unwrap()
+}
+
+#[test]
+fn a_controller_programs_the_agent_over_mutual_tls() {
+    let topology = Topology::new(2, XdpAttachMode::Generic).expect("topology");
+    let _servers: Vec<EchoServer> = topology
+        .backends
+        .iter()
+        .map(|b| EchoServer::start(&b.ns, &b.name, SocketAddr::from((b.addr, 8080))).unwrap())
+        .collect();
+    let pki = Pki::generate("fulgur test CA").unwrap();
+    let dir = std::env::temp_dir().join(unique_token("fulgur-pki-"));
+    let files = pki.write_to(&dir).unwrap();
+    let source = Source::Grpc {
+        listen: GRPC.parse().unwrap(),
+        tls: Some(&files),
+        metrics: Some(METRICS.parse().unwrap()),
+    };
+    let agent = AgentProcess::start(&topology.lb, LB_IFACE, topology.mode, source).expect("agent");
+    let controller = controller_in(&topology.lb, format!("https://{GRPC}"), &pki);
+    let vip = topology.vip(80);
+    let served = |n: usize| {
+        in_netns(&topology.client, move || {
+            (0..n)
+                .map(|i| tcp_exchange(vip, format!("hello {i}").as_bytes()))
+                .collect::<anyhow::Result<Vec<_>>>()
+        })
+    };
+
+    // Apply: traffic reaches both backends.
+    let first = apply(&controller, web(&topology, &[0, 1]));
+    let names = served(60).unwrap_or_else(|e| panic!("{e:#}\n{}", agent.log_text()));
+    assert!(
+        names.iter().any(|n| n == "backend-0") && names.iter().any(|n| n == "backend-1"),
+        "{names:?}"
+    );
+    let backend_1_before = names.iter().filter(|n| *n == "backend-1").count();
+
+    // Update: new connections follow.
+    let second = apply(&controller, web(&topology, &[1]));
+    assert!(second > first);
+    let names = served(30).unwrap();
+    assert!(names.iter().all(|n| n == "backend-1"), "{names:?}");
+
+    // Metrics and readiness, scraped inside the namespace.
+    let (status, _) = http_get(&topology.lb, METRICS, "/ready");
+    assert!(status.contains("200"), "{status}");
+    let (status, metrics) = http_get(&topology.lb, METRICS, "/metrics");
+    assert!(status.contains("200"), "{status}");
+    for expected in [
+        format!("fulgur_applied_generation {second}"),
+        "fulgur_attached{iface=\"lb-cl\",mode=\"generic\"} 1".to_owned(),
+        "fulgur_apply_total{result=\"ok\"} 2".to_owned(),
+        "fulgur_service_packets_total{service=\"TCP 192.0.2.10:80\"}".to_owned(),
+        format!(
+            "fulgur_backend_new_flows_total{{service=\"TCP 192.0.2.10:80\",backend=\"203.0.113.6:8080\"}} {}",
+            backend_1_before + 30
+        ),
+    ] {
+        assert!(
+            metrics.contains(&expected),
+            "{expected:?} missing from:\n{metrics}"
+        );
+    }
+
+    // grpc.health.v1 over the same mutual TLS.
+    let tls = pki.client_tls(true);
+    let status = in_netns(&topology.lb, move || {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
+        runtime.block_on(async move {
+            let channel = tonic::transport::Endpoint::from_shared(format!("https://{GRPC}"))?
+                .tls_config(tls)?
+                .connect()
+                .await?;
+            let mut health = tonic_health::pb::health_client::HealthClient::new(channel);
+            let request = tonic_health::pb::HealthCheckRequest {
+                service: "fulgur.dataplane.v1.Dataplane".into(),
+            };
+            anyhow::Ok(health.check(request).await?.into_inner().status)
+        })
+    })
+    .unwrap();
+    assert_eq!(
+        status,
+        tonic_health::pb::health_check_response::ServingStatus::Serving as i32
+    );
+
+    // Removal: the service stops answering.
+    apply(&controller, vec![]);
+    let refused = in_netns(&topology.client, move || {
+        Ok(std::net::TcpStream::connect_timeout(&vip, Duration::from_secs(1)).is_err())
+    })
+    .unwrap();
+    assert!(refused, "the removed service still answered");
+    let _ = std::fs::remove_dir_all(dir);
+}
