@@ -22,13 +22,12 @@ use fulgur_tests::{
 const GRPC: &str = "127.0.0.1:50051";
 const METRICS: &str = "127.0.0.1:9100";
 
+/// A desired state for the controller thread, and where it answers once the agents run it.
+type Command = (Vec<v1::Service>, mpsc::Sender<Result<u64, String>>);
+
 /// The controller side, on a thread inside `ns` (so its sockets live there): each command is a
 /// desired state, answered once every agent runs it.
-fn controller_in(
-    ns: &NetNs,
-    url: String,
-    pki: &Pki,
-) -> mpsc::Sender<(Vec<v1::Service>, mpsc::Sender<Result<u64, String>>)> {
+fn controller_in(ns: &NetNs, url: String, pki: &Pki) -> mpsc::Sender<Command> {
     let (commands, inbox) =
         mpsc::channel::<(Vec<v1::Service>, mpsc::Sender<Result<u64, String>>)>();
     let tls = pki.client_tls(true);
@@ -63,10 +62,7 @@ fn controller_in(
     commands
 }
 
-fn apply(
-    controller: &mpsc::Sender<(Vec<v1::Service>, mpsc::Sender<Result<u64, String>>)>,
-    services: Vec<v1::Service>,
-) -> u64 {
+fn apply(controller: &mpsc::Sender<Command>, services: Vec<v1::Service>) -> u64 {
     let (reply, answer) = mpsc::channel();
     controller.send((services, reply)).unwrap();
     answer
