@@ -21,12 +21,12 @@ use crate::{
     },
     inspect::{self, Traffic},
     metrics::Metrics,
-    writer::ApplyReport,
+    writer::{ApplyReport, WriteError},
 };
 
 /// What the service programs: the map writer in the agent, a fake in tests.
 pub trait Programmer: Send + 'static {
-    fn apply(&mut self, set: &ServiceSet) -> Result<ApplyReport, String>;
+    fn apply(&mut self, set: &ServiceSet) -> Result<ApplyReport, WriteError>;
     fn stats(&self) -> Result<inspect::Report, String>;
 }
 
@@ -208,9 +208,13 @@ impl<P: Programmer> Dataplane for DataplaneService<P> {
                 ));
             }
             let set = to_service_set(&state).map_err(|errors| ("invalid", invalid(&errors)))?;
-            let report = programmer
-                .apply(&set)
-                .map_err(|e| ("error", Status::internal(e)))?;
+            let report = programmer.apply(&set).map_err(|e| match e {
+                WriteError::Capacity { .. } => {
+                    ("capacity", Status::resource_exhausted(e.to_string()))
+                }
+                WriteError::Invalid(errors) => ("invalid", invalid(&errors)),
+                other => ("error", Status::internal(other.to_string())),
+            })?;
             applied.generation = state.generation;
             applied.state = state;
             Ok(ApplyResponse {

@@ -10,7 +10,7 @@ use fulgur_agent::{
     grpc::{DataplaneService, Programmer},
     inspect, maglev,
     metrics::Metrics,
-    writer::{ApplyReport, Layout, MapWriter},
+    writer::{ApplyReport, Layout, MapWriter, WriteError},
 };
 use fulgur_common::defaults;
 use fulgur_proto::v1::dataplane_server::DataplaneServer;
@@ -51,6 +51,8 @@ enum Command {
 }
 
 const DEFAULT_BPFFS_DIR: &str = "/sys/fs/bpf/fulgur";
+/// The largest desired state accepted (10,000 services × 16 backends is about 4 MiB).
+const MAX_STATE_BYTES: usize = 256 << 20;
 
 #[derive(Args)]
 struct RunArgs {
@@ -270,8 +272,8 @@ struct MapProgrammer {
 }
 
 impl Programmer for MapProgrammer {
-    fn apply(&mut self, set: &ServiceSet) -> Result<ApplyReport, String> {
-        self.writer.apply(set).map_err(|e| e.to_string())
+    fn apply(&mut self, set: &ServiceSet) -> Result<ApplyReport, WriteError> {
+        self.writer.apply(set)
     }
 
     fn stats(&self) -> Result<inspect::Report, String> {
@@ -313,9 +315,10 @@ async fn serve_grpc(
     server
         .add_service(health_service)
         .add_service(reflection)
-        .add_service(DataplaneServer::new(DataplaneService::new(
-            programmer, metrics,
-        )))
+        .add_service(
+            DataplaneServer::new(DataplaneService::new(programmer, metrics))
+                .max_decoding_message_size(MAX_STATE_BYTES),
+        )
         .serve_with_shutdown(listen, shutdown)
         .await
         .with_context(|| format!("serving gRPC on {listen}"))

@@ -11,7 +11,7 @@ use fulgur_agent::{
     grpc::{DataplaneService, Programmer},
     inspect::{self, BackendView, ServiceView, Traffic},
     metrics::Metrics,
-    writer::ApplyReport,
+    writer::{ApplyReport, WriteError},
 };
 use fulgur_proto::v1::dataplane_server::DataplaneServer;
 use tonic::transport::{Server, ServerTlsConfig, server::TcpIncoming};
@@ -22,7 +22,7 @@ pub struct Fake {
 }
 
 impl Programmer for Fake {
-    fn apply(&mut self, set: &ServiceSet) -> Result<ApplyReport, String> {
+    fn apply(&mut self, set: &ServiceSet) -> Result<ApplyReport, WriteError> {
         self.applied.lock().unwrap().push(set.clone());
         Ok(ApplyReport {
             added: set.services.len(),

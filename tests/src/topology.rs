@@ -299,19 +299,32 @@ impl AgentProcess {
         source: Source<'_>,
         bpffs_dir: PathBuf,
     ) -> anyhow::Result<Self> {
+        const SMALL: [&str; 6] = [
+            "--max-services",
+            "64",
+            "--max-backends",
+            "1024",
+            "--table-size",
+            "1021",
+        ];
+        Self::start_sized(ns, iface, mode, source, bpffs_dir, &SMALL)
+    }
+
+    /// Starts an agent with these map-size flags.
+    pub fn start_sized(
+        ns: &NetNs,
+        iface: &str,
+        mode: XdpAttachMode,
+        source: Source<'_>,
+        bpffs_dir: PathBuf,
+        size_flags: &[&str],
+    ) -> anyhow::Result<Self> {
         let log = std::env::temp_dir().join(format!("{}.log", unique_token("fulgur-agent-")));
         let mut command = ns.command(crate::agent_binary());
         command
             .args(["--iface", iface, "--xdp-mode", mode.name(), "--bpffs-dir"])
             .arg(&bpffs_dir)
-            .args([
-                "--max-services",
-                "64",
-                "--max-backends",
-                "1024",
-                "--table-size",
-                "1021",
-            ]);
+            .args(size_flags);
         match source {
             Source::File(path) => {
                 command.arg("--services").arg(path);
@@ -355,8 +368,36 @@ impl AgentProcess {
             ns_path: ns.path(),
             owns_pins: true,
         };
-        agent.wait_for_log("ready", Duration::from_secs(20))?;
+        let mut agent = agent;
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !agent.log_text().contains("ready") {
+            if let Some(status) = agent.child.try_wait()? {
+                bail!(
+                    "the agent exited ({status}) before it was ready; log:\n{}",
+                    agent.log_text()
+                );
+            }
+            if Instant::now() > deadline {
+                bail!(
+                    "the agent was not ready in 20 s; log:\n{}",
+                    agent.log_text()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
         Ok(agent)
+    }
+
+    /// The agent's resident memory, in MiB (nsenter execs the agent, so the child is the agent).
+    pub fn rss_mib(&self) -> anyhow::Result<f64> {
+        let status = fs::read_to_string(format!("/proc/{}/status", self.child.id()))?;
+        let kib: f64 = status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.split_whitespace().next())
+            .context("VmRSS")?
+            .parse()?;
+        Ok(kib / 1024.0)
     }
 
     pub fn log_text(&self) -> String {

@@ -34,7 +34,7 @@ enum Task {
     Demo,
     /// `cargo fmt --check` and `cargo clippy -D warnings`.
     Lint,
-    /// Benchmarks (needs root): `dataplane` = ns per packet through the XDP program.
+    /// Benchmarks (needs root): `dataplane` (ns per packet) or `apply` (10k services over gRPC).
     Bench {
         #[arg(value_enum, default_value = "dataplane")]
         target: BenchTarget,
@@ -52,6 +52,8 @@ enum Task {
 enum BenchTarget {
     /// ns per packet through BPF_PROG_TEST_RUN; writes target/bench/dataplane.json
     Dataplane,
+    /// One gRPC Apply of 10,000 services × 16 backends; writes target/bench/apply.json
+    Apply,
 }
 
 const APT_PACKAGES: &[(&str, &str)] = &[
@@ -76,19 +78,18 @@ fn main() -> anyhow::Result<()> {
             demo()
         }
         Task::Lint => lint(),
-        Task::Bench {
-            target: BenchTarget::Dataplane,
-        } => {
+        Task::Bench { target } => {
             setup()?;
             require_root("bench")?;
-            run(cargo().args([
-                "run",
-                "--release",
-                "-p",
-                "fulgur-tests",
-                "--bin",
-                "fulgur-bench",
-            ]))
+            run(cargo().args(["build", "--release", "--bins"]))?;
+            let root = workspace_root();
+            let name = match target {
+                BenchTarget::Dataplane => "dataplane",
+                BenchTarget::Apply => "apply",
+            };
+            run(Command::new(root.join("target/release/fulgur-bench"))
+                .arg(name)
+                .env("FULGUR_AGENT_BIN", root.join("target/release/fulgur-agent")))
         }
         Task::Fuzz { iterations, seed } => {
             setup()?;
