@@ -184,17 +184,44 @@ fn a_controller_programs_the_agent_over_mutual_tls() {
                 .tls_config(tls)?
                 .connect()
                 .await?;
-            let mut health = tonic_health::pb::health_client::HealthClient::new(channel);
+            let mut health = tonic_health::pb::health_client::HealthClient::new(channel.clone());
             let request = tonic_health::pb::HealthCheckRequest {
                 service: "fulgur.dataplane.v1.Dataplane".into(),
             };
-            anyhow::Ok(health.check(request).await?.into_inner().status)
+            let status = health.check(request).await?.into_inner().status;
+            // Server reflection lists the service, so generic clients (grpcurl) can call it.
+            use tonic_reflection::pb::v1::{
+                ServerReflectionRequest, server_reflection_client::ServerReflectionClient,
+                server_reflection_request::MessageRequest,
+                server_reflection_response::MessageResponse,
+            };
+            let mut reflection = ServerReflectionClient::new(channel);
+            let request = ServerReflectionRequest {
+                host: String::new(),
+                message_request: Some(MessageRequest::ListServices(String::new())),
+            };
+            let mut responses = reflection
+                .server_reflection_info(tokio_stream_once(request))
+                .await?
+                .into_inner();
+            let listed = match responses.message().await?.and_then(|r| r.message_response) {
+                Some(MessageResponse::ListServicesResponse(list)) => {
+                    list.service.into_iter().map(|s| s.name).collect()
+                }
+                other => anyhow::bail!("unexpected reflection answer {other:?}"),
+            };
+            anyhow::Ok((status, listed))
         })
     })
     .unwrap();
+    let (status, listed): (i32, Vec<String>) = status;
     assert_eq!(
         status,
         tonic_health::pb::health_check_response::ServingStatus::Serving as i32
+    );
+    assert!(
+        listed.iter().any(|s| s == "fulgur.dataplane.v1.Dataplane"),
+        "reflection lists {listed:?}"
     );
 
     // Removal: the service stops answering.
@@ -205,4 +232,11 @@ fn a_controller_programs_the_agent_over_mutual_tls() {
     .unwrap();
     assert!(refused, "the removed service still answered");
     let _ = std::fs::remove_dir_all(dir);
+}
+
+/// A request stream of one message.
+fn tokio_stream_once<T: Send + 'static>(
+    item: T,
+) -> impl tonic::codegen::tokio_stream::Stream<Item = T> {
+    tonic::codegen::tokio_stream::iter([item])
 }
