@@ -18,7 +18,11 @@ use anyhow::{Context as _, bail, ensure};
 use crate::netns::{NetNs, in_netns};
 
 const POLL: Duration = Duration::from_millis(50);
-pub const IO_TIMEOUT: Duration = Duration::from_secs(3);
+/// How long a client waits for an answer.
+pub const IO_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long a server keeps an idle connection: far longer than any pause a busy 2-core machine
+/// puts between two messages of one test session (the client closes it when the test ends).
+const SERVER_IDLE: Duration = Duration::from_secs(60);
 
 /// TCP and UDP echo on one address and port, inside a namespace. Stops on drop.
 pub struct EchoServer {
@@ -76,7 +80,7 @@ fn serve_tcp(listener: TcpListener, name: &str, stop: &AtomicBool) {
 
 fn echo_stream(mut stream: TcpStream, name: &str) -> std::io::Result<()> {
     stream.set_nonblocking(false)?;
-    stream.set_read_timeout(Some(IO_TIMEOUT))?;
+    stream.set_read_timeout(Some(SERVER_IDLE))?;
     let mut buf = [0u8; 4096];
     loop {
         let n = stream.read(&mut buf)?;

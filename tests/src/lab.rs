@@ -9,6 +9,7 @@ use aya::programs::{SchedClassifier, TestRun, TestRunOptions, Xdp};
 use fulgur_agent::{
     config::ServiceSet,
     dataplane::{self, Dataplane, Pins, Sizes},
+    inspect::{self, Traffic},
     writer::{Layout, MapWriter},
 };
 use fulgur_common::{Counter, TrafficStats, map_names, program_names};
@@ -34,6 +35,22 @@ pub const CLIENT6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 1, 0, 0, 0, 0, 2);
 pub const VIP6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0xffff, 0, 0, 0, 0, 0x10);
 pub const BACKEND6_WITH_NEIGHBOUR: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 2, 0, 0, 0, 0, 2);
 pub const BACKEND6_NO_NEIGHBOUR: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 2, 0, 0, 0, 0, 3);
+
+/// A neighbour entry that never expires, so FIB lookups in the lab always find it.
+fn permanent_neighbour(ns: &NetNs, addr: &str, lladdr: [u8; 6], dev: &str) -> anyhow::Result<()> {
+    ns.ip(&[
+        "neigh",
+        "replace",
+        addr,
+        "lladdr",
+        &mac(lladdr),
+        "dev",
+        dev,
+        "nud",
+        "permanent",
+    ])
+    .map(drop)
+}
 
 fn mac(m: [u8; 6]) -> String {
     m.iter()
@@ -102,52 +119,22 @@ impl Lab {
         }
         ns.ip(&["addr", "add", "198.51.100.1/24", "dev", "in0"])?;
         ns.ip(&["addr", "add", "203.0.113.1/24", "dev", "out0"])?;
-        ns.ip(&[
-            "neigh",
-            "replace",
+        permanent_neighbour(
+            &ns,
             &BACKEND_WITH_NEIGHBOUR.to_string(),
-            "lladdr",
-            &mac(BACKEND_MAC),
-            "dev",
+            BACKEND_MAC,
             "out0",
-            "nud",
-            "permanent",
-        ])?;
-        ns.ip(&[
-            "neigh",
-            "replace",
-            &CLIENT.to_string(),
-            "lladdr",
-            &mac(CLIENT_MAC),
-            "dev",
-            "in0",
-            "nud",
-            "permanent",
-        ])?;
+        )?;
+        permanent_neighbour(&ns, &CLIENT.to_string(), CLIENT_MAC, "in0")?;
         ns.ip(&["addr", "add", "2001:db8:1::1/64", "dev", "in0", "nodad"])?;
         ns.ip(&["addr", "add", "2001:db8:2::1/64", "dev", "out0", "nodad"])?;
-        ns.ip(&[
-            "neigh",
-            "replace",
+        permanent_neighbour(
+            &ns,
             &BACKEND6_WITH_NEIGHBOUR.to_string(),
-            "lladdr",
-            &mac(BACKEND_MAC),
-            "dev",
+            BACKEND_MAC,
             "out0",
-            "nud",
-            "permanent",
-        ])?;
-        ns.ip(&[
-            "neigh",
-            "replace",
-            &CLIENT6.to_string(),
-            "lladdr",
-            &mac(CLIENT_MAC),
-            "dev",
-            "in0",
-            "nud",
-            "permanent",
-        ])?;
+        )?;
+        permanent_neighbour(&ns, &CLIENT6.to_string(), CLIENT_MAC, "in0")?;
         ns.sysctl("net.ipv4.ip_forward", "1")?;
         ns.sysctl("net.ipv6.conf.all.forwarding", "1")?;
         let entered = ns.enter()?;
@@ -258,13 +245,13 @@ impl Lab {
     }
 
     /// A service's traffic counters summed over CPUs.
-    pub fn service_stats(&self, service_id: u32) -> anyhow::Result<TrafficStats> {
-        sum_stats(&self.service_stats, service_id)
+    pub fn service_stats(&self, service_id: u32) -> anyhow::Result<Traffic> {
+        Ok(inspect::traffic(&self.service_stats, service_id)?)
     }
 
     /// A backend's traffic counters summed over CPUs.
-    pub fn backend_stats(&self, backend_id: u32) -> anyhow::Result<TrafficStats> {
-        sum_stats(&self.backend_stats, backend_id)
+    pub fn backend_stats(&self, backend_id: u32) -> anyhow::Result<Traffic> {
+        Ok(inspect::traffic(&self.backend_stats, backend_id)?)
     }
 
     /// A global counter summed over CPUs.
@@ -277,16 +264,4 @@ impl Drop for Lab {
     fn drop(&mut self) {
         let _ = dataplane::detach(&self.dataplane.pins);
     }
-}
-
-fn sum_stats(map: &PerCpuArray<MapData, TrafficStats>, id: u32) -> anyhow::Result<TrafficStats> {
-    Ok(map
-        .get(&id, 0)?
-        .iter()
-        .fold(TrafficStats::default(), |a, b| TrafficStats {
-            packets: a.packets + b.packets,
-            bytes: a.bytes + b.bytes,
-            new_flows: a.new_flows + b.new_flows,
-            rejects: a.rejects + b.rejects,
-        }))
 }
