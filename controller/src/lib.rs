@@ -1,5 +1,8 @@
-//! fulgur's controller. For now: the client that keeps every agent's dataplane in sync with the
-//! desired state. Providers and Gateway API translation come next. This crate never links aya:
+//! fulgur's controller: Gateway API semantics (`translate`, pure, over the `model` Snapshot) and
+//! the client that keeps every agent's dataplane in sync with the desired state. The providers
+//! (manifest folder, Kubernetes API) come next. This crate never links aya:
 //! it meets the agents only through `fulgur.dataplane.v1`.
 
 pub mod agents;
+pub mod model;
+pub mod translate;

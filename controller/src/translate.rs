@@ -1,0 +1,709 @@
+//! Gateway API semantics for TCPRoute and UDPRoute: a pure function from a [`Snapshot`] to the
+//! dataplane's desired services and every object's status. No I/O, no clock (the caller passes
+//! `now`), deterministic order.
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::IpAddr,
+};
+
+use fulgur_proto::v1;
+
+use crate::model::{
+    BackendRef, Condition, EndpointSlice, FromNamespaces, Gateway, Listener, ObjectRef, ParentRef,
+    Route, RouteGroupKind, RouteKind, Snapshot,
+};
+
+pub const GATEWAY_GROUP: &str = "gateway.networking.k8s.io";
+/// Features this implementation supports, sorted (GatewayClass `status.supportedFeatures`).
+pub const SUPPORTED_FEATURES: [&str; 5] = [
+    "Gateway",
+    "GatewayStaticAddresses",
+    "ReferenceGrant",
+    "TCPRoute",
+    "UDPRoute",
+];
+/// The dataplane's weight ceiling; endpoint weights are scaled to fit under it.
+const MAX_WEIGHT: f64 = 1_000_000.0;
+
+pub struct Config<'a> {
+    pub controller_name: &'a str,
+    /// Pools for Gateways without `spec.addresses`.
+    pub address_pools: &'a [ipnet::IpNet],
+    /// RFC 3339 time stamped on conditions that change now.
+    pub now: &'a str,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ClassStatus {
+    pub conditions: Vec<Condition>,
+    pub supported_features: Vec<String>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ListenerStatus {
+    pub name: String,
+    pub supported_kinds: Vec<RouteGroupKind>,
+    pub attached_routes: i32,
+    pub conditions: Vec<Condition>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct GatewayStatus {
+    pub addresses: Vec<IpAddr>,
+    pub conditions: Vec<Condition>,
+    pub listeners: Vec<ListenerStatus>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RouteParentStatus {
+    pub parent_ref: ParentRef,
+    pub controller_name: String,
+    pub conditions: Vec<Condition>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct RouteStatus {
+    pub parents: Vec<RouteParentStatus>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Output {
+    /// What every node's agent must run.
+    pub services: Vec<v1::Service>,
+    pub classes: BTreeMap<String, ClassStatus>,
+    pub gateways: BTreeMap<ObjectRef, GatewayStatus>,
+    pub routes: BTreeMap<(RouteKind, ObjectRef), RouteStatus>,
+}
+
+/// Builds conditions, keeping lastTransitionTime when a condition did not change.
+struct Conditions<'a> {
+    previous: &'a [Condition],
+    generation: i64,
+    now: &'a str,
+    out: Vec<Condition>,
+}
+
+impl<'a> Conditions<'a> {
+    fn new(snapshot: &'a Snapshot, key: &str, generation: i64, now: &'a str) -> Self {
+        let previous = snapshot
+            .previous_conditions
+            .get(key)
+            .map_or(&[][..], Vec::as_slice);
+        Conditions {
+            previous,
+            generation,
+            now,
+            out: Vec::new(),
+        }
+    }
+
+    fn set(&mut self, type_: &str, status: bool, reason: &str, message: impl Into<String>) {
+        let last_transition_time = self
+            .previous
+            .iter()
+            .find(|c| c.type_ == type_ && c.status == status && c.reason == reason)
+            .map_or_else(|| self.now.to_owned(), |c| c.last_transition_time.clone());
+        self.out.push(Condition {
+            type_: type_.into(),
+            status,
+            reason: reason.into(),
+            message: message.into(),
+            observed_generation: self.generation,
+            last_transition_time,
+        });
+    }
+
+    fn done(self) -> Vec<Condition> {
+        self.out
+    }
+}
+
+/// Condition keys in `Snapshot::previous_conditions`.
+pub fn class_key(name: &str) -> String {
+    format!("GatewayClass/{name}")
+}
+pub fn gateway_key(id: &ObjectRef) -> String {
+    format!("Gateway/{id}")
+}
+pub fn listener_key(id: &ObjectRef, listener: &str) -> String {
+    format!("Gateway/{id}/{listener}")
+}
+pub fn route_key(kind: RouteKind, id: &ObjectRef, parent: &ParentRef) -> String {
+    let namespace = parent.namespace.as_deref().unwrap_or(&id.namespace);
+    let section = parent.section_name.as_deref().unwrap_or("");
+    let port = parent.port.map(|p| p.to_string()).unwrap_or_default();
+    format!(
+        "{}/{id}/{namespace}/{}/{section}/{port}",
+        kind.kind(),
+        parent.name
+    )
+}
+
+/// A listener after validation.
+struct ValidListener<'a> {
+    listener: &'a Listener,
+    kind: Option<RouteKind>,
+    /// Accepted and not conflicted: routes may attach.
+    usable: bool,
+    attached: i32,
+}
+
+fn supported_kinds(listener: &Listener) -> (Vec<RouteGroupKind>, bool) {
+    let derived = match listener.protocol.as_str() {
+        "TCP" => Some(RouteKind::Tcp),
+        "UDP" => Some(RouteKind::Udp),
+        _ => None,
+    };
+    if listener.kinds.is_empty() {
+        let kinds = derived
+            .map(|k| {
+                vec![RouteGroupKind {
+                    group: GATEWAY_GROUP.into(),
+                    kind: k.kind().into(),
+                }]
+            })
+            .unwrap_or_default();
+        return (kinds, true);
+    }
+    let mut all_valid = true;
+    let mut kinds = Vec::new();
+    for k in &listener.kinds {
+        let group_ok = k.group.is_empty() || k.group == GATEWAY_GROUP;
+        if group_ok && derived.is_some_and(|d| d.kind() == k.kind) {
+            kinds.push(RouteGroupKind {
+                group: GATEWAY_GROUP.into(),
+                kind: k.kind.clone(),
+            });
+        } else {
+            all_valid = false;
+        }
+    }
+    (kinds, all_valid)
+}
+
+/// Whether `route` (in its namespace) may attach to `listener` of `gateway` by namespace.
+fn namespace_allowed(
+    snapshot: &Snapshot,
+    gateway: &Gateway,
+    listener: &Listener,
+    route: &Route,
+) -> bool {
+    match &listener.from {
+        FromNamespaces::Same => route.id.namespace == gateway.id.namespace,
+        FromNamespaces::All => true,
+        FromNamespaces::Selector(labels) => snapshot
+            .namespaces
+            .get(&route.id.namespace)
+            .is_some_and(|ns| labels.iter().all(|(k, v)| ns.get(k) == Some(v))),
+    }
+}
+
+fn granted(snapshot: &Snapshot, route: &Route, backend: &BackendRef, namespace: &str) -> bool {
+    namespace == route.id.namespace
+        || snapshot.grants.iter().any(|g| {
+            g.namespace == namespace
+                && g.from.iter().any(|(group, kind, ns)| {
+                    group == GATEWAY_GROUP && kind == route.kind.kind() && *ns == route.id.namespace
+                })
+                && g.to.iter().any(|(group, kind, name)| {
+                    group.is_empty()
+                        && kind == "Service"
+                        && name.as_ref().is_none_or(|n| *n == backend.name)
+                })
+        })
+}
+
+/// Why a backendRef does not resolve (its weight is rejected).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Unresolved {
+    NotFound,
+    NotPermitted,
+    InvalidKind,
+}
+
+/// The endpoints a backendRef reaches, in the VIP's family: `Err` when the ref itself is
+/// invalid, `Ok(empty)` for a valid Service without ready endpoints.
+fn resolve(
+    snapshot: &Snapshot,
+    route: &Route,
+    backend: &BackendRef,
+    v6: bool,
+) -> Result<Vec<(IpAddr, u16)>, Unresolved> {
+    if !(backend.group.is_empty() || backend.group == "core") || backend.kind != "Service" {
+        return Err(Unresolved::InvalidKind);
+    }
+    let namespace = backend.namespace.as_deref().unwrap_or(&route.id.namespace);
+    if !granted(snapshot, route, backend, namespace) {
+        return Err(Unresolved::NotPermitted);
+    }
+    let id = ObjectRef::new(namespace, &backend.name);
+    let service = snapshot
+        .services
+        .iter()
+        .find(|s| s.id == id)
+        .ok_or(Unresolved::NotFound)?;
+    let Some(port) = backend.port else {
+        return Err(Unresolved::NotFound);
+    };
+    let Some(service_port) = service.ports.iter().find(|p| p.port == port) else {
+        return Err(Unresolved::NotFound);
+    };
+    let mut endpoints = BTreeSet::new();
+    for slice in snapshot
+        .endpoint_slices
+        .iter()
+        .filter(|s: &&EndpointSlice| s.namespace == namespace && s.service_name == backend.name)
+    {
+        // The slice port with the Service port's name carries the target port.
+        let Some((_, target)) = slice
+            .ports
+            .iter()
+            .find(|(name, _)| *name == service_port.name)
+        else {
+            continue;
+        };
+        for address in slice.ready_addresses.iter().filter(|a| a.is_ipv6() == v6) {
+            endpoints.insert((*address, *target));
+        }
+    }
+    Ok(endpoints.into_iter().collect())
+}
+
+/// Which listeners of `gateway` a parentRef selects.
+fn selects(parent: &ParentRef, listener: &Listener) -> bool {
+    parent
+        .section_name
+        .as_ref()
+        .is_none_or(|s| *s == listener.name)
+        && parent.port.is_none_or(|p| p == listener.port)
+}
+
+/// The pool address a Gateway was given before, if it is still in a pool.
+fn previous_pooled(config: &Config, snapshot: &Snapshot, gateway: &Gateway) -> Option<IpAddr> {
+    let previous = snapshot.previous_addresses.get(&gateway.id)?.first()?;
+    config
+        .address_pools
+        .iter()
+        .any(|p| p.contains(previous))
+        .then_some(*previous)
+}
+
+/// Allocates an address from the pools for a Gateway, keeping an earlier assignment.
+fn assign_address(
+    config: &Config,
+    snapshot: &Snapshot,
+    gateway: &Gateway,
+    taken: &mut BTreeSet<IpAddr>,
+) -> Option<IpAddr> {
+    // Earlier assignments were reserved up front (see `translate`), so keeping one is safe.
+    if let Some(previous) = previous_pooled(config, snapshot, gateway) {
+        return Some(previous);
+    }
+    for pool in config.address_pools {
+        for address in pool.hosts() {
+            if taken.insert(address) {
+                return Some(address);
+            }
+        }
+    }
+    None
+}
+
+pub fn translate(config: &Config, snapshot: &Snapshot) -> Output {
+    let mut out = Output::default();
+    let ours: BTreeSet<&str> = snapshot
+        .classes
+        .iter()
+        .filter(|c| c.controller_name == config.controller_name)
+        .map(|c| c.name.as_str())
+        .collect();
+    for class in snapshot
+        .classes
+        .iter()
+        .filter(|c| ours.contains(c.name.as_str()))
+    {
+        let mut conditions = Conditions::new(
+            snapshot,
+            &class_key(&class.name),
+            class.meta.generation,
+            config.now,
+        );
+        conditions.set("Accepted", true, "Accepted", "handled by fulgur");
+        out.classes.insert(
+            class.name.clone(),
+            ClassStatus {
+                conditions: conditions.done(),
+                supported_features: SUPPORTED_FEATURES.iter().map(|s| (*s).to_owned()).collect(),
+            },
+        );
+    }
+
+    // Routes, oldest first: the oldest attached to a listener receives its traffic.
+    let mut routes: Vec<&Route> = snapshot.routes.iter().collect();
+    routes.sort_by(|a, b| {
+        (&a.meta.creation_timestamp, &a.id).cmp(&(&b.meta.creation_timestamp, &b.id))
+    });
+
+    // Static addresses first, so pools never hand out one of them.
+    let mut taken: BTreeSet<IpAddr> = snapshot
+        .gateways
+        .iter()
+        .flat_map(|g| {
+            g.addresses
+                .iter()
+                .filter_map(|a| a.value.parse::<IpAddr>().ok())
+        })
+        .collect();
+    let mut gateways: Vec<&Gateway> = snapshot
+        .gateways
+        .iter()
+        .filter(|g| ours.contains(g.class_name.as_str()))
+        .collect();
+    gateways.sort_by(|a, b| a.id.cmp(&b.id));
+    // Pool addresses handed out before stay with their Gateways.
+    for gateway in gateways.iter().filter(|g| g.addresses.is_empty()) {
+        taken.extend(previous_pooled(config, snapshot, gateway));
+    }
+
+    // Per gateway: valid listeners; per (gateway, listener index): winning route.
+    let mut listener_state: BTreeMap<ObjectRef, Vec<ValidListener>> = BTreeMap::new();
+    let mut gateway_addresses: BTreeMap<ObjectRef, Vec<IpAddr>> = BTreeMap::new();
+    let mut gateway_status: BTreeMap<ObjectRef, GatewayStatus> = BTreeMap::new();
+    for gateway in &gateways {
+        let mut status = GatewayStatus::default();
+        let mut listeners = Vec::new();
+        let mut listener_conditions = Vec::new();
+        // Port use by protocol family: TCP/UDP listeners conflict with others of the same layer-4
+        // protocol on the port, and TCP with HTTP, HTTPS and TLS.
+        for listener in &gateway.listeners {
+            let mut c = Conditions::new(
+                snapshot,
+                &listener_key(&gateway.id, &listener.name),
+                gateway.meta.generation,
+                config.now,
+            );
+            let (kinds, kinds_valid) = supported_kinds(listener);
+            let kind = match listener.protocol.as_str() {
+                "TCP" => Some(RouteKind::Tcp),
+                "UDP" => Some(RouteKind::Udp),
+                _ => None,
+            };
+            let same_port = |pred: &dyn Fn(&Listener) -> bool| {
+                gateway
+                    .listeners
+                    .iter()
+                    .any(|o| !std::ptr::eq(o, listener) && o.port == listener.port && pred(o))
+            };
+            let conflicted = match listener.protocol.as_str() {
+                "TCP" => {
+                    same_port(&|o| matches!(o.protocol.as_str(), "TCP" | "HTTP" | "HTTPS" | "TLS"))
+                }
+                "UDP" => same_port(&|o| o.protocol == "UDP"),
+                "HTTP" | "HTTPS" | "TLS" => same_port(&|o| o.protocol == "TCP"),
+                _ => false,
+            };
+            let accepted = kind.is_some();
+            if accepted {
+                c.set("Accepted", true, "Accepted", "");
+            } else {
+                c.set(
+                    "Accepted",
+                    false,
+                    "UnsupportedProtocol",
+                    format!("protocol {} is not supported", listener.protocol),
+                );
+            }
+            if conflicted {
+                c.set(
+                    "Conflicted",
+                    true,
+                    "ProtocolConflict",
+                    format!("port {} is used by another listener", listener.port),
+                );
+            } else {
+                c.set("Conflicted", false, "NoConflicts", "");
+            }
+            if kinds_valid {
+                c.set("ResolvedRefs", true, "ResolvedRefs", "");
+            } else {
+                c.set(
+                    "ResolvedRefs",
+                    false,
+                    "InvalidRouteKinds",
+                    "only TCPRoute for TCP and UDPRoute for UDP listeners",
+                );
+            }
+            let usable = accepted && !conflicted;
+            c.set(
+                "Programmed",
+                usable,
+                if usable { "Programmed" } else { "Invalid" },
+                "",
+            );
+            listeners.push(ValidListener {
+                listener,
+                kind,
+                usable,
+                attached: 0,
+            });
+            listener_conditions.push((kinds, c.done()));
+        }
+
+        // Addresses.
+        let mut g = Conditions::new(
+            snapshot,
+            &gateway_key(&gateway.id),
+            gateway.meta.generation,
+            config.now,
+        );
+        let unsupported: Vec<&str> = gateway
+            .addresses
+            .iter()
+            .filter(|a| a.kind != "IPAddress" || a.value.parse::<IpAddr>().is_err())
+            .map(|a| a.value.as_str())
+            .collect();
+        let addresses: Vec<IpAddr> = if gateway.addresses.is_empty() {
+            assign_address(config, snapshot, gateway, &mut taken)
+                .into_iter()
+                .collect()
+        } else {
+            gateway
+                .addresses
+                .iter()
+                .filter_map(|a| {
+                    (a.kind == "IPAddress")
+                        .then(|| a.value.parse().ok())
+                        .flatten()
+                })
+                .collect()
+        };
+        let listeners_valid = listeners.iter().all(|l| l.usable);
+        if !unsupported.is_empty() {
+            g.set(
+                "Accepted",
+                false,
+                "UnsupportedAddress",
+                format!("unsupported addresses: {}", unsupported.join(", ")),
+            );
+        } else if listeners_valid {
+            g.set("Accepted", true, "Accepted", "");
+        } else {
+            g.set(
+                "Accepted",
+                true,
+                "ListenersNotValid",
+                "some listeners are not valid",
+            );
+        }
+        if addresses.is_empty() {
+            g.set(
+                "Programmed",
+                false,
+                "AddressNotAssigned",
+                "no address given and none free in the pools",
+            );
+        } else if !unsupported.is_empty() {
+            g.set("Programmed", false, "Invalid", "");
+        } else {
+            g.set("Programmed", true, "Programmed", "");
+        }
+        status.conditions = g.done();
+        status.addresses = addresses.clone();
+        status.listeners = listener_conditions
+            .into_iter()
+            .zip(&gateway.listeners)
+            .map(|((kinds, conditions), l)| ListenerStatus {
+                name: l.name.clone(),
+                supported_kinds: kinds,
+                attached_routes: 0,
+                conditions,
+            })
+            .collect();
+        gateway_addresses.insert(
+            gateway.id.clone(),
+            if unsupported.is_empty() {
+                addresses
+            } else {
+                Vec::new()
+            },
+        );
+        listener_state.insert(gateway.id.clone(), listeners);
+        gateway_status.insert(gateway.id.clone(), status);
+    }
+
+    // Routes: attachment, status, and the winning route per listener.
+    let mut winners: BTreeMap<(ObjectRef, usize), &Route> = BTreeMap::new();
+    for route in &routes {
+        let mut parents = Vec::new();
+        for parent in &route.parent_refs {
+            if !(parent.group == GATEWAY_GROUP && parent.kind == "Gateway") {
+                continue; // Not a parent we handle.
+            }
+            let gateway_id = ObjectRef::new(
+                parent.namespace.as_deref().unwrap_or(&route.id.namespace),
+                &parent.name,
+            );
+            let Some(gateway) = gateways.iter().find(|g| g.id == gateway_id) else {
+                continue;
+            };
+            let mut c = Conditions::new(
+                snapshot,
+                &route_key(route.kind, &route.id, parent),
+                route.meta.generation,
+                config.now,
+            );
+            let listeners = listener_state
+                .get_mut(&gateway_id)
+                .expect("every gateway has listeners");
+            let selected: Vec<usize> = (0..listeners.len())
+                .filter(|i| selects(parent, listeners[*i].listener))
+                .collect();
+            let mut attached_to = Vec::new();
+            for i in &selected {
+                let l = &listeners[*i];
+                if l.usable
+                    && l.kind == Some(route.kind)
+                    && namespace_allowed(snapshot, gateway, l.listener, route)
+                {
+                    attached_to.push(*i);
+                }
+            }
+            if selected.is_empty() {
+                c.set(
+                    "Accepted",
+                    false,
+                    "NoMatchingParent",
+                    "no listener matches the sectionName or port",
+                );
+            } else if attached_to.is_empty() {
+                c.set(
+                    "Accepted",
+                    false,
+                    "NotAllowedByListeners",
+                    "no matching listener allows this route",
+                );
+            } else {
+                c.set("Accepted", true, "Accepted", "");
+            }
+            for i in &attached_to {
+                listeners[*i].attached += 1;
+                winners.entry((gateway_id.clone(), *i)).or_insert(route);
+            }
+            // ResolvedRefs: the first problem among the backendRefs, in order.
+            let problem = route
+                .backend_refs
+                .iter()
+                .find_map(|b| resolve(snapshot, route, b, false).err());
+            match problem {
+                None => c.set("ResolvedRefs", true, "ResolvedRefs", ""),
+                Some(Unresolved::NotFound) => c.set(
+                    "ResolvedRefs",
+                    false,
+                    "BackendNotFound",
+                    "a backendRef names no Service port",
+                ),
+                Some(Unresolved::NotPermitted) => c.set(
+                    "ResolvedRefs",
+                    false,
+                    "RefNotPermitted",
+                    "a cross-namespace backendRef has no ReferenceGrant",
+                ),
+                Some(Unresolved::InvalidKind) => c.set(
+                    "ResolvedRefs",
+                    false,
+                    "InvalidKind",
+                    "backendRefs must be core Services",
+                ),
+            }
+            parents.push(RouteParentStatus {
+                parent_ref: parent.clone(),
+                controller_name: config.controller_name.into(),
+                conditions: c.done(),
+            });
+        }
+        if !parents.is_empty() {
+            out.routes
+                .insert((route.kind, route.id.clone()), RouteStatus { parents });
+        }
+    }
+
+    // Attached route counts.
+    for (id, listeners) in &listener_state {
+        let status = gateway_status.get_mut(id).expect("status per gateway");
+        for (ls, l) in status.listeners.iter_mut().zip(listeners) {
+            ls.attached_routes = l.attached;
+        }
+    }
+
+    // Dataplane services: every address × listener with a winning route.
+    let mut services = BTreeMap::new();
+    for ((gateway_id, index), route) in &winners {
+        let listener = listener_state[gateway_id][*index].listener;
+        for vip in &gateway_addresses[gateway_id] {
+            let protocol = if route.kind == RouteKind::Tcp {
+                v1::Protocol::Tcp
+            } else {
+                v1::Protocol::Udp
+            };
+            let key = (vip.to_string(), listener.port, protocol as i32);
+            services.entry(key).or_insert_with(|| {
+                dataplane_service(snapshot, route, *vip, listener.port, protocol)
+            });
+        }
+    }
+    out.services = services.into_values().collect();
+    out.gateways = gateway_status;
+    out
+}
+
+/// Weights: each backendRef's weight is split evenly over its endpoints; invalid refs and
+/// Services without ready endpoints become the reject weight; all scaled under MAX_WEIGHT.
+fn dataplane_service(
+    snapshot: &Snapshot,
+    route: &Route,
+    vip: IpAddr,
+    port: u16,
+    protocol: v1::Protocol,
+) -> v1::Service {
+    let mut shares: BTreeMap<(IpAddr, u16), f64> = BTreeMap::new();
+    let mut reject = 0.0;
+    for backend in &route.backend_refs {
+        let weight = backend.weight as f64;
+        match resolve(snapshot, route, backend, vip.is_ipv6()) {
+            Ok(endpoints) if !endpoints.is_empty() => {
+                for endpoint in &endpoints {
+                    *shares.entry(*endpoint).or_default() += weight / endpoints.len() as f64;
+                }
+            }
+            _ => reject += weight,
+        }
+    }
+    let largest = shares.values().copied().fold(reject, f64::max);
+    let scale = if largest > 0.0 {
+        MAX_WEIGHT / largest
+    } else {
+        0.0
+    };
+    let scaled = |w: f64| {
+        if w > 0.0 {
+            ((w * scale).round() as u32).max(1)
+        } else {
+            0
+        }
+    };
+    v1::Service {
+        vip: vip.to_string(),
+        port: port.into(),
+        protocol: protocol as i32,
+        backends: shares
+            .into_iter()
+            .map(|((address, port), w)| v1::Backend {
+                address: address.to_string(),
+                port: port.into(),
+                weight: scaled(w),
+            })
+            .collect(),
+        reject_weight: scaled(reject),
+    }
+}

@@ -1,0 +1,776 @@
+//! Table tests for Gateway API semantics: snapshots in, dataplane services and statuses out.
+//! Each test names the rule (and the upstream conformance test, where there is one).
+
+use std::{collections::BTreeMap, net::IpAddr};
+
+use fulgur_controller::{
+    model::*,
+    translate::{Config, Output, translate},
+};
+use fulgur_proto::v1;
+
+const CONTROLLER: &str = "fulgur.dev/gateway-controller";
+const NOW: &str = "2026-11-27T12:00:00Z";
+
+fn meta(created: &str) -> Meta {
+    Meta {
+        generation: 3,
+        creation_timestamp: created.into(),
+        labels: BTreeMap::new(),
+    }
+}
+
+fn tcp(name: &str, port: u16) -> Listener {
+    Listener {
+        name: name.into(),
+        port,
+        protocol: "TCP".into(),
+        from: FromNamespaces::Same,
+        kinds: vec![],
+    }
+}
+
+fn udp(name: &str, port: u16) -> Listener {
+    Listener {
+        protocol: "UDP".into(),
+        ..tcp(name, port)
+    }
+}
+
+fn gateway(name: &str, listeners: Vec<Listener>, address: &str) -> Gateway {
+    Gateway {
+        id: ObjectRef::new("gateway-conformance-infra", name),
+        meta: meta("2026-01-01T00:00:00Z"),
+        class_name: "fulgur".into(),
+        listeners,
+        addresses: vec![GatewayAddress {
+            kind: "IPAddress".into(),
+            value: address.into(),
+        }],
+    }
+}
+
+fn parent(gateway: &str) -> ParentRef {
+    ParentRef {
+        group: "gateway.networking.k8s.io".into(),
+        kind: "Gateway".into(),
+        namespace: Some("gateway-conformance-infra".into()),
+        name: gateway.into(),
+        section_name: None,
+        port: None,
+    }
+}
+
+fn backend(name: &str, port: u16, weight: u32) -> BackendRef {
+    BackendRef {
+        group: String::new(),
+        kind: "Service".into(),
+        namespace: None,
+        name: name.into(),
+        port: Some(port),
+        weight,
+    }
+}
+
+fn route(
+    kind: RouteKind,
+    name: &str,
+    created: &str,
+    parents: Vec<ParentRef>,
+    backends: Vec<BackendRef>,
+) -> Route {
+    Route {
+        kind,
+        id: ObjectRef::new("gateway-conformance-infra", name),
+        meta: meta(created),
+        parent_refs: parents,
+        backend_refs: backends,
+    }
+}
+
+/// A Service with one port (8080 → target 3000) and its ready endpoints.
+fn service(namespace: &str, name: &str, endpoints: &[&str]) -> (Service, EndpointSlice) {
+    (
+        Service {
+            id: ObjectRef::new(namespace, name),
+            ports: vec![ServicePort {
+                name: Some("web".into()),
+                port: 8080,
+                protocol: "TCP".into(),
+            }],
+        },
+        EndpointSlice {
+            namespace: namespace.into(),
+            service_name: name.into(),
+            ports: vec![(Some("web".into()), 3000)],
+            ready_addresses: endpoints.iter().map(|e| e.parse().unwrap()).collect(),
+        },
+    )
+}
+
+fn snapshot(
+    gateways: Vec<Gateway>,
+    routes: Vec<Route>,
+    services: Vec<(Service, EndpointSlice)>,
+) -> Snapshot {
+    let (services, endpoint_slices) = services.into_iter().unzip();
+    Snapshot {
+        classes: vec![
+            GatewayClass {
+                name: "fulgur".into(),
+                meta: meta(""),
+                controller_name: CONTROLLER.into(),
+            },
+            GatewayClass {
+                name: "other".into(),
+                meta: meta(""),
+                controller_name: "example.com/other".into(),
+            },
+        ],
+        gateways,
+        routes,
+        services,
+        endpoint_slices,
+        ..Default::default()
+    }
+}
+
+fn run(s: &Snapshot) -> Output {
+    let pools: Vec<ipnet::IpNet> = vec!["192.0.2.128/30".parse().unwrap()];
+    translate(
+        &Config {
+            controller_name: CONTROLLER,
+            address_pools: &pools,
+            now: NOW,
+        },
+        s,
+    )
+}
+
+/// (type, status, reason) of a route's conditions for its first parent.
+fn route_conditions(out: &Output, kind: RouteKind, name: &str) -> Vec<(String, bool, String)> {
+    let status = &out.routes[&(kind, ObjectRef::new("gateway-conformance-infra", name))];
+    status.parents[0]
+        .conditions
+        .iter()
+        .map(|c| (c.type_.clone(), c.status, c.reason.clone()))
+        .collect()
+}
+
+fn has(conditions: &[(String, bool, String)], type_: &str, status: bool, reason: &str) -> bool {
+    conditions
+        .iter()
+        .any(|(t, s, r)| t == type_ && *s == status && r == reason)
+}
+
+fn listener_status<'a>(
+    out: &'a Output,
+    gateway: &str,
+    listener: &str,
+) -> &'a fulgur_controller::translate::ListenerStatus {
+    out.gateways[&ObjectRef::new("gateway-conformance-infra", gateway)]
+        .listeners
+        .iter()
+        .find(|l| l.name == listener)
+        .unwrap()
+}
+
+fn backends(service: &v1::Service) -> Vec<(String, u32, u32)> {
+    service
+        .backends
+        .iter()
+        .map(|b| (b.address.clone(), b.port, b.weight))
+        .collect()
+}
+
+#[test]
+fn gateway_class_is_accepted_with_sorted_features_and_others_are_ignored() {
+    let out = run(&snapshot(vec![], vec![], vec![]));
+    assert_eq!(out.classes.len(), 1);
+    let class = &out.classes["fulgur"];
+    assert!(
+        class
+            .conditions
+            .iter()
+            .any(|c| c.type_ == "Accepted" && c.status)
+    );
+    let mut sorted = class.supported_features.clone();
+    sorted.sort();
+    assert_eq!(class.supported_features, sorted);
+    assert!(class.supported_features.contains(&"TCPRoute".to_owned()));
+}
+
+#[test]
+fn a_tcp_route_programs_the_service_through_the_endpoint_slice_target_port() {
+    let s = snapshot(
+        vec![gateway("gw", vec![tcp("tcp", 80)], "192.0.2.10")],
+        vec![route(
+            RouteKind::Tcp,
+            "r",
+            "2026-01-01T00:00:00Z",
+            vec![parent("gw")],
+            vec![backend("svc", 8080, 1)],
+        )],
+        vec![service(
+            "gateway-conformance-infra",
+            "svc",
+            &["203.0.113.2", "203.0.113.3", "2001:db8::9"],
+        )],
+    );
+    let out = run(&s);
+    assert_eq!(out.services.len(), 1);
+    let svc = &out.services[0];
+    assert_eq!(
+        (svc.vip.as_str(), svc.port, svc.protocol),
+        ("192.0.2.10", 80, v1::Protocol::Tcp as i32)
+    );
+    // Only the IPv4 endpoints, at the target port, equal weights.
+    assert_eq!(
+        backends(svc),
+        vec![
+            ("203.0.113.2".into(), 3000, 1_000_000),
+            ("203.0.113.3".into(), 3000, 1_000_000)
+        ]
+    );
+    assert_eq!(svc.reject_weight, 0);
+    let c = route_conditions(&out, RouteKind::Tcp, "r");
+    assert!(
+        has(&c, "Accepted", true, "Accepted") && has(&c, "ResolvedRefs", true, "ResolvedRefs"),
+        "{c:?}"
+    );
+    assert_eq!(listener_status(&out, "gw", "tcp").attached_routes, 1);
+    let gw = &out.gateways[&ObjectRef::new("gateway-conformance-infra", "gw")];
+    assert_eq!(gw.addresses, vec!["192.0.2.10".parse::<IpAddr>().unwrap()]);
+    assert!(
+        gw.conditions
+            .iter()
+            .any(|c| c.type_ == "Programmed" && c.status)
+    );
+    // Every condition carries the object's generation.
+    assert!(
+        out.routes
+            .values()
+            .flat_map(|r| &r.parents)
+            .flat_map(|p| &p.conditions)
+            .all(|c| c.observed_generation == 3)
+    );
+}
+
+#[test]
+fn tcp_route_invalid_backend_ref_nonexistent() {
+    let s = snapshot(
+        vec![gateway("gw", vec![tcp("tcp", 80)], "192.0.2.10")],
+        vec![route(
+            RouteKind::Tcp,
+            "r",
+            "2026-01-01T00:00:00Z",
+            vec![parent("gw")],
+            vec![backend("missing", 8080, 1)],
+        )],
+        vec![],
+    );
+    let out = run(&s);
+    let c = route_conditions(&out, RouteKind::Tcp, "r");
+    assert!(
+        has(&c, "Accepted", true, "Accepted") && has(&c, "ResolvedRefs", false, "BackendNotFound"),
+        "{c:?}"
+    );
+    // All of the weight is invalid: every connection is rejected.
+    assert_eq!(out.services[0].backends.len(), 0);
+    assert!(out.services[0].reject_weight > 0);
+}
+
+#[test]
+fn cross_namespace_backends_need_a_reference_grant_and_lose_it_when_revoked() {
+    let mut other = backend("svc", 8080, 1);
+    other.namespace = Some("gateway-conformance-backend".into());
+    let mut s = snapshot(
+        vec![gateway("gw", vec![tcp("tcp", 80)], "192.0.2.10")],
+        vec![route(
+            RouteKind::Tcp,
+            "r",
+            "2026-01-01T00:00:00Z",
+            vec![parent("gw")],
+            vec![other],
+        )],
+        vec![service(
+            "gateway-conformance-backend",
+            "svc",
+            &["203.0.113.2"],
+        )],
+    );
+    let out = run(&s);
+    let c = route_conditions(&out, RouteKind::Tcp, "r");
+    assert!(
+        has(&c, "Accepted", true, "Accepted") && has(&c, "ResolvedRefs", false, "RefNotPermitted"),
+        "{c:?}"
+    );
+    assert!(out.services[0].backends.is_empty());
+
+    s.grants.push(ReferenceGrant {
+        namespace: "gateway-conformance-backend".into(),
+        from: vec![(
+            "gateway.networking.k8s.io".into(),
+            "TCPRoute".into(),
+            "gateway-conformance-infra".into(),
+        )],
+        to: vec![(String::new(), "Service".into(), None)],
+    });
+    let out = run(&s);
+    assert!(has(
+        &route_conditions(&out, RouteKind::Tcp, "r"),
+        "ResolvedRefs",
+        true,
+        "ResolvedRefs"
+    ));
+    assert_eq!(out.services[0].backends.len(), 1);
+
+    s.grants.clear();
+    let out = run(&s);
+    assert!(has(
+        &route_conditions(&out, RouteKind::Tcp, "r"),
+        "ResolvedRefs",
+        false,
+        "RefNotPermitted"
+    ));
+    assert!(
+        out.services[0].backends.is_empty(),
+        "revoking the grant stops the traffic"
+    );
+}
+
+#[test]
+fn tcp_route_invalid_non_tcp_listener() {
+    let http = Listener {
+        protocol: "HTTP".into(),
+        ..tcp("http", 8080)
+    };
+    let mut p = parent("gw");
+    p.section_name = Some("http".into());
+    let s = snapshot(
+        vec![gateway("gw", vec![tcp("tcp", 80), http], "192.0.2.10")],
+        vec![route(
+            RouteKind::Tcp,
+            "r",
+            "2026-01-01T00:00:00Z",
+            vec![p],
+            vec![backend("svc", 8080, 1)],
+        )],
+        vec![service(
+            "gateway-conformance-infra",
+            "svc",
+            &["203.0.113.2"],
+        )],
+    );
+    let out = run(&s);
+    assert!(has(
+        &route_conditions(&out, RouteKind::Tcp, "r"),
+        "Accepted",
+        false,
+        "NotAllowedByListeners"
+    ));
+    assert_eq!(listener_status(&out, "gw", "http").attached_routes, 0);
+    assert_eq!(listener_status(&out, "gw", "tcp").attached_routes, 0);
+    assert!(out.services.is_empty());
+    let http_conditions = &listener_status(&out, "gw", "http").conditions;
+    assert!(
+        http_conditions
+            .iter()
+            .any(|c| c.type_ == "Accepted" && !c.status && c.reason == "UnsupportedProtocol")
+    );
+}
+
+#[test]
+fn several_routes_on_a_listener_are_all_accepted_and_the_oldest_gets_the_traffic() {
+    let s = snapshot(
+        vec![gateway("gw", vec![tcp("tcp", 80)], "192.0.2.10")],
+        vec![
+            route(
+                RouteKind::Tcp,
+                "newer",
+                "2026-01-02T00:00:00Z",
+                vec![parent("gw")],
+                vec![backend("b", 8080, 1)],
+            ),
+            route(
+                RouteKind::Tcp,
+                "older",
+                "2026-01-01T00:00:00Z",
+                vec![parent("gw")],
+                vec![backend("a", 8080, 1)],
+            ),
+        ],
+        vec![
+            service("gateway-conformance-infra", "a", &["203.0.113.2"]),
+            service("gateway-conformance-infra", "b", &["203.0.113.3"]),
+        ],
+    );
+    let out = run(&s);
+    for name in ["newer", "older"] {
+        assert!(has(
+            &route_conditions(&out, RouteKind::Tcp, name),
+            "Accepted",
+            true,
+            "Accepted"
+        ));
+    }
+    assert_eq!(listener_status(&out, "gw", "tcp").attached_routes, 2);
+    assert_eq!(backends(&out.services[0])[0].0, "203.0.113.2");
+}
+
+#[test]
+fn parent_ref_attach_all_port_and_section_name() {
+    let listeners = vec![
+        tcp("one", 5001),
+        tcp("two", 5002),
+        tcp("three", 5003),
+        tcp("four", 5004),
+    ];
+    let mut by_port = parent("gw");
+    by_port.port = Some(5002);
+    let mut by_section = parent("gw");
+    by_section.section_name = Some("three".into());
+    let mut by_both = parent("gw");
+    by_both.section_name = Some("four".into());
+    by_both.port = Some(5004);
+    let mut wrong = parent("gw");
+    wrong.port = Some(6000);
+    let s = snapshot(
+        vec![gateway("gw", listeners, "192.0.2.10")],
+        vec![
+            route(
+                RouteKind::Tcp,
+                "all",
+                "2026-01-01T00:00:00Z",
+                vec![parent("gw")],
+                vec![backend("svc", 8080, 1)],
+            ),
+            route(
+                RouteKind::Tcp,
+                "picky",
+                "2026-01-02T00:00:00Z",
+                vec![by_port, by_section, by_both],
+                vec![backend("svc", 8080, 1)],
+            ),
+            route(
+                RouteKind::Tcp,
+                "lost",
+                "2026-01-03T00:00:00Z",
+                vec![wrong],
+                vec![backend("svc", 8080, 1)],
+            ),
+        ],
+        vec![service(
+            "gateway-conformance-infra",
+            "svc",
+            &["203.0.113.2"],
+        )],
+    );
+    let out = run(&s);
+    let ports: Vec<u32> = out.services.iter().map(|s| s.port).collect();
+    assert_eq!(
+        ports,
+        [5001, 5002, 5003, 5004],
+        "attach-all reaches every listener"
+    );
+    assert_eq!(listener_status(&out, "gw", "one").attached_routes, 1);
+    for listener in ["two", "three", "four"] {
+        assert_eq!(
+            listener_status(&out, "gw", listener).attached_routes,
+            2,
+            "{listener}"
+        );
+    }
+    let picky = &out.routes[&(
+        RouteKind::Tcp,
+        ObjectRef::new("gateway-conformance-infra", "picky"),
+    )];
+    assert!(picky.parents.iter().all(|p| {
+        p.conditions
+            .iter()
+            .any(|c| c.type_ == "Accepted" && c.status)
+    }));
+    assert!(has(
+        &route_conditions(&out, RouteKind::Tcp, "lost"),
+        "Accepted",
+        false,
+        "NoMatchingParent"
+    ));
+}
+
+#[test]
+fn weighted_routing_splits_by_weight_and_weight_zero_gets_nothing() {
+    let s = snapshot(
+        vec![gateway("gw", vec![udp("udp", 53)], "192.0.2.10")],
+        vec![route(
+            RouteKind::Udp,
+            "r",
+            "2026-01-01T00:00:00Z",
+            vec![parent("gw")],
+            vec![
+                backend("a", 8080, 70),
+                backend("b", 8080, 30),
+                backend("c", 8080, 0),
+            ],
+        )],
+        vec![
+            service(
+                "gateway-conformance-infra",
+                "a",
+                &["203.0.113.2", "203.0.113.4"],
+            ),
+            service("gateway-conformance-infra", "b", &["203.0.113.3"]),
+            service("gateway-conformance-infra", "c", &["203.0.113.5"]),
+        ],
+    );
+    let out = run(&s);
+    let svc = &out.services[0];
+    assert_eq!(svc.protocol, v1::Protocol::Udp as i32);
+    let weight = |a: &str| {
+        svc.backends
+            .iter()
+            .find(|b| b.address == a)
+            .map_or(0, |b| b.weight) as f64
+    };
+    let total = weight("203.0.113.2") + weight("203.0.113.4") + weight("203.0.113.3");
+    assert!(((weight("203.0.113.2") + weight("203.0.113.4")) / total - 0.7).abs() < 1e-4);
+    assert_eq!(weight("203.0.113.5"), 0.0, "weight 0 gets nothing");
+    assert_eq!(svc.reject_weight, 0);
+}
+
+#[test]
+fn invalid_weight_share_becomes_the_reject_weight() {
+    let s = snapshot(
+        vec![gateway("gw", vec![tcp("tcp", 80)], "192.0.2.10")],
+        vec![route(
+            RouteKind::Tcp,
+            "r",
+            "2026-01-01T00:00:00Z",
+            vec![parent("gw")],
+            vec![backend("a", 8080, 20), backend("gone", 8080, 80)],
+        )],
+        vec![service("gateway-conformance-infra", "a", &["203.0.113.2"])],
+    );
+    let svc = &run(&s).services[0];
+    let share = svc.reject_weight as f64 / (svc.reject_weight + svc.backends[0].weight) as f64;
+    assert!((share - 0.8).abs() < 1e-4, "{share}");
+}
+
+#[test]
+fn a_tcp_listener_sharing_a_port_with_http_is_conflicted() {
+    let http = Listener {
+        protocol: "HTTP".into(),
+        ..tcp("http", 80)
+    };
+    let s = snapshot(
+        vec![gateway(
+            "gw",
+            vec![tcp("tcp", 80), http, udp("udp", 80)],
+            "192.0.2.10",
+        )],
+        vec![],
+        vec![],
+    );
+    let out = run(&s);
+    let tcp_conditions = &listener_status(&out, "gw", "tcp").conditions;
+    assert!(
+        tcp_conditions
+            .iter()
+            .any(|c| c.type_ == "Conflicted" && c.status && c.reason == "ProtocolConflict")
+    );
+    let udp_conditions = &listener_status(&out, "gw", "udp").conditions;
+    assert!(
+        udp_conditions
+            .iter()
+            .any(|c| c.type_ == "Conflicted" && !c.status),
+        "TCP and UDP may share a port"
+    );
+    let gw = &out.gateways[&ObjectRef::new("gateway-conformance-infra", "gw")];
+    assert!(
+        gw.conditions
+            .iter()
+            .any(|c| c.type_ == "Accepted" && c.reason == "ListenersNotValid")
+    );
+}
+
+#[test]
+fn allowed_routes_same_all_and_selector() {
+    let mut all = tcp("all", 81);
+    all.from = FromNamespaces::All;
+    let mut selected = tcp("selected", 82);
+    selected.from = FromNamespaces::Selector([("team".to_owned(), "blue".to_owned())].into());
+    let mut elsewhere = route(
+        RouteKind::Tcp,
+        "r",
+        "2026-01-01T00:00:00Z",
+        vec![parent("gw")],
+        vec![backend("svc", 8080, 1)],
+    );
+    elsewhere.id.namespace = "blue".into();
+    let mut s = snapshot(
+        vec![gateway(
+            "gw",
+            vec![tcp("same", 80), all, selected],
+            "192.0.2.10",
+        )],
+        vec![elsewhere],
+        vec![service("blue", "svc", &["203.0.113.2"])],
+    );
+    s.namespaces.insert(
+        "blue".into(),
+        [("team".to_owned(), "blue".to_owned())].into(),
+    );
+    let out = run(&s);
+    assert_eq!(listener_status(&out, "gw", "same").attached_routes, 0);
+    assert_eq!(listener_status(&out, "gw", "all").attached_routes, 1);
+    assert_eq!(listener_status(&out, "gw", "selected").attached_routes, 1);
+    s.namespaces.insert("blue".into(), BTreeMap::new());
+    let out = run(&s);
+    assert_eq!(
+        listener_status(&out, "gw", "selected").attached_routes,
+        0,
+        "labels no longer match"
+    );
+}
+
+#[test]
+fn addresses_static_pooled_stable_and_unsupported() {
+    let mut pooled = gateway("pooled", vec![tcp("tcp", 80)], "");
+    pooled.addresses.clear();
+    let mut named = gateway("named", vec![tcp("tcp", 80)], "");
+    named.addresses = vec![GatewayAddress {
+        kind: "Hostname".into(),
+        value: "lb.example".into(),
+    }];
+    let mut s = snapshot(vec![pooled.clone(), named], vec![], vec![]);
+    let out = run(&s);
+    let first = out.gateways[&pooled.id].addresses.clone();
+    assert_eq!(first.len(), 1);
+    assert!(first[0].to_string().starts_with("192.0.2.12"), "{first:?}");
+    let named_status = &out.gateways[&ObjectRef::new("gateway-conformance-infra", "named")];
+    assert!(
+        named_status
+            .conditions
+            .iter()
+            .any(|c| c.type_ == "Accepted" && !c.status && c.reason == "UnsupportedAddress")
+    );
+
+    // The assignment survives a restart (read back from status), even when another Gateway
+    // that sorts first appears.
+    s.previous_addresses
+        .insert(pooled.id.clone(), first.clone());
+    let mut early = pooled.clone();
+    early.id.name = "aaa".into();
+    s.gateways.push(early);
+    let out = run(&s);
+    assert_eq!(out.gateways[&pooled.id].addresses, first);
+
+    // An exhausted pool: Programmed=False, AddressNotAssigned.
+    for i in 0..3 {
+        let mut more = pooled.clone();
+        more.id.name = format!("more-{i}");
+        s.gateways.push(more);
+    }
+    let out = run(&s);
+    assert!(out.gateways.values().any(|g| {
+        g.conditions
+            .iter()
+            .any(|c| c.reason == "AddressNotAssigned")
+    }));
+}
+
+#[test]
+fn last_transition_time_changes_only_with_the_condition() {
+    let s = snapshot(
+        vec![gateway("gw", vec![tcp("tcp", 80)], "192.0.2.10")],
+        vec![route(
+            RouteKind::Tcp,
+            "r",
+            "2026-01-01T00:00:00Z",
+            vec![parent("gw")],
+            vec![backend("missing", 8080, 1)],
+        )],
+        vec![],
+    );
+    let pools: Vec<ipnet::IpNet> = vec![];
+    let out = translate(
+        &Config {
+            controller_name: CONTROLLER,
+            address_pools: &pools,
+            now: "T1",
+        },
+        &s,
+    );
+    let key = fulgur_controller::translate::route_key(
+        RouteKind::Tcp,
+        &s.routes[0].id,
+        &s.routes[0].parent_refs[0],
+    );
+    let mut again = s.clone();
+    again.previous_conditions.insert(
+        key.clone(),
+        out.routes.values().next().unwrap().parents[0]
+            .conditions
+            .clone(),
+    );
+    let out = translate(
+        &Config {
+            controller_name: CONTROLLER,
+            address_pools: &pools,
+            now: "T2",
+        },
+        &again,
+    );
+    let times: BTreeMap<String, String> = out.routes.values().next().unwrap().parents[0]
+        .conditions
+        .iter()
+        .map(|c| (c.type_.clone(), c.last_transition_time.clone()))
+        .collect();
+    assert_eq!(times["Accepted"], "T1");
+    assert_eq!(times["ResolvedRefs"], "T1");
+    // The backend appears: ResolvedRefs changes, and only it gets the new time.
+    let (svc, slice) = service("gateway-conformance-infra", "missing", &["203.0.113.2"]);
+    again.services.push(svc);
+    again.endpoint_slices.push(slice);
+    let out = translate(
+        &Config {
+            controller_name: CONTROLLER,
+            address_pools: &pools,
+            now: "T3",
+        },
+        &again,
+    );
+    let times: BTreeMap<String, String> = out.routes.values().next().unwrap().parents[0]
+        .conditions
+        .iter()
+        .map(|c| (c.type_.clone(), c.last_transition_time.clone()))
+        .collect();
+    assert_eq!(
+        (times["Accepted"].as_str(), times["ResolvedRefs"].as_str()),
+        ("T1", "T3")
+    );
+}
+
+#[test]
+fn an_ipv6_gateway_address_gets_the_ipv6_endpoints() {
+    let s = snapshot(
+        vec![gateway("gw", vec![tcp("tcp", 80)], "2001:db8:ffff::10")],
+        vec![route(
+            RouteKind::Tcp,
+            "r",
+            "2026-01-01T00:00:00Z",
+            vec![parent("gw")],
+            vec![backend("svc", 8080, 1)],
+        )],
+        vec![service(
+            "gateway-conformance-infra",
+            "svc",
+            &["203.0.113.2", "2001:db8::9"],
+        )],
+    );
+    let out = run(&s);
+    assert_eq!(
+        backends(&out.services[0]),
+        vec![("2001:db8::9".into(), 3000, 1_000_000)]
+    );
+}
