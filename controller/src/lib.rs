@@ -4,5 +4,7 @@
 //! it meets the agents only through `fulgur.dataplane.v1`.
 
 pub mod agents;
+pub mod file;
 pub mod model;
+pub mod status;
 pub mod translate;

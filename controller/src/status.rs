@@ -1,0 +1,319 @@
+//! Status documents, shaped as in Kubernetes: written to the standalone status file (and, with
+//! the Kubernetes provider, patched onto the objects), and read back so lastTransitionTime and
+//! pool addresses stay stable across controller restarts.
+
+use std::{collections::BTreeMap, net::IpAddr, path::Path};
+
+use serde::{Deserialize, Serialize};
+
+use crate::{
+    model::{Condition, ObjectRef, ParentRef, RouteGroupKind, RouteKind},
+    translate::{self, Output},
+};
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ConditionDoc {
+    #[serde(rename = "type")]
+    pub type_: String,
+    pub status: String,
+    pub reason: String,
+    pub message: String,
+    pub observed_generation: i64,
+    pub last_transition_time: String,
+}
+
+impl From<&Condition> for ConditionDoc {
+    fn from(c: &Condition) -> Self {
+        ConditionDoc {
+            type_: c.type_.clone(),
+            status: if c.status { "True" } else { "False" }.into(),
+            reason: c.reason.clone(),
+            message: c.message.clone(),
+            observed_generation: c.observed_generation,
+            last_transition_time: c.last_transition_time.clone(),
+        }
+    }
+}
+
+impl From<&ConditionDoc> for Condition {
+    fn from(c: &ConditionDoc) -> Self {
+        Condition {
+            type_: c.type_.clone(),
+            status: c.status == "True",
+            reason: c.reason.clone(),
+            message: c.message.clone(),
+            observed_generation: c.observed_generation,
+            last_transition_time: c.last_transition_time.clone(),
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Named {
+    pub name: String,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AddressDoc {
+    #[serde(rename = "type")]
+    pub type_: String,
+    pub value: String,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GroupKindDoc {
+    pub group: String,
+    pub kind: String,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ListenerDoc {
+    pub name: String,
+    pub supported_kinds: Vec<GroupKindDoc>,
+    pub attached_routes: i32,
+    pub conditions: Vec<ConditionDoc>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ParentRefDoc {
+    pub group: String,
+    pub kind: String,
+    pub namespace: String,
+    pub name: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub section_name: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub port: Option<u16>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct RouteParentDoc {
+    pub parent_ref: ParentRefDoc,
+    pub controller_name: String,
+    pub conditions: Vec<ConditionDoc>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct StatusDoc {
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub addresses: Vec<AddressDoc>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub conditions: Vec<ConditionDoc>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub supported_features: Vec<Named>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub listeners: Vec<ListenerDoc>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub parents: Vec<RouteParentDoc>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MetadataDoc {
+    pub name: String,
+    pub namespace: String,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ObjectStatus {
+    pub api_version: String,
+    pub kind: String,
+    pub metadata: MetadataDoc,
+    pub status: StatusDoc,
+}
+
+const API_VERSION: &str = "gateway.networking.k8s.io/v1";
+
+fn conditions(list: &[Condition]) -> Vec<ConditionDoc> {
+    list.iter().map(ConditionDoc::from).collect()
+}
+
+fn parent_doc(route: &ObjectRef, p: &ParentRef) -> ParentRefDoc {
+    ParentRefDoc {
+        group: p.group.clone(),
+        kind: p.kind.clone(),
+        namespace: p
+            .namespace
+            .clone()
+            .unwrap_or_else(|| route.namespace.clone()),
+        name: p.name.clone(),
+        section_name: p.section_name.clone(),
+        port: p.port,
+    }
+}
+
+fn doc(kind: &str, id: &ObjectRef, status: StatusDoc) -> ObjectStatus {
+    ObjectStatus {
+        api_version: API_VERSION.into(),
+        kind: kind.into(),
+        metadata: MetadataDoc {
+            name: id.name.clone(),
+            namespace: id.namespace.clone(),
+        },
+        status,
+    }
+}
+
+/// Every status, in a stable order: GatewayClasses, Gateways, then routes.
+pub fn documents(out: &Output) -> Vec<ObjectStatus> {
+    let mut docs = Vec::new();
+    for (name, class) in &out.classes {
+        let status = StatusDoc {
+            conditions: conditions(&class.conditions),
+            supported_features: class
+                .supported_features
+                .iter()
+                .map(|f| Named { name: f.clone() })
+                .collect(),
+            ..Default::default()
+        };
+        docs.push(doc("GatewayClass", &ObjectRef::new("", name), status));
+    }
+    for (id, gateway) in &out.gateways {
+        let status = StatusDoc {
+            addresses: gateway
+                .addresses
+                .iter()
+                .map(|a| AddressDoc {
+                    type_: "IPAddress".into(),
+                    value: a.to_string(),
+                })
+                .collect(),
+            conditions: conditions(&gateway.conditions),
+            listeners: gateway
+                .listeners
+                .iter()
+                .map(|l| ListenerDoc {
+                    name: l.name.clone(),
+                    supported_kinds: l
+                        .supported_kinds
+                        .iter()
+                        .map(|k: &RouteGroupKind| GroupKindDoc {
+                            group: k.group.clone(),
+                            kind: k.kind.clone(),
+                        })
+                        .collect(),
+                    attached_routes: l.attached_routes,
+                    conditions: conditions(&l.conditions),
+                })
+                .collect(),
+            ..Default::default()
+        };
+        docs.push(doc("Gateway", id, status));
+    }
+    for ((kind, id), route) in &out.routes {
+        let status = StatusDoc {
+            parents: route
+                .parents
+                .iter()
+                .map(|p| RouteParentDoc {
+                    parent_ref: parent_doc(id, &p.parent_ref),
+                    controller_name: p.controller_name.clone(),
+                    conditions: conditions(&p.conditions),
+                })
+                .collect(),
+            ..Default::default()
+        };
+        docs.push(doc(kind.kind(), id, status));
+    }
+    docs
+}
+
+/// The multi-document YAML of the status file.
+pub fn render(docs: &[ObjectStatus]) -> String {
+    docs.iter()
+        .map(|d| serde_yaml::to_string(d).expect("status documents serialize"))
+        .collect::<Vec<_>>()
+        .join("---\n")
+}
+
+/// Writes `text` to `path` atomically (temporary file, then rename).
+pub fn write_atomically(path: &Path, text: &str) -> std::io::Result<()> {
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, text)?;
+    std::fs::rename(&tmp, path)
+}
+
+/// What an earlier status file says: conditions by translate key, and Gateway addresses.
+#[derive(Debug, Default)]
+pub struct Previous {
+    pub conditions: BTreeMap<String, Vec<Condition>>,
+    pub addresses: BTreeMap<ObjectRef, Vec<IpAddr>>,
+}
+
+/// Reads a status file written before (a missing or unreadable one is an empty history).
+pub fn read_previous(path: &Path) -> Previous {
+    let Ok(text) = std::fs::read_to_string(path) else {
+        return Previous::default();
+    };
+    let docs: Vec<ObjectStatus> = serde_yaml::Deserializer::from_str(&text)
+        .filter_map(|document| ObjectStatus::deserialize(document).ok())
+        .collect();
+    Previous::from_documents(&docs)
+}
+
+impl Previous {
+    /// Conditions and addresses as translate wants them next time.
+    pub fn from_documents(docs: &[ObjectStatus]) -> Previous {
+        let mut previous = Previous::default();
+        for object in docs {
+            let id = ObjectRef::new(&object.metadata.namespace, &object.metadata.name);
+            let conds =
+                |list: &[ConditionDoc]| list.iter().map(Condition::from).collect::<Vec<_>>();
+            match object.kind.as_str() {
+                "GatewayClass" => {
+                    previous.conditions.insert(
+                        translate::class_key(&id.name),
+                        conds(&object.status.conditions),
+                    );
+                }
+                "Gateway" => {
+                    previous.conditions.insert(
+                        translate::gateway_key(&id),
+                        conds(&object.status.conditions),
+                    );
+                    for l in &object.status.listeners {
+                        previous
+                            .conditions
+                            .insert(translate::listener_key(&id, &l.name), conds(&l.conditions));
+                    }
+                    let addresses = object
+                        .status
+                        .addresses
+                        .iter()
+                        .filter_map(|a| a.value.parse().ok())
+                        .collect();
+                    previous.addresses.insert(id, addresses);
+                }
+                "TCPRoute" | "UDPRoute" => {
+                    let kind = if object.kind == "TCPRoute" {
+                        RouteKind::Tcp
+                    } else {
+                        RouteKind::Udp
+                    };
+                    for p in &object.status.parents {
+                        let parent = ParentRef {
+                            group: p.parent_ref.group.clone(),
+                            kind: p.parent_ref.kind.clone(),
+                            namespace: Some(p.parent_ref.namespace.clone()),
+                            name: p.parent_ref.name.clone(),
+                            section_name: p.parent_ref.section_name.clone(),
+                            port: p.parent_ref.port,
+                        };
+                        previous.conditions.insert(
+                            translate::route_key(kind, &id, &parent),
+                            conds(&p.conditions),
+                        );
+                    }
+                }
+                _ => {}
+            }
+        }
+        previous
+    }
+}

@@ -1,0 +1,219 @@
+//! The standalone provider: manifests in, Snapshot out; errors with file and line; statuses
+//! rendered and read back so a restarted controller keeps lastTransitionTime and addresses.
+
+use std::path::{Path, PathBuf};
+
+use fulgur_controller::{
+    file,
+    model::{FromNamespaces, ObjectRef, RouteKind},
+    status,
+    translate::{Config, translate},
+};
+
+const MANIFESTS: &str = r#"
+apiVersion: gateway.networking.k8s.io/v1
+kind: GatewayClass
+metadata:
+  name: fulgur
+spec:
+  controllerName: fulgur.dev/gateway-controller
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: Gateway
+metadata:
+  name: gw
+  namespace: infra
+spec:
+  gatewayClassName: fulgur
+  addresses: [{type: IPAddress, value: 192.0.2.10}]
+  listeners:
+  - name: tcp
+    port: 80
+    protocol: TCP
+    allowedRoutes:
+      namespaces: {from: All}
+---
+apiVersion: gateway.networking.k8s.io/v1alpha2
+kind: TCPRoute
+metadata:
+  name: web
+  namespace: apps
+  creationTimestamp: "2026-01-01T00:00:00Z"
+spec:
+  parentRefs: [{name: gw, namespace: infra}]
+  rules:
+  - backendRefs: [{name: web, port: 8080, weight: 3}]
+---
+apiVersion: v1
+kind: Service
+metadata: {name: web, namespace: apps}
+spec:
+  type: ClusterIP
+  selector: {app: web}
+  ports: [{name: http, port: 8080, targetPort: 3000}]
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata:
+  name: web-abc
+  namespace: apps
+  labels: {kubernetes.io/service-name: web}
+addressType: IPv4
+ports: [{name: http, port: 3000, protocol: TCP}]
+endpoints:
+- addresses: [203.0.113.2]
+  conditions: {ready: true}
+- addresses: [203.0.113.3]
+  conditions: {ready: false}
+- addresses: [203.0.113.4]
+  conditions: {ready: true, terminating: true}
+- addresses: [203.0.113.5]
+---
+apiVersion: v1
+kind: ConfigMap
+metadata: {name: unrelated}
+data: {a: b}
+"#;
+
+struct Dir(PathBuf);
+
+impl Dir {
+    fn new(files: &[(&str, &str)]) -> Self {
+        let dir = std::env::temp_dir().join(format!(
+            "fulgur-manifests-{}-{:?}",
+            std::process::id(),
+            std::thread::current().id()
+        ));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        for (name, text) in files {
+            std::fs::write(dir.join(name), text).unwrap();
+        }
+        Dir(dir)
+    }
+    fn path(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for Dir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+fn seen(_: &str) -> String {
+    "2026-06-01T00:00:00Z".into()
+}
+
+#[test]
+fn a_folder_of_manifests_becomes_a_snapshot() {
+    let dir = Dir::new(&[("all.yaml", MANIFESTS), ("notes.txt", "not yaml: [")]);
+    let loaded = file::load(dir.path(), &mut seen).unwrap();
+    let s = loaded.snapshot;
+    assert_eq!(
+        (
+            s.classes.len(),
+            s.gateways.len(),
+            s.routes.len(),
+            s.services.len()
+        ),
+        (1, 1, 1, 1)
+    );
+    assert_eq!(s.gateways[0].listeners[0].from, FromNamespaces::All);
+    assert_eq!(s.routes[0].kind, RouteKind::Tcp);
+    assert_eq!(s.routes[0].backend_refs[0].weight, 3);
+    assert_eq!(
+        s.routes[0].meta.creation_timestamp, "2026-01-01T00:00:00Z",
+        "a manifest's timestamp is honoured"
+    );
+    assert_eq!(
+        s.gateways[0].meta.creation_timestamp, "2026-06-01T00:00:00Z",
+        "else the first-seen time"
+    );
+    // Ready and not terminating (unset ready counts as ready).
+    let ready: Vec<String> = s.endpoint_slices[0]
+        .ready_addresses
+        .iter()
+        .map(|a| a.to_string())
+        .collect();
+    assert_eq!(ready, ["203.0.113.2", "203.0.113.5"]);
+    assert_eq!(s.classes[0].name, "fulgur");
+}
+
+#[test]
+fn an_unknown_field_is_reported_with_file_and_line() {
+    let bad = MANIFESTS.replace(
+        "  - backendRefs: [{name: web, port: 8080, weight: 3}]",
+        "  - backendRef: [{name: web, port: 8080}]",
+    );
+    let dir = Dir::new(&[("a.yaml", &bad)]);
+    let errors = file::load(dir.path(), &mut seen).unwrap_err();
+    assert_eq!(errors.len(), 1, "{errors:?}");
+    let line = bad.lines().position(|l| l.contains("backendRef:")).unwrap() + 1;
+    assert_eq!(errors[0].line, line, "{}", errors[0]);
+    assert!(errors[0].file.ends_with("a.yaml"));
+    assert!(errors[0].message.contains("backendRef"), "{}", errors[0]);
+}
+
+#[test]
+fn broken_yaml_is_reported_and_nothing_is_returned() {
+    let dir = Dir::new(&[
+        ("good.yaml", MANIFESTS),
+        (
+            "broken.yml",
+            "apiVersion: v1\nkind: Service\nmetadata: {name: x\n",
+        ),
+    ]);
+    let errors = file::load(dir.path(), &mut seen).unwrap_err();
+    assert_eq!(errors.len(), 1);
+    assert!(errors[0].file.ends_with("broken.yml"));
+    assert!(errors[0].line >= 3, "{}", errors[0]);
+}
+
+#[test]
+fn statuses_survive_a_controller_restart() {
+    let dir = Dir::new(&[("all.yaml", MANIFESTS)]);
+    let snapshot = file::load(dir.path(), &mut seen).unwrap().snapshot;
+    let pools = [];
+    let out = translate(
+        &Config {
+            controller_name: "fulgur.dev/gateway-controller",
+            address_pools: &pools,
+            now: "T1",
+        },
+        &snapshot,
+    );
+    assert_eq!(out.services[0].backends.len(), 2);
+    let text = status::render(&status::documents(&out));
+    assert!(
+        text.contains("kind: TCPRoute")
+            && text.contains("lastTransitionTime: T1")
+            && text.contains("status: 'True'"),
+        "{text}"
+    );
+    let file = dir.path().join("status.out");
+    status::write_atomically(&file, &text).unwrap();
+
+    // A restarted controller reads it back: nothing changed, so the times stay.
+    let previous = status::read_previous(&file);
+    let mut again = snapshot.clone();
+    again.previous_conditions = previous.conditions;
+    again.previous_addresses = previous.addresses;
+    let out = translate(
+        &Config {
+            controller_name: "fulgur.dev/gateway-controller",
+            address_pools: &pools,
+            now: "T2",
+        },
+        &again,
+    );
+    let route = &out.routes[&(RouteKind::Tcp, ObjectRef::new("apps", "web"))];
+    assert!(
+        route.parents[0]
+            .conditions
+            .iter()
+            .all(|c| c.last_transition_time == "T1")
+    );
+    assert_eq!(status::render(&status::documents(&out)), text);
+}
