@@ -13,7 +13,16 @@ pub mod topology;
 /// Where the built agent binary is: `FULGUR_AGENT_BIN`, else next to the running test binary's
 /// profile folder.
 pub fn agent_binary() -> std::path::PathBuf {
-    if let Some(path) = std::env::var_os("FULGUR_AGENT_BIN") {
+    binary("FULGUR_AGENT_BIN", "fulgur-agent")
+}
+
+/// Where the built controller binary is: `FULGUR_CONTROLLER_BIN`, else as for the agent.
+pub fn controller_binary() -> std::path::PathBuf {
+    binary("FULGUR_CONTROLLER_BIN", "fulgur-controller")
+}
+
+fn binary(variable: &str, name: &str) -> std::path::PathBuf {
+    if let Some(path) = std::env::var_os(variable) {
         return path.into();
     }
     let exe = std::env::current_exe().expect("current exe");
@@ -22,5 +31,5 @@ pub fn agent_binary() -> std::path::PathBuf {
     if dir.ends_with("deps") {
         dir.pop();
     }
-    dir.join("fulgur-agent")
+    dir.join(name)
 }

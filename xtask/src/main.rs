@@ -333,6 +333,10 @@ fn test(extra: &[String]) -> anyhow::Result<()> {
         .args(["test", "--workspace", "--no-fail-fast"])
         .args(extra)
         .env("FULGUR_AGENT_BIN", &agent)
+        .env(
+            "FULGUR_CONTROLLER_BIN",
+            workspace_root().join("target/debug/fulgur-controller"),
+        )
         .stdout(Stdio::piped());
     let mut child = command.spawn().context("starting cargo test")?;
     let mut totals = Totals::default();
