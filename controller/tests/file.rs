@@ -217,3 +217,27 @@ fn statuses_survive_a_controller_restart() {
     );
     assert_eq!(status::render(&status::documents(&out)), text);
 }
+
+#[test]
+fn the_standalone_example_manifests_are_valid_and_complete() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../manifests/examples/standalone");
+    let snapshot = file::load(&dir, &mut seen).unwrap().snapshot;
+    let pools = [];
+    let out = translate(
+        &Config {
+            controller_name: "fulgur.dev/gateway-controller",
+            address_pools: &pools,
+            now: "T",
+        },
+        &snapshot,
+    );
+    let ports: Vec<u32> = out.services.iter().map(|s| s.port).collect();
+    assert_eq!(ports, [53, 80]);
+    assert!(
+        out.routes
+            .values()
+            .all(|r| r.parents[0].conditions.iter().all(|c| c.status)),
+        "{:?}",
+        out.routes
+    );
+}

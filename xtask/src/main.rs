@@ -395,5 +395,9 @@ fn demo() -> anyhow::Result<()> {
     run(cargo().args(["build", "--bins"]))?;
     let root = workspace_root();
     run(Command::new(root.join("target/debug/fulgur-demo"))
-        .env("FULGUR_AGENT_BIN", root.join("target/debug/fulgur-agent")))
+        .env("FULGUR_AGENT_BIN", root.join("target/debug/fulgur-agent"))
+        .env(
+            "FULGUR_CONTROLLER_BIN",
+            root.join("target/debug/fulgur-controller"),
+        ))
 }
