@@ -54,10 +54,10 @@ impl Drop for Controller {
     }
 }
 
-fn measure(
-    first_port: u16,
-) -> impl FnOnce() -> anyhow::Result<(BTreeMap<String, usize>, BTreeMap<String, usize>)> + Send + 'static
-{
+/// Answers counted by backend name: (TCP connections, UDP flows).
+type Split = (BTreeMap<String, usize>, BTreeMap<String, usize>);
+
+fn measure(first_port: u16) -> impl FnOnce() -> anyhow::Result<Split> + Send + 'static {
     move || {
         let tcp_vip = SocketAddr::from((VIP, 80));
         let udp_vip = SocketAddr::from((VIP, 53));
