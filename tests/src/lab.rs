@@ -187,6 +187,26 @@ impl Lab {
         packet: &[u8],
         repeat: u32,
     ) -> anyhow::Result<(u32, Vec<u8>)> {
+        let mut out = vec![0u8; packet.len() + 256];
+        let result = self.test_run_xdp(name, packet, Some(&mut out), repeat)?;
+        out.truncate(result.data_size_out as usize);
+        Ok((result.return_value, out))
+    }
+
+    /// Runs an XDP program once on `packet`: (verdict, kernel-measured run time in ns).
+    pub fn run_xdp_timed(&self, name: &str, packet: &[u8]) -> anyhow::Result<(u32, u64)> {
+        let result = self.test_run_xdp(name, packet, None, 1)?;
+        Ok((result.return_value, result.duration.as_nanos() as u64))
+    }
+
+    /// BPF_PROG_TEST_RUN of XDP program `name`, as if `packet` arrived on `in0`.
+    fn test_run_xdp(
+        &self,
+        name: &str,
+        packet: &[u8],
+        data_out: Option<&mut [u8]>,
+        repeat: u32,
+    ) -> anyhow::Result<aya::programs::TestRunResult> {
         let program: &Xdp = self
             .dataplane
             .ebpf
@@ -196,34 +216,13 @@ impl Lab {
         // struct xdp_md: data, data_end, data_meta, ingress_ifindex, rx_queue_index, egress_ifindex
         let md: [u32; 6] = [0, packet.len() as u32, 0, self.in_ifindex, 0, 0];
         let ctx: Vec<u8> = md.iter().flat_map(|w| w.to_ne_bytes()).collect();
-        let mut out = vec![0u8; packet.len() + 256];
-        let result = program.test_run(TestRunOptions {
+        Ok(program.test_run(TestRunOptions {
             data_in: Some(packet),
-            data_out: Some(&mut out),
+            data_out,
             ctx_in: Some(&ctx),
             repeat,
             ..TestRunOptions::new()
-        })?;
-        out.truncate(result.data_size_out as usize);
-        Ok((result.return_value, out))
-    }
-
-    /// Runs an XDP program once on `packet`: (verdict, kernel-measured run time in ns).
-    pub fn run_xdp_timed(&self, name: &str, packet: &[u8]) -> anyhow::Result<(u32, u64)> {
-        let program: &Xdp = self
-            .dataplane
-            .ebpf
-            .program(name)
-            .context("program")?
-            .try_into()?;
-        let md: [u32; 6] = [0, packet.len() as u32, 0, self.in_ifindex, 0, 0];
-        let ctx: Vec<u8> = md.iter().flat_map(|w| w.to_ne_bytes()).collect();
-        let result = program.test_run(TestRunOptions {
-            data_in: Some(packet),
-            ctx_in: Some(&ctx),
-            ..TestRunOptions::new()
-        })?;
-        Ok((result.return_value, result.duration.as_nanos() as u64))
+        })?)
     }
 
     /// Runs the TC egress program on `packet`.

@@ -219,6 +219,30 @@ impl Topology {
         SocketAddr::from((VIP6, port))
     }
 
+    /// TCP and UDP echo servers on every backend's IPv4 (and, with `ipv6`, IPv6) address.
+    pub fn start_echo_servers(
+        &self,
+        port: u16,
+        ipv6: bool,
+    ) -> anyhow::Result<Vec<crate::echo::EchoServer>> {
+        let mut servers = Vec::new();
+        for b in &self.backends {
+            servers.push(crate::echo::EchoServer::start(
+                &b.ns,
+                &b.name,
+                SocketAddr::from((b.addr, port)),
+            )?);
+            if ipv6 {
+                servers.push(crate::echo::EchoServer::start(
+                    &b.ns,
+                    &b.name,
+                    SocketAddr::from((b.addr6, port)),
+                )?);
+            }
+        }
+        Ok(servers)
+    }
+
     /// Starts the real agent binary on the load balancer's client-facing interface, programmed
     /// from a services file.
     pub fn start_agent(&self, services_file: &Path) -> anyhow::Result<AgentProcess> {

@@ -81,17 +81,8 @@ impl Drop for ServicesFile {
 
 fn start_backends(topology: &Topology) -> Vec<EchoServer> {
     topology
-        .backends
-        .iter()
-        .flat_map(|b| {
-            [
-                SocketAddr::from((b.addr, BACKEND_PORT)),
-                SocketAddr::from((b.addr6, BACKEND_PORT)),
-            ]
-            .map(|a| (b, a))
-        })
-        .map(|(b, addr)| EchoServer::start(&b.ns, &b.name, addr).expect("echo server"))
-        .collect()
+        .start_echo_servers(BACKEND_PORT, true)
+        .expect("echo servers")
 }
 
 fn client_addr(vip: SocketAddr, port: u16) -> SocketAddr {

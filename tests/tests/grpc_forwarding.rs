@@ -13,7 +13,7 @@ use fulgur_agent::dataplane::XdpAttachMode;
 use fulgur_controller::agents::Agents;
 use fulgur_proto::v1;
 use fulgur_tests::{
-    echo::{EchoServer, tcp_exchange},
+    echo::tcp_exchange,
     netns::{NetNs, in_netns, unique_token},
     pki::Pki,
     topology::{AgentProcess, LB_IFACE, Source, Topology},
@@ -113,11 +113,9 @@ fn http_get(ns: &NetNs, addr: &str, path: &str) -> (String, String) {
 #[test]
 fn a_controller_programs_the_agent_over_mutual_tls() {
     let topology = Topology::new(2, XdpAttachMode::Generic).expect("topology");
-    let _servers: Vec<EchoServer> = topology
-        .backends
-        .iter()
-        .map(|b| EchoServer::start(&b.ns, &b.name, SocketAddr::from((b.addr, 8080))).unwrap())
-        .collect();
+    let _servers = topology
+        .start_echo_servers(8080, false)
+        .expect("echo servers");
     let pki = Pki::generate("fulgur test CA").unwrap();
     let dir = std::env::temp_dir().join(unique_token("fulgur-pki-"));
     let files = pki.write_to(&dir).unwrap();

@@ -12,7 +12,7 @@ use std::{
 
 use fulgur_agent::dataplane::XdpAttachMode;
 use fulgur_tests::{
-    echo::{EchoServer, TcpSession, UdpFlow, tcp_exchange},
+    echo::{TcpSession, UdpFlow, tcp_exchange},
     netns::{in_netns, unique_token},
     pki::Pki,
     topology::{AgentProcess, CLIENT, LB_IFACE, Source, Topology},
@@ -144,11 +144,9 @@ impl Drop for Controller {
 #[test]
 fn standalone_controller_and_agent_follow_the_manifests() {
     let topology = Topology::new(2, XdpAttachMode::Generic).expect("topology");
-    let _servers: Vec<EchoServer> = topology
-        .backends
-        .iter()
-        .map(|b| EchoServer::start(&b.ns, &b.name, SocketAddr::from((b.addr, 8080))).unwrap())
-        .collect();
+    let _servers = topology
+        .start_echo_servers(8080, false)
+        .expect("echo servers");
     let (b0, b1) = (
         topology.backends[0].addr.to_string(),
         topology.backends[1].addr.to_string(),

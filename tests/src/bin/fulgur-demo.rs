@@ -15,7 +15,7 @@ use std::{
 use anyhow::{Context as _, bail};
 use fulgur_agent::dataplane::XdpAttachMode;
 use fulgur_tests::{
-    echo::{EchoServer, UdpFlow, tcp_exchange},
+    echo::{UdpFlow, tcp_exchange},
     netns::{in_netns, unique_token},
     pki::Pki,
     topology::{AgentProcess, CLIENT, LB_IFACE, Source, Topology, VIP},
@@ -119,11 +119,7 @@ fn main() -> anyhow::Result<()> {
         "fulgur demo: client 198.51.100.2 -> Gateway 192.0.2.10 (TCP 80, UDP 53) -> 3 backends"
     );
     let topology = Topology::new(3, XdpAttachMode::Native).context("building the namespaces")?;
-    let _servers = topology
-        .backends
-        .iter()
-        .map(|b| EchoServer::start(&b.ns, &b.name, SocketAddr::from((b.addr, 8080))))
-        .collect::<anyhow::Result<Vec<_>>>()?;
+    let _servers = topology.start_echo_servers(8080, false)?;
     let work = std::env::temp_dir().join(unique_token("fulgur-demo-"));
     let result = run(&topology, &work);
     let _ = std::fs::remove_dir_all(&work);
