@@ -314,12 +314,57 @@ pub struct Loaded {
     pub keys: Vec<String>,
 }
 
-/// Reads every `*.yaml` / `*.yml` in `dir`. `first_seen` gives a creationTimestamp to objects
-/// whose manifest sets none.
-pub fn load(
-    dir: &Path,
-    first_seen: &mut dyn FnMut(&str) -> String,
-) -> Result<Loaded, Vec<ManifestError>> {
+/// What the provider remembers between reads: when each object was first seen (its
+/// creationTimestamp unless the manifest sets one) and its content, so `metadata.generation`
+/// grows when the object changes, as the API server would make it.
+#[derive(Clone, Debug, Default)]
+pub struct History {
+    first_seen: BTreeMap<String, String>,
+    content: BTreeMap<String, (String, i64)>,
+}
+
+impl History {
+    fn creation(&mut self, key: &str, now: &str) -> String {
+        self.first_seen
+            .entry(key.to_owned())
+            .or_insert_with(|| now.to_owned())
+            .clone()
+    }
+
+    fn generation(&mut self, key: &str, content: String) -> i64 {
+        let entry = self
+            .content
+            .entry(key.to_owned())
+            .or_insert_with(|| (content.clone(), 1));
+        if entry.0 != content {
+            *entry = (content, entry.1 + 1);
+        }
+        entry.1
+    }
+}
+
+/// Everything of a document but metadata and status: what a generation counts changes of.
+fn content(doc: &str) -> String {
+    match serde_yaml::from_str::<serde_yaml::Value>(doc) {
+        Ok(serde_yaml::Value::Mapping(mut map)) => {
+            map.remove("metadata");
+            map.remove("status");
+            serde_yaml::to_string(&map).unwrap_or_default()
+        }
+        _ => doc.to_owned(),
+    }
+}
+
+/// Reads every `*.yaml` / `*.yml` in `dir`. `history` is updated only when the whole folder is
+/// good; `now` stamps objects seen for the first time.
+pub fn load(dir: &Path, history: &mut History, now: &str) -> Result<Loaded, Vec<ManifestError>> {
+    let mut staged = history.clone();
+    let loaded = load_with(dir, &mut staged, now)?;
+    *history = staged;
+    Ok(loaded)
+}
+
+fn load_with(dir: &Path, history: &mut History, now: &str) -> Result<Loaded, Vec<ManifestError>> {
     let mut files: Vec<PathBuf> = match std::fs::read_dir(dir) {
         Ok(entries) => entries
             .flatten()
@@ -375,12 +420,14 @@ pub fn load(
             let id = ObjectRef::new(&namespace, &head.metadata.name);
             let key = format!("{}/{}", head.kind, id);
             let meta = Meta {
-                generation: head.metadata.generation.unwrap_or(1),
-                creation_timestamp: head
-                    .metadata
-                    .creation_timestamp
-                    .clone()
-                    .unwrap_or_else(|| first_seen(&key)),
+                generation: match head.metadata.generation {
+                    Some(generation) => generation,
+                    None => history.generation(&key, content(&doc)),
+                },
+                creation_timestamp: match &head.metadata.creation_timestamp {
+                    Some(timestamp) => timestamp.clone(),
+                    None => history.creation(&key, now),
+                },
                 labels: head.metadata.labels.clone(),
             };
             let result = add(&mut snapshot, &head, &doc, id, meta).map_err(|e| match e {

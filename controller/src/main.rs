@@ -4,7 +4,6 @@
 //! The Kubernetes provider is not built yet.
 
 use std::{
-    collections::BTreeMap,
     path::{Path, PathBuf},
     time::{Duration, SystemTime},
 };
@@ -130,7 +129,7 @@ async fn standalone(
     let previous = status::read_previous(&status_file);
     let mut previous_conditions = previous.conditions;
     let mut previous_addresses = previous.addresses;
-    let mut first_seen: BTreeMap<String, String> = BTreeMap::new();
+    let mut history = file::History::default();
     let mut last_fingerprint = None;
     let mut last_services = None;
     let mut last_status = None;
@@ -147,9 +146,7 @@ async fn standalone(
         }
         last_fingerprint = Some(print);
         // On any error the last good state stays: agents and statuses are left as they are.
-        let mut snapshot = match file::load(&manifests, &mut |key| {
-            first_seen.entry(key.to_owned()).or_insert_with(now).clone()
-        }) {
+        let mut snapshot = match file::load(&manifests, &mut history, &now()) {
             Ok(loaded) => {
                 info!(objects = loaded.keys.len(), "manifests read");
                 loaded.snapshot

@@ -102,14 +102,12 @@ impl Drop for Dir {
     }
 }
 
-fn seen(_: &str) -> String {
-    "2026-06-01T00:00:00Z".into()
-}
+const SEEN: &str = "2026-06-01T00:00:00Z";
 
 #[test]
 fn a_folder_of_manifests_becomes_a_snapshot() {
     let dir = Dir::new(&[("all.yaml", MANIFESTS), ("notes.txt", "not yaml: [")]);
-    let loaded = file::load(dir.path(), &mut seen).unwrap();
+    let loaded = file::load(dir.path(), &mut file::History::default(), SEEN).unwrap();
     let s = loaded.snapshot;
     assert_eq!(
         (
@@ -148,7 +146,7 @@ fn an_unknown_field_is_reported_with_file_and_line() {
         "  - backendRef: [{name: web, port: 8080}]",
     );
     let dir = Dir::new(&[("a.yaml", &bad)]);
-    let errors = file::load(dir.path(), &mut seen).unwrap_err();
+    let errors = file::load(dir.path(), &mut file::History::default(), SEEN).unwrap_err();
     assert_eq!(errors.len(), 1, "{errors:?}");
     let line = bad.lines().position(|l| l.contains("backendRef:")).unwrap() + 1;
     assert_eq!(errors[0].line, line, "{}", errors[0]);
@@ -165,7 +163,7 @@ fn broken_yaml_is_reported_and_nothing_is_returned() {
             "apiVersion: v1\nkind: Service\nmetadata: {name: x\n",
         ),
     ]);
-    let errors = file::load(dir.path(), &mut seen).unwrap_err();
+    let errors = file::load(dir.path(), &mut file::History::default(), SEEN).unwrap_err();
     assert_eq!(errors.len(), 1);
     assert!(errors[0].file.ends_with("broken.yml"));
     assert!(errors[0].line >= 3, "{}", errors[0]);
@@ -174,7 +172,9 @@ fn broken_yaml_is_reported_and_nothing_is_returned() {
 #[test]
 fn statuses_survive_a_controller_restart() {
     let dir = Dir::new(&[("all.yaml", MANIFESTS)]);
-    let snapshot = file::load(dir.path(), &mut seen).unwrap().snapshot;
+    let snapshot = file::load(dir.path(), &mut file::History::default(), SEEN)
+        .unwrap()
+        .snapshot;
     let pools = [];
     let out = translate(
         &Config {
@@ -221,7 +221,9 @@ fn statuses_survive_a_controller_restart() {
 #[test]
 fn the_standalone_example_manifests_are_valid_and_complete() {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../manifests/examples/standalone");
-    let snapshot = file::load(&dir, &mut seen).unwrap().snapshot;
+    let snapshot = file::load(&dir, &mut file::History::default(), SEEN)
+        .unwrap()
+        .snapshot;
     let pools = [];
     let out = translate(
         &Config {
@@ -240,4 +242,35 @@ fn the_standalone_example_manifests_are_valid_and_complete() {
         "{:?}",
         out.routes
     );
+}
+
+#[test]
+fn generations_grow_when_an_object_changes() {
+    let dir = Dir::new(&[("all.yaml", MANIFESTS)]);
+    let mut history = file::History::default();
+    let generation = |history: &mut file::History| {
+        let s = file::load(dir.path(), history, SEEN).unwrap().snapshot;
+        (s.routes[0].meta.generation, s.gateways[0].meta.generation)
+    };
+    assert_eq!(generation(&mut history), (1, 1));
+    assert_eq!(
+        generation(&mut history),
+        (1, 1),
+        "reading again changes nothing"
+    );
+    std::fs::write(
+        dir.path().join("all.yaml"),
+        MANIFESTS.replace("weight: 3", "weight: 4"),
+    )
+    .unwrap();
+    assert_eq!(
+        generation(&mut history),
+        (2, 1),
+        "only the edited route moves on"
+    );
+    // A broken folder leaves the history alone.
+    std::fs::write(dir.path().join("bad.yaml"), "kind: [").unwrap();
+    assert!(file::load(dir.path(), &mut history, SEEN).is_err());
+    std::fs::remove_file(dir.path().join("bad.yaml")).unwrap();
+    assert_eq!(generation(&mut history), (2, 1));
 }
