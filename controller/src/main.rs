@@ -181,6 +181,7 @@ async fn standalone(
         if last_status.as_ref() != Some(&text) {
             if let Err(e) = status::write_atomically(&status_file, &text) {
                 error!("writing {}: {e}", status_file.display());
+                last_fingerprint = None; // Try again on the next tick.
             } else {
                 info!(objects = docs.len(), "status file written");
                 last_status = Some(text);

@@ -54,6 +54,15 @@ pub enum DataplaneError {
         path: PathBuf,
         source: aya::pin::PinError,
     },
+    #[error(
+        "pinned map {name} holds {pinned} entries, the size flags ask for {wanted}: keep the flags \
+         the dataplane was created with, or run `fulgur-agent detach` to start afresh"
+    )]
+    SizeMismatch {
+        name: &'static str,
+        pinned: u32,
+        wanted: u32,
+    },
     #[error("interface {iface} does not exist")]
     UnknownInterface { iface: String },
 }
@@ -178,17 +187,34 @@ impl Dataplane {
     pub fn load(pins: Pins, sizes: &Sizes) -> Result<Self, DataplaneError> {
         pins.create()?;
         let lookup_entries = u32::try_from(sizes.layout.lookup_entries()).unwrap_or(u32::MAX);
-        let mut ebpf = EbpfLoader::new()
-            .default_map_pin_directory(pins.maps())
-            .map_max_entries(map_names::SERVICES, sizes.layout.max_services)
-            .map_max_entries(map_names::BACKENDS, sizes.layout.max_backends)
-            .map_max_entries(map_names::LOOKUP_TABLE, lookup_entries)
-            .map_max_entries(map_names::CONNTRACK, sizes.conntrack_entries)
-            .map_max_entries(map_names::REVERSE_NAT, sizes.conntrack_entries)
-            .map_max_entries(map_names::SERVICE_STATS, sizes.layout.max_services)
-            .map_max_entries(map_names::BACKEND_STATS, sizes.layout.max_backends)
-            .map_max_entries(map_names::NEXT_HOPS, sizes.layout.max_backends)
-            .load(EBPF_OBJECT)?;
+        let wanted = [
+            (map_names::SERVICES, sizes.layout.max_services),
+            (map_names::BACKENDS, sizes.layout.max_backends),
+            (map_names::LOOKUP_TABLE, lookup_entries),
+            (map_names::CONNTRACK, sizes.conntrack_entries),
+            (map_names::REVERSE_NAT, sizes.conntrack_entries),
+            (map_names::SERVICE_STATS, sizes.layout.max_services),
+            (map_names::BACKEND_STATS, sizes.layout.max_backends),
+            (map_names::NEXT_HOPS, sizes.layout.max_backends),
+        ];
+        // Pinned maps are reused as they are: a size flag that differs would be ignored silently.
+        for (name, entries) in wanted {
+            if let Ok(info) = aya::maps::MapInfo::from_pin(pins.map(name))
+                && info.max_entries() != entries
+            {
+                return Err(DataplaneError::SizeMismatch {
+                    name,
+                    pinned: info.max_entries(),
+                    wanted: entries,
+                });
+            }
+        }
+        let mut loader = EbpfLoader::new();
+        loader.default_map_pin_directory(pins.maps());
+        for (name, entries) in wanted {
+            loader.map_max_entries(name, entries);
+        }
+        let mut ebpf = loader.load(EBPF_OBJECT)?;
         for name in [program_names::XDP_INGRESS, program_names::XDP_PASS] {
             xdp_program(&mut ebpf, name)?
                 .load()
