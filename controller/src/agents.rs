@@ -206,6 +206,11 @@ impl AgentSync {
             Ok(r) => r.into_inner().state.map_or(0, |s| s.generation),
             Err(e) => return Ended::Retry(format!("get: {}", e.message())),
         };
+        // Nothing is pushed before the controller has computed a state: an empty default would
+        // withdraw every service from an agent that a restarted controller reconnects to.
+        if self.desired.wait_for(|d| d.generation > 0).await.is_err() {
+            return Ended::Retry("controller shutting down".into());
+        }
         let mut push = true;
         loop {
             if !push {

@@ -175,3 +175,23 @@ async fn an_invalid_state_is_reported_not_retried_in_a_loop() {
         agents.states()
     );
 }
+
+#[tokio::test]
+async fn nothing_is_pushed_before_a_state_is_set() {
+    let fake = Fake::default();
+    let addr = serve(fake.clone(), None).await;
+    let url = format!("http://{addr}");
+    let agents = Agents::spawn(std::slice::from_ref(&url), None).unwrap();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(
+        fake.applied.lock().unwrap().is_empty(),
+        "a default (empty) state was pushed"
+    );
+    let generation = agents.set_desired(services(8080));
+    assert!(
+        agents.wait_synced(generation, WAIT).await,
+        "{:?}",
+        agents.states()
+    );
+    assert_eq!(fake.applied.lock().unwrap().len(), 1);
+}

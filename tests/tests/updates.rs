@@ -199,10 +199,21 @@ fn a_service_being_rewritten_never_fails_a_packet() {
 fn pinned_maps_of_another_size_are_refused_not_silently_reused() {
     let lab = Lab::new().unwrap();
     let sizes = Sizes {
-        layout: Layout { max_services: 16, max_backends: 256, table_size: 251 },
+        layout: Layout {
+            max_services: 16,
+            max_backends: 256,
+            table_size: 251,
+        },
         conntrack_entries: 8192, // the lab's maps were made with 4096
     };
-    let error = Dataplane::load(lab.dataplane.pins.clone(), &sizes).err().expect("a size mismatch");
+    let error = Dataplane::load(lab.dataplane.pins.clone(), &sizes)
+        .err()
+        .expect("a size mismatch");
     let message = error.to_string();
-    assert!(message.contains("FULGUR_CONNTRACK") && message.contains("4096") && message.contains("8192"), "{message}");
+    assert!(
+        message.contains("FULGUR_CONNTRACK")
+            && message.contains("4096")
+            && message.contains("8192"),
+        "{message}"
+    );
 }
