@@ -120,6 +120,8 @@ pub struct MapWriter {
     /// Freed at the end of the apply, after a grace period.
     retiring_backends: Vec<u32>,
     retiring_services: Vec<u32>,
+    /// A service's table moved to its other region during this apply.
+    swapped_tables: bool,
 }
 
 /// How long old tables and backends stay intact after the swap: a program run takes well under
@@ -212,6 +214,7 @@ impl MapWriter {
             free_backend_ids: (0..layout.max_backends).collect(),
             retiring_backends: Vec::new(),
             retiring_services: Vec::new(),
+            swapped_tables: false,
         };
         writer.read_back()?;
         Ok(writer)
@@ -301,9 +304,11 @@ impl MapWriter {
     /// run that read a service entry just before its swap may go on to read the old table and
     /// backends, so they stay intact for a grace period far longer than any run.
     fn retire(&mut self) -> Result<(), WriteError> {
-        if self.retiring_backends.is_empty() && self.retiring_services.is_empty() {
+        let swapped = std::mem::take(&mut self.swapped_tables);
+        if self.retiring_backends.is_empty() && self.retiring_services.is_empty() && !swapped {
             return Ok(());
         }
+        // Also when only tables were swapped: the next apply writes into the regions they left.
         std::thread::sleep(RETIRE_GRACE);
         // Ids go back clean (counters, cached next hop), so allocating one costs no syscall.
         for id in std::mem::take(&mut self.retiring_backends) {
@@ -469,6 +474,7 @@ impl MapWriter {
             .map_err(map_err(map_names::SERVICES))?;
 
         if let Some(p) = &previous {
+            self.swapped_tables = true;
             for (addr, id) in &p.backends {
                 if !backends.contains_key(addr) {
                     self.retiring_backends.push(*id);
