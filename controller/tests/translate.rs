@@ -774,3 +774,57 @@ fn an_ipv6_gateway_address_gets_the_ipv6_endpoints() {
         vec![("2001:db8::9".into(), 3000, 1_000_000)]
     );
 }
+
+#[test]
+fn udp_routes_follow_the_same_rules() {
+    // UDPRoute counterparts: nonexistent backend, cross-namespace without a grant, several routes
+    // on one listener, and a UDPRoute never attaches to a TCP listener.
+    let mut cross = backend("svc", 8080, 1);
+    cross.namespace = Some("elsewhere".into());
+    let s = snapshot(
+        vec![gateway(
+            "gw",
+            vec![udp("udp", 53), tcp("tcp", 54)],
+            "192.0.2.10",
+        )],
+        vec![
+            route(
+                RouteKind::Udp,
+                "missing",
+                "2026-01-01T00:00:00Z",
+                vec![parent("gw")],
+                vec![backend("gone", 8080, 1)],
+            ),
+            route(
+                RouteKind::Udp,
+                "cross",
+                "2026-01-02T00:00:00Z",
+                vec![parent("gw")],
+                vec![cross],
+            ),
+        ],
+        vec![service("elsewhere", "svc", &["203.0.113.2"])],
+    );
+    let out = run(&s);
+    let missing = route_conditions(&out, RouteKind::Udp, "missing");
+    assert!(
+        has(&missing, "Accepted", true, "Accepted")
+            && has(&missing, "ResolvedRefs", false, "BackendNotFound"),
+        "{missing:?}"
+    );
+    let cross = route_conditions(&out, RouteKind::Udp, "cross");
+    assert!(
+        has(&cross, "ResolvedRefs", false, "RefNotPermitted"),
+        "{cross:?}"
+    );
+    assert_eq!(listener_status(&out, "gw", "udp").attached_routes, 2);
+    assert_eq!(
+        listener_status(&out, "gw", "tcp").attached_routes,
+        0,
+        "a UDPRoute does not attach to TCP"
+    );
+    // Only the older route programs the listener: everything rejected (its backend is missing).
+    assert_eq!(out.services.len(), 1);
+    assert_eq!(out.services[0].protocol, v1::Protocol::Udp as i32);
+    assert!(out.services[0].backends.is_empty() && out.services[0].reject_weight > 0);
+}
