@@ -104,6 +104,21 @@ impl Drop for Dir {
 
 const SEEN: &str = "2026-06-01T00:00:00Z";
 
+/// translate with this project's controller name, no address pools, and `now`.
+fn translate_at(
+    snapshot: &fulgur_controller::model::Snapshot,
+    now: &str,
+) -> fulgur_controller::translate::Output {
+    translate(
+        &Config {
+            controller_name: "fulgur.dev/gateway-controller",
+            address_pools: &[],
+            now,
+        },
+        snapshot,
+    )
+}
+
 #[test]
 fn a_folder_of_manifests_becomes_a_snapshot() {
     let dir = Dir::new(&[("all.yaml", MANIFESTS), ("notes.txt", "not yaml: [")]);
@@ -175,15 +190,7 @@ fn statuses_survive_a_controller_restart() {
     let snapshot = file::load(dir.path(), &mut file::History::default(), SEEN)
         .unwrap()
         .snapshot;
-    let pools = [];
-    let out = translate(
-        &Config {
-            controller_name: "fulgur.dev/gateway-controller",
-            address_pools: &pools,
-            now: "T1",
-        },
-        &snapshot,
-    );
+    let out = translate_at(&snapshot, "T1");
     assert_eq!(out.services[0].backends.len(), 2);
     let text = status::render(&status::documents(&out));
     assert!(
@@ -200,14 +207,7 @@ fn statuses_survive_a_controller_restart() {
     let mut again = snapshot.clone();
     again.previous_conditions = previous.conditions;
     again.previous_addresses = previous.addresses;
-    let out = translate(
-        &Config {
-            controller_name: "fulgur.dev/gateway-controller",
-            address_pools: &pools,
-            now: "T2",
-        },
-        &again,
-    );
+    let out = translate_at(&again, "T2");
     let route = &out.routes[&(RouteKind::Tcp, ObjectRef::new("apps", "web"))];
     assert!(
         route.parents[0]
@@ -224,15 +224,7 @@ fn the_standalone_example_manifests_are_valid_and_complete() {
     let snapshot = file::load(&dir, &mut file::History::default(), SEEN)
         .unwrap()
         .snapshot;
-    let pools = [];
-    let out = translate(
-        &Config {
-            controller_name: "fulgur.dev/gateway-controller",
-            address_pools: &pools,
-            now: "T",
-        },
-        &snapshot,
-    );
+    let out = translate_at(&snapshot, "T");
     let ports: Vec<u32> = out.services.iter().map(|s| s.port).collect();
     assert_eq!(ports, [53, 80]);
     assert!(

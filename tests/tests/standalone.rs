@@ -20,7 +20,8 @@ use fulgur_tests::{
 
 const GRPC: &str = "127.0.0.1:50061";
 
-fn manifests(backend_0: &str, backend_1: &str, weights: (u32, u32), slice_a: &[&str]) -> String {
+/// The demo namespace's objects; echo-a's EndpointSlice holds `slice_a`, echo-b's `backend_1`.
+fn manifests(backend_1: &str, weights: (u32, u32), slice_a: &[&str]) -> String {
     let endpoints = |addresses: &[&str]| {
         addresses
             .iter()
@@ -76,10 +77,10 @@ endpoints:
 {}"#,
         endpoints(slice_a),
         endpoints(&[backend_1]),
-    ) + &route(weights, backend_0)
+    ) + &route(weights)
 }
 
-fn route(weights: (u32, u32), _backend_0: &str) -> String {
+fn route(weights: (u32, u32)) -> String {
     format!(
         r#"---
 apiVersion: gateway.networking.k8s.io/v1
@@ -158,7 +159,7 @@ fn standalone_controller_and_agent_follow_the_manifests() {
     let pki = Pki::generate("fulgur test CA").unwrap();
     let files = pki.write_to(&work.join("pki")).unwrap();
     let write = |text: String| std::fs::write(manifest_dir.join("demo.yaml"), text).unwrap();
-    write(manifests(&b0, &b1, (1, 1), &[&b0]));
+    write(manifests(&b1, (1, 1), &[&b0]));
 
     let source = Source::Grpc {
         listen: GRPC.parse().unwrap(),
@@ -237,14 +238,14 @@ fn standalone_controller_and_agent_follow_the_manifests() {
     .unwrap();
 
     // 2. Weights: echo-b gets weight 0; new connections all go to echo-a.
-    write(manifests(&b0, &b1, (1, 0), &[&b0]));
+    write(manifests(&b1, (1, 0), &[&b0]));
     eventually("weight 0 takes effect", || {
         backends_seen(20).is_ok_and(|s| s.keys().all(|b| b == "backend-0"))
     });
 
     // 3. Scale echo-a's EndpointSlice from backend-0 to backend-1: traffic leaves the removed
     // endpoint, and the session on backend-1 carries on.
-    write(manifests(&b0, &b1, (1, 0), &[&b1]));
+    write(manifests(&b1, (1, 0), &[&b1]));
     eventually("the removed endpoint gets no traffic", || {
         backends_seen(20).is_ok_and(|s| s.keys().all(|b| b == "backend-1"))
     });
@@ -259,7 +260,7 @@ fn standalone_controller_and_agent_follow_the_manifests() {
     std::fs::remove_file(manifest_dir.join("typo.yaml")).unwrap();
 
     // 4. Delete the route: new connections are no longer forwarded; its status goes away.
-    let text = manifests(&b0, &b1, (1, 0), &[&b1]);
+    let text = manifests(&b1, (1, 0), &[&b1]);
     write(
         text[..text
             .find("---\napiVersion: gateway.networking.k8s.io/v1\nkind: TCPRoute")
