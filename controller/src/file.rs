@@ -5,16 +5,16 @@
 
 use std::{
     collections::BTreeMap,
-    net::IpAddr,
     path::{Path, PathBuf},
 };
 
+use k8s_openapi::api::{core::v1 as core, discovery::v1 as discovery};
 use serde::Deserialize;
 
-use crate::model::{
-    BackendRef, EndpointSlice, FromNamespaces, Gateway, GatewayAddress, GatewayClass, Listener,
-    Meta, ObjectRef, ParentRef, ReferenceGrant, Route, RouteGroupKind, RouteKind, Service,
-    ServicePort, Snapshot,
+use crate::{
+    convert,
+    model::{Meta, ObjectRef, RouteKind, Snapshot},
+    resources,
 };
 
 /// One problem in the folder.
@@ -54,233 +54,6 @@ struct Head {
     kind: String,
     #[serde(default)]
     metadata: Metadata,
-}
-
-/// A Gateway API object: unknown fields are errors.
-#[derive(Deserialize)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
-struct Strict<S> {
-    #[serde(rename = "apiVersion")]
-    _api_version: String,
-    #[serde(rename = "kind")]
-    _kind: String,
-    #[serde(rename = "metadata")]
-    _metadata: serde_yaml::Value,
-    spec: S,
-    #[serde(default, rename = "status")]
-    _status: serde_yaml::Value,
-}
-
-/// A core object (Service, EndpointSlice): other fields are normal and ignored.
-#[derive(Deserialize)]
-struct Lenient<S> {
-    spec: S,
-}
-
-#[derive(Deserialize)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
-struct GatewayClassSpec {
-    controller_name: String,
-    // Accepted, not used.
-    #[serde(default, rename = "description")]
-    _description: Option<String>,
-    #[serde(default, rename = "parametersRef")]
-    _parameters_ref: Option<serde_yaml::Value>,
-}
-
-#[derive(Deserialize)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
-struct GroupKind {
-    #[serde(default)]
-    group: Option<String>,
-    kind: String,
-}
-
-#[derive(Deserialize)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
-struct LabelSelector {
-    #[serde(default)]
-    match_labels: BTreeMap<String, String>,
-    #[serde(default)]
-    match_expressions: Vec<serde_yaml::Value>,
-}
-
-#[derive(Deserialize)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
-struct RouteNamespaces {
-    #[serde(default)]
-    from: Option<String>,
-    #[serde(default)]
-    selector: Option<LabelSelector>,
-}
-
-#[derive(Deserialize)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
-struct AllowedRoutes {
-    #[serde(default)]
-    namespaces: Option<RouteNamespaces>,
-    #[serde(default)]
-    kinds: Vec<GroupKind>,
-}
-
-#[derive(Deserialize)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
-struct ListenerSpec {
-    name: String,
-    port: u16,
-    protocol: String,
-    #[serde(default)]
-    hostname: Option<String>,
-    #[serde(default)]
-    tls: Option<serde_yaml::Value>,
-    #[serde(default)]
-    allowed_routes: Option<AllowedRoutes>,
-}
-
-#[derive(Deserialize)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
-struct AddressSpec {
-    #[serde(default, rename = "type")]
-    type_: Option<String>,
-    value: String,
-}
-
-#[derive(Deserialize)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
-struct GatewaySpec {
-    gateway_class_name: String,
-    listeners: Vec<ListenerSpec>,
-    #[serde(default)]
-    addresses: Vec<AddressSpec>,
-    #[serde(default, rename = "infrastructure")]
-    _infrastructure: Option<serde_yaml::Value>,
-}
-
-#[derive(Deserialize)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
-struct ParentRefSpec {
-    #[serde(default)]
-    group: Option<String>,
-    #[serde(default)]
-    kind: Option<String>,
-    #[serde(default)]
-    namespace: Option<String>,
-    name: String,
-    #[serde(default)]
-    section_name: Option<String>,
-    #[serde(default)]
-    port: Option<u16>,
-}
-
-#[derive(Deserialize)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
-struct BackendRefSpec {
-    #[serde(default)]
-    group: Option<String>,
-    #[serde(default)]
-    kind: Option<String>,
-    name: String,
-    #[serde(default)]
-    namespace: Option<String>,
-    #[serde(default)]
-    port: Option<u16>,
-    #[serde(default)]
-    weight: Option<u32>,
-}
-
-#[derive(Deserialize)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
-struct RuleSpec {
-    #[serde(default, rename = "name")]
-    _name: Option<String>,
-    #[serde(default)]
-    backend_refs: Vec<BackendRefSpec>,
-}
-
-#[derive(Deserialize)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
-struct RouteSpec {
-    #[serde(default)]
-    parent_refs: Vec<ParentRefSpec>,
-    #[serde(default)]
-    rules: Vec<RuleSpec>,
-}
-
-#[derive(Deserialize)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
-struct GrantFrom {
-    group: String,
-    kind: String,
-    namespace: String,
-}
-
-#[derive(Deserialize)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
-struct GrantTo {
-    group: String,
-    kind: String,
-    #[serde(default)]
-    name: Option<String>,
-}
-
-#[derive(Deserialize)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
-struct ReferenceGrantSpec {
-    from: Vec<GrantFrom>,
-    to: Vec<GrantTo>,
-}
-
-#[derive(Deserialize)]
-#[serde(rename_all = "camelCase")]
-struct ServicePortSpec {
-    #[serde(default)]
-    name: Option<String>,
-    port: u16,
-    #[serde(default)]
-    protocol: Option<String>,
-}
-
-#[derive(Deserialize)]
-#[serde(rename_all = "camelCase")]
-struct ServiceSpec {
-    #[serde(default)]
-    ports: Vec<ServicePortSpec>,
-}
-
-#[derive(Deserialize)]
-#[serde(rename_all = "camelCase")]
-struct EndpointConditions {
-    #[serde(default)]
-    ready: Option<bool>,
-    #[serde(default)]
-    terminating: Option<bool>,
-}
-
-#[derive(Deserialize)]
-#[serde(rename_all = "camelCase")]
-struct Endpoint {
-    addresses: Vec<String>,
-    #[serde(default)]
-    conditions: Option<EndpointConditions>,
-}
-
-#[derive(Deserialize)]
-#[serde(rename_all = "camelCase")]
-struct EndpointPort {
-    #[serde(default)]
-    name: Option<String>,
-    #[serde(default)]
-    port: Option<u16>,
-}
-
-/// EndpointSlices keep their fields at the top level.
-#[derive(Deserialize)]
-#[serde(rename_all = "camelCase")]
-struct EndpointSliceDoc {
-    #[serde(default)]
-    endpoints: Vec<Endpoint>,
-    #[serde(default)]
-    ports: Vec<EndpointPort>,
 }
 
 /// Documents of a file, each with the line it starts on.
@@ -432,6 +205,10 @@ fn load_with(dir: &Path, history: &mut History, now: &str) -> Result<Loaded, Vec
             };
             let result = add(&mut snapshot, &head, &doc, id, meta).map_err(|e| match e {
                 AddError::Yaml(e) => located(e),
+                AddError::Unknown(path) => error(
+                    line_of(&doc, &path).map_or(start, |l| start + l - 1),
+                    format!("unknown field {path}"),
+                ),
                 AddError::Other(message) => error(start, message),
             });
             match result {
@@ -450,6 +227,8 @@ fn load_with(dir: &Path, history: &mut History, now: &str) -> Result<Loaded, Vec
 
 enum AddError {
     Yaml(serde_yaml::Error),
+    /// A field this controller does not know, by its path (`spec.rules.0.backendRef`).
+    Unknown(String),
     Other(String),
 }
 
@@ -457,6 +236,40 @@ impl From<serde_yaml::Error> for AddError {
     fn from(e: serde_yaml::Error) -> Self {
         AddError::Yaml(e)
     }
+}
+
+impl From<String> for AddError {
+    fn from(e: String) -> Self {
+        AddError::Other(e)
+    }
+}
+
+/// Parses a Gateway API document; a field the type does not have is an error.
+fn strict<T: serde::de::DeserializeOwned>(doc: &str) -> Result<T, AddError> {
+    let mut unknown = Vec::new();
+    let value = serde_ignored::deserialize(serde_yaml::Deserializer::from_str(doc), |path| {
+        // The derived root type skips these two itself; they were checked by `Head`.
+        let path = path.to_string();
+        if path != "apiVersion" && path != "kind" {
+            unknown.push(path)
+        }
+    })?;
+    match unknown.into_iter().next() {
+        Some(path) => Err(AddError::Unknown(path)),
+        None => Ok(value),
+    }
+}
+
+/// The line (from 1) where the last segment of `path` is written in `doc`, if it can be found.
+fn line_of(doc: &str, path: &str) -> Option<usize> {
+    let field = path.rsplit('.').next()?;
+    doc.lines()
+        .position(|l| {
+            l.trim_start()
+                .trim_start_matches("- ")
+                .starts_with(&format!("{field}:"))
+        })
+        .map(|i| i + 1)
 }
 
 fn gateway_api(api_version: &str, versions: &[&str]) -> bool {
@@ -476,209 +289,62 @@ fn add(
     let version = head.api_version.as_str();
     match head.kind.as_str() {
         "GatewayClass" if gateway_api(version, &["v1", "v1beta1"]) => {
-            let spec = serde_yaml::from_str::<Strict<GatewayClassSpec>>(doc)?.spec;
-            snapshot.classes.push(GatewayClass {
-                name: id.name,
-                meta,
-                controller_name: spec.controller_name,
-            });
+            let class: resources::GatewayClass = strict(doc)?;
+            snapshot
+                .classes
+                .push(convert::gateway_class(&id.name, meta, &class.spec));
         }
         "Gateway" if gateway_api(version, &["v1", "v1beta1"]) => {
-            let spec = serde_yaml::from_str::<Strict<GatewaySpec>>(doc)?.spec;
-            let mut listeners = Vec::new();
-            for l in spec.listeners {
-                let allowed = l.allowed_routes.unwrap_or(AllowedRoutes {
-                    namespaces: None,
-                    kinds: vec![],
-                });
-                let from = match allowed.namespaces {
-                    None => FromNamespaces::Same,
-                    Some(n) => match n.from.as_deref().unwrap_or("Same") {
-                        "Same" => FromNamespaces::Same,
-                        "All" => FromNamespaces::All,
-                        "Selector" => {
-                            let selector = n.selector.ok_or_else(|| {
-                                AddError::Other(format!(
-                                    "listener {}: from: Selector needs a selector",
-                                    l.name
-                                ))
-                            })?;
-                            if !selector.match_expressions.is_empty() {
-                                return Err(AddError::Other(format!(
-                                    "listener {}: matchExpressions are not supported, use matchLabels",
-                                    l.name
-                                )));
-                            }
-                            FromNamespaces::Selector(selector.match_labels)
-                        }
-                        other => {
-                            return Err(AddError::Other(format!(
-                                "listener {}: unknown allowedRoutes.namespaces.from {other:?}",
-                                l.name
-                            )));
-                        }
-                    },
-                };
-                if (l.protocol == "TCP" || l.protocol == "UDP")
-                    && (l.hostname.is_some() || l.tls.is_some())
-                {
-                    return Err(AddError::Other(format!(
-                        "listener {}: hostname and tls are not allowed for {}",
-                        l.name, l.protocol
-                    )));
-                }
-                let kinds = allowed
-                    .kinds
-                    .into_iter()
-                    .map(|k| RouteGroupKind {
-                        group: k
-                            .group
-                            .unwrap_or_else(|| "gateway.networking.k8s.io".into()),
-                        kind: k.kind,
-                    })
-                    .collect();
-                listeners.push(Listener {
-                    name: l.name,
-                    port: l.port,
-                    protocol: l.protocol,
-                    from,
-                    kinds,
-                });
-            }
-            let addresses = spec
-                .addresses
-                .into_iter()
-                .map(|a| GatewayAddress {
-                    kind: a.type_.unwrap_or_else(|| "IPAddress".into()),
-                    value: a.value,
-                })
-                .collect();
-            snapshot.gateways.push(Gateway {
-                id,
-                meta,
-                class_name: spec.gateway_class_name,
-                listeners,
-                addresses,
-            });
+            let gateway: resources::Gateway = strict(doc)?;
+            snapshot
+                .gateways
+                .push(convert::gateway(id, meta, &gateway.spec)?);
         }
-        "TCPRoute" | "UDPRoute" if gateway_api(version, &["v1", "v1alpha2"]) => {
-            let spec = serde_yaml::from_str::<Strict<RouteSpec>>(doc)?.spec;
-            if version.ends_with("/v1") && spec.rules.len() > 1 {
-                return Err(AddError::Other(format!(
-                    "{} v1 has exactly one rule, found {}",
-                    head.kind,
-                    spec.rules.len()
-                )));
-            }
-            let parent_refs = spec
-                .parent_refs
-                .into_iter()
-                .map(|p| ParentRef {
-                    group: p
-                        .group
-                        .unwrap_or_else(|| "gateway.networking.k8s.io".into()),
-                    kind: p.kind.unwrap_or_else(|| "Gateway".into()),
-                    namespace: p.namespace,
-                    name: p.name,
-                    section_name: p.section_name,
-                    port: p.port,
-                })
-                .collect();
-            let backend_refs = spec
-                .rules
-                .into_iter()
-                .flat_map(|r| r.backend_refs)
-                .map(|b| BackendRef {
-                    group: b.group.unwrap_or_default(),
-                    kind: b.kind.unwrap_or_else(|| "Service".into()),
-                    namespace: b.namespace,
-                    name: b.name,
-                    port: b.port,
-                    weight: b.weight.unwrap_or(1),
-                })
-                .collect();
-            let kind = if head.kind == "TCPRoute" {
-                RouteKind::Tcp
-            } else {
-                RouteKind::Udp
-            };
-            snapshot.routes.push(Route {
-                kind,
+        "TCPRoute" if gateway_api(version, &["v1", "v1alpha2"]) => {
+            let route: resources::TCPRoute = strict(doc)?;
+            let spec = &route.spec;
+            snapshot.routes.push(convert::route(
+                RouteKind::Tcp,
                 id,
                 meta,
-                parent_refs,
-                backend_refs,
-            });
+                &spec.parent_refs,
+                &spec.rules,
+                version.ends_with("/v1"),
+            )?);
+        }
+        "UDPRoute" if gateway_api(version, &["v1", "v1alpha2"]) => {
+            let route: resources::UDPRoute = strict(doc)?;
+            let spec = &route.spec;
+            snapshot.routes.push(convert::route(
+                RouteKind::Udp,
+                id,
+                meta,
+                &spec.parent_refs,
+                &spec.rules,
+                version.ends_with("/v1"),
+            )?);
         }
         "ReferenceGrant" if gateway_api(version, &["v1", "v1beta1", "v1alpha2"]) => {
-            let spec = serde_yaml::from_str::<Strict<ReferenceGrantSpec>>(doc)?.spec;
-            snapshot.grants.push(ReferenceGrant {
-                namespace: id.namespace,
-                from: spec
-                    .from
-                    .into_iter()
-                    .map(|f| (f.group, f.kind, f.namespace))
-                    .collect(),
-                to: spec
-                    .to
-                    .into_iter()
-                    .map(|t| (t.group, t.kind, t.name))
-                    .collect(),
-            });
+            let grant: resources::ReferenceGrant = strict(doc)?;
+            snapshot
+                .grants
+                .push(convert::reference_grant(&id.namespace, &grant.spec));
         }
         "Service" if version == "v1" => {
-            let spec = serde_yaml::from_str::<Lenient<ServiceSpec>>(doc)?.spec;
-            let ports = spec
-                .ports
-                .into_iter()
-                .map(|p| ServicePort {
-                    name: p.name,
-                    port: p.port,
-                    protocol: p.protocol.unwrap_or_else(|| "TCP".into()),
-                })
-                .collect();
-            snapshot.services.push(Service { id, ports });
+            let mut service: core::Service = serde_yaml::from_str(doc)?;
+            service.metadata.namespace = Some(id.namespace);
+            snapshot.services.push(convert::service(&service));
         }
         "EndpointSlice" if version == "discovery.k8s.io/v1" => {
-            let slice: EndpointSliceDoc = serde_yaml::from_str(doc)?;
-            let service_name = head
-                .metadata
-                .labels
-                .get("kubernetes.io/service-name")
-                .cloned()
-                .ok_or_else(|| {
-                    AddError::Other(
-                        "an EndpointSlice needs the kubernetes.io/service-name label".into(),
-                    )
-                })?;
-            let mut ready_addresses = Vec::new();
-            for endpoint in slice.endpoints {
-                let conditions = endpoint.conditions.unwrap_or(EndpointConditions {
-                    ready: None,
-                    terminating: None,
-                });
-                // Unset ready means ready; terminating endpoints get no new flows.
-                if conditions.ready == Some(false) || conditions.terminating == Some(true) {
-                    continue;
-                }
-                for address in endpoint.addresses {
-                    let ip: IpAddr = address.parse().map_err(|_| {
-                        AddError::Other(format!("{address:?} is not an IP address"))
-                    })?;
-                    ready_addresses.push(ip);
-                }
-            }
-            let ports = slice
-                .ports
-                .into_iter()
-                .filter_map(|p| p.port.map(|port| (p.name, port)))
-                .collect();
-            snapshot.endpoint_slices.push(EndpointSlice {
-                namespace: id.namespace,
-                service_name,
-                ports,
-                ready_addresses,
-            });
+            let mut slice: discovery::EndpointSlice = serde_yaml::from_str(doc)?;
+            slice.metadata.namespace = Some(id.namespace);
+            let slice = convert::endpoint_slice(&slice)?.ok_or_else(|| {
+                AddError::Other(format!(
+                    "an EndpointSlice needs the {} label",
+                    convert::SERVICE_NAME_LABEL
+                ))
+            })?;
+            snapshot.endpoint_slices.push(slice);
         }
         "Namespace" if version == "v1" => {
             snapshot

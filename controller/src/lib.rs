@@ -4,7 +4,9 @@
 //! it meets the agents only through `fulgur.dataplane.v1`.
 
 pub mod agents;
+pub mod convert;
 pub mod file;
 pub mod model;
+pub mod resources;
 pub mod status;
 pub mod translate;

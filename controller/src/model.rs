@@ -63,8 +63,40 @@ impl RouteKind {
 pub enum FromNamespaces {
     Same,
     All,
-    /// matchLabels only (matchExpressions are reported as unsupported by the provider).
-    Selector(BTreeMap<String, String>),
+    Selector(LabelSelector),
+}
+
+/// A Kubernetes label selector: every matchLabels pair and every expression must hold.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct LabelSelector {
+    pub match_labels: BTreeMap<String, String>,
+    pub match_expressions: Vec<LabelRequirement>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum LabelRequirement {
+    In(String, BTreeSet<String>),
+    NotIn(String, BTreeSet<String>),
+    Exists(String),
+    DoesNotExist(String),
+}
+
+impl LabelSelector {
+    pub fn matches(&self, labels: &BTreeMap<String, String>) -> bool {
+        self.match_labels
+            .iter()
+            .all(|(k, v)| labels.get(k) == Some(v))
+            && self.match_expressions.iter().all(|r| match r {
+                LabelRequirement::In(k, values) => {
+                    labels.get(k).is_some_and(|v| values.contains(v))
+                }
+                LabelRequirement::NotIn(k, values) => {
+                    !labels.get(k).is_some_and(|v| values.contains(v))
+                }
+                LabelRequirement::Exists(k) => labels.contains_key(k),
+                LabelRequirement::DoesNotExist(k) => !labels.contains_key(k),
+            })
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]

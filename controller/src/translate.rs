@@ -192,10 +192,10 @@ fn namespace_allowed(
     match &listener.from {
         FromNamespaces::Same => route.id.namespace == gateway.id.namespace,
         FromNamespaces::All => true,
-        FromNamespaces::Selector(labels) => snapshot
+        FromNamespaces::Selector(selector) => snapshot
             .namespaces
             .get(&route.id.namespace)
-            .is_some_and(|ns| labels.iter().all(|(k, v)| ns.get(k) == Some(v))),
+            .is_some_and(|labels| selector.matches(labels)),
     }
 }
 

@@ -598,7 +598,18 @@ fn allowed_routes_same_all_and_selector() {
     let mut all = tcp("all", 81);
     all.from = FromNamespaces::All;
     let mut selected = tcp("selected", 82);
-    selected.from = FromNamespaces::Selector([("team".to_owned(), "blue".to_owned())].into());
+    selected.from = FromNamespaces::Selector(LabelSelector {
+        match_labels: [("team".to_owned(), "blue".to_owned())].into(),
+        match_expressions: vec![],
+    });
+    let mut expressions = tcp("expressions", 83);
+    expressions.from = FromNamespaces::Selector(LabelSelector {
+        match_labels: BTreeMap::new(),
+        match_expressions: vec![
+            LabelRequirement::In("team".into(), ["blue".into(), "red".into()].into()),
+            LabelRequirement::DoesNotExist("frozen".into()),
+        ],
+    });
     let mut elsewhere = route(
         RouteKind::Tcp,
         "r",
@@ -610,7 +621,7 @@ fn allowed_routes_same_all_and_selector() {
     let mut s = snapshot(
         vec![gateway(
             "gw",
-            vec![tcp("same", 80), all, selected],
+            vec![tcp("same", 80), all, selected, expressions],
             "192.0.2.10",
         )],
         vec![elsewhere],
@@ -624,6 +635,21 @@ fn allowed_routes_same_all_and_selector() {
     assert_eq!(listener_status(&out, "gw", "same").attached_routes, 0);
     assert_eq!(listener_status(&out, "gw", "all").attached_routes, 1);
     assert_eq!(listener_status(&out, "gw", "selected").attached_routes, 1);
+    assert_eq!(
+        listener_status(&out, "gw", "expressions").attached_routes,
+        1
+    );
+    s.namespaces
+        .get_mut("blue")
+        .unwrap()
+        .insert("frozen".into(), "yes".into());
+    let out = run(&s);
+    assert_eq!(listener_status(&out, "gw", "selected").attached_routes, 1);
+    assert_eq!(
+        listener_status(&out, "gw", "expressions").attached_routes,
+        0,
+        "DoesNotExist fails"
+    );
     s.namespaces.insert("blue".into(), BTreeMap::new());
     let out = run(&s);
     assert_eq!(
