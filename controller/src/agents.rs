@@ -36,11 +36,13 @@ struct Desired {
     services: Vec<Service>,
 }
 
-/// The agents this controller programs.
+/// The agents this controller programs. The set can change (agents found through pods come
+/// and go); every agent gets the same desired state.
 pub struct Agents {
     desired: watch::Sender<Desired>,
     states: Arc<Mutex<BTreeMap<String, SyncState>>>,
-    tasks: Vec<tokio::task::JoinHandle<()>>,
+    tasks: Mutex<BTreeMap<String, tokio::task::JoinHandle<()>>>,
+    tls: Option<ClientTlsConfig>,
 }
 
 /// Reconnect delays: from `MIN_BACKOFF`, doubling up to `MAX_BACKOFF`.
@@ -68,43 +70,61 @@ fn now_nanos() -> u64 {
 impl Agents {
     /// Starts one task per agent URL (`http://` with `tls = None`, else `https://`).
     pub fn spawn(urls: &[String], tls: Option<ClientTlsConfig>) -> Result<Self, AgentsError> {
-        let (desired, _) = watch::channel(Desired::default());
-        let states = Arc::new(Mutex::new(BTreeMap::new()));
-        let mut tasks = Vec::new();
-        for url in urls {
-            let mut endpoint = Endpoint::from_shared(url.clone())
-                .map_err(|source| AgentsError::Url {
-                    url: url.clone(),
-                    source,
-                })?
-                .connect_timeout(Duration::from_secs(3))
-                .timeout(Duration::from_secs(30));
-            if let Some(tls) = &tls {
-                endpoint = endpoint
-                    .tls_config(tls.clone())
-                    .map_err(|source| AgentsError::Url {
-                        url: url.clone(),
-                        source,
-                    })?;
+        let agents = Agents {
+            desired: watch::channel(Desired::default()).0,
+            states: Arc::default(),
+            tasks: Mutex::default(),
+            tls,
+        };
+        agents.set_agents(urls)?;
+        Ok(agents)
+    }
+
+    /// Makes `urls` the set of agents: new ones are connected (and get the current state), ones
+    /// no longer listed are disconnected. Nothing changes when any URL is invalid.
+    pub fn set_agents(&self, urls: &[String]) -> Result<(), AgentsError> {
+        let mut tasks = self.tasks.lock().unwrap_or_else(|e| e.into_inner());
+        let mut new = Vec::new();
+        for url in urls.iter().filter(|u| !tasks.contains_key(*u)) {
+            new.push((url.clone(), self.endpoint(url)?));
+        }
+        let mut states = self.states.lock().unwrap_or_else(|e| e.into_inner());
+        tasks.retain(|url, task| {
+            let keep = urls.contains(url);
+            if !keep {
+                info!(agent = %url, "agent removed");
+                task.abort();
+                states.remove(url);
             }
-            states
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .insert(url.clone(), SyncState::Connecting);
+            keep
+        });
+        for (url, endpoint) in new {
+            states.insert(url.clone(), SyncState::Connecting);
             let sync = AgentSync {
                 url: url.clone(),
                 endpoint,
-                desired: desired.subscribe(),
-                states: states.clone(),
+                desired: self.desired.subscribe(),
+                states: self.states.clone(),
                 synced_once: false,
             };
-            tasks.push(tokio::spawn(sync.run()));
+            tasks.insert(url, tokio::spawn(sync.run()));
         }
-        Ok(Agents {
-            desired,
-            states,
-            tasks,
-        })
+        Ok(())
+    }
+
+    fn endpoint(&self, url: &str) -> Result<Endpoint, AgentsError> {
+        let error = |source| AgentsError::Url {
+            url: url.to_owned(),
+            source,
+        };
+        let endpoint = Endpoint::from_shared(url.to_owned())
+            .map_err(error)?
+            .connect_timeout(Duration::from_secs(3))
+            .timeout(Duration::from_secs(30));
+        match &self.tls {
+            Some(tls) => endpoint.tls_config(tls.clone()).map_err(error),
+            None => Ok(endpoint),
+        }
     }
 
     /// Sets the desired services; every agent gets them. Returns the new generation.
@@ -147,7 +167,12 @@ impl Agents {
 
 impl Drop for Agents {
     fn drop(&mut self) {
-        for task in &self.tasks {
+        for task in self
+            .tasks
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .values()
+        {
             task.abort();
         }
     }
@@ -170,10 +195,15 @@ enum Ended {
 
 impl AgentSync {
     fn set(&self, state: SyncState) {
-        self.states
+        // An agent that was just removed (its task aborted) must not come back.
+        if let Some(entry) = self
+            .states
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .insert(self.url.clone(), state);
+            .get_mut(&self.url)
+        {
+            *entry = state;
+        }
     }
 
     async fn run(mut self) {

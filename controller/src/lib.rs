@@ -6,6 +6,8 @@
 pub mod agents;
 pub mod convert;
 pub mod file;
+pub mod kubernetes;
+pub mod lease;
 pub mod model;
 pub mod resources;
 pub mod status;

@@ -1,7 +1,7 @@
 //! `fulgur-controller`: reconciles Gateway API L4 routes into the agents' dataplanes.
 //!
-//! Standalone mode (`--provider file`) reads a folder of manifests and writes a status file.
-//! The Kubernetes provider is not built yet.
+//! In a cluster (`--provider kubernetes`, the default) it watches the API and patches statuses;
+//! standalone (`--provider file`) it reads a folder of manifests and writes a status file.
 
 use std::{
     path::{Path, PathBuf},
@@ -12,7 +12,9 @@ use anyhow::{Context as _, bail};
 use clap::Parser;
 use fulgur_controller::{
     agents::Agents,
-    file, status,
+    file, kubernetes,
+    lease::LeaseSettings,
+    status,
     translate::{self, Config},
 };
 use tonic::transport::{Certificate, ClientTlsConfig, Identity};
@@ -24,7 +26,8 @@ use tracing::{error, info, warn};
     about = "fulgur controller: Gateway API TCPRoute/UDPRoute to eBPF load balancing"
 )]
 struct Cli {
-    /// Where objects come from: `file` (a folder of manifests) or `kubernetes` (not built yet).
+    /// Where objects come from: `kubernetes` (the API server of the kubeconfig or the pod's
+    /// service account) or `file` (a folder of manifests).
     #[arg(long, default_value = "kubernetes")]
     provider: String,
     /// With `--provider file`: the folder of YAML manifests, watched.
@@ -56,6 +59,29 @@ struct Cli {
     /// GatewayClasses with this spec.controllerName are handled.
     #[arg(long, default_value = "fulgur.dev/gateway-controller")]
     controller_name: String,
+    /// Kubernetes: the namespace of the agent DaemonSet's pods.
+    #[arg(long, env = "POD_NAMESPACE", default_value = "fulgur-system")]
+    agent_namespace: String,
+    /// Kubernetes: the label selector of the agent pods.
+    #[arg(long, default_value = "app.kubernetes.io/name=fulgur-agent")]
+    agent_selector: String,
+    /// Kubernetes: the agents' gRPC port when a pod has no container port named `grpc`.
+    #[arg(long, default_value_t = 50051)]
+    agent_port: u16,
+    /// Kubernetes: the Lease for leader election (in --lease-namespace).
+    #[arg(long, default_value = "fulgur-controller")]
+    lease_name: String,
+    #[arg(long, env = "POD_NAMESPACE", default_value = "fulgur-system")]
+    lease_namespace: String,
+    /// Kubernetes: this replica's name in the Lease (default: the host name).
+    #[arg(long, env = "POD_NAME")]
+    identity: Option<String>,
+    /// Kubernetes: how long the Lease stays taken without renewal.
+    #[arg(long, default_value = "15s", value_parser = humantime::parse_duration)]
+    lease_duration: Duration,
+    /// Kubernetes: how often the Lease is renewed (or, by followers, tried).
+    #[arg(long, default_value = "2s", value_parser = humantime::parse_duration)]
+    lease_renew: Duration,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -66,26 +92,72 @@ fn main() -> anyhow::Result<()> {
         .with_writer(std::io::stderr)
         .init();
     let cli = Cli::parse();
-    match cli.provider.as_str() {
-        "file" => {}
-        "kubernetes" => {
-            bail!("the kubernetes provider is not implemented yet; use --provider file")
-        }
-        other => bail!("unknown provider {other:?} (file or kubernetes)"),
-    }
-    let (Some(manifests), Some(status_file)) = (cli.manifests.clone(), cli.status_file.clone())
-    else {
-        bail!("--provider file needs --manifests DIR and --status-file FILE");
-    };
-    if cli.agents.is_empty() {
-        warn!("no --agent: statuses are written, no dataplane is programmed");
-    }
     let tls = if cli.insecure { None } else { Some(tls(&cli)?) };
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
         .build()?;
-    runtime.block_on(standalone(cli, manifests, status_file, tls))
+    match cli.provider.as_str() {
+        "file" => {
+            let (Some(manifests), Some(status_file)) =
+                (cli.manifests.clone(), cli.status_file.clone())
+            else {
+                bail!("--provider file needs --manifests DIR and --status-file FILE");
+            };
+            if cli.agents.is_empty() {
+                warn!("no --agent: statuses are written, no dataplane is programmed");
+            }
+            runtime.block_on(standalone(cli, manifests, status_file, tls))
+        }
+        "kubernetes" => {
+            if cli.manifests.is_some() || cli.status_file.is_some() || !cli.agents.is_empty() {
+                bail!(
+                    "--manifests, --status-file and --agent are for --provider file; \
+                     in a cluster agents are found through their pods (--agent-selector)"
+                );
+            }
+            let settings = kubernetes_settings(&cli, tls)?;
+            runtime.block_on(async {
+                let client = kube::Client::try_default()
+                    .await
+                    .context("no Kubernetes API (kubeconfig or in-cluster service account)")?;
+                kubernetes::run(client, settings).await
+            })
+        }
+        other => bail!("unknown provider {other:?} (file or kubernetes)"),
+    }
+}
+
+fn kubernetes_settings(
+    cli: &Cli,
+    tls: Option<ClientTlsConfig>,
+) -> anyhow::Result<kubernetes::Settings> {
+    let identity = match &cli.identity {
+        Some(identity) => identity.clone(),
+        None => std::fs::read_to_string("/proc/sys/kernel/hostname")
+            .map(|h| h.trim().to_owned())
+            .context("no --identity and no host name")?,
+    };
+    if cli.lease_renew >= cli.lease_duration {
+        bail!("--lease-renew must be shorter than --lease-duration");
+    }
+    Ok(kubernetes::Settings {
+        controller_name: cli.controller_name.clone(),
+        address_pools: cli.address_pools.clone(),
+        agents: kubernetes::AgentDiscovery {
+            namespace: cli.agent_namespace.clone(),
+            selector: cli.agent_selector.clone(),
+            port: cli.agent_port,
+            tls,
+        },
+        lease: LeaseSettings {
+            namespace: cli.lease_namespace.clone(),
+            name: cli.lease_name.clone(),
+            identity,
+            duration: cli.lease_duration,
+            renew_every: cli.lease_renew,
+        },
+    })
 }
 
 fn tls(cli: &Cli) -> anyhow::Result<ClientTlsConfig> {
@@ -97,10 +169,6 @@ fn tls(cli: &Cli) -> anyhow::Result<ClientTlsConfig> {
         .identity(Identity::from_pem(read(cert)?, read(key)?))
         .ca_certificate(Certificate::from_pem(read(ca)?))
         .domain_name(cli.agent_tls_name.clone()))
-}
-
-fn now() -> String {
-    humantime::format_rfc3339_seconds(SystemTime::now()).to_string()
 }
 
 /// What changes when the folder changes: names, sizes and modification times.
@@ -146,7 +214,7 @@ async fn standalone(
         }
         last_fingerprint = Some(print);
         // On any error the last good state stays: agents and statuses are left as they are.
-        let mut snapshot = match file::load(&manifests, &mut history, &now()) {
+        let mut snapshot = match file::load(&manifests, &mut history, &status::now()) {
             Ok(loaded) => {
                 info!(objects = loaded.keys.len(), "manifests read");
                 loaded.snapshot
@@ -161,7 +229,7 @@ async fn standalone(
         };
         snapshot.previous_conditions = previous_conditions.clone();
         snapshot.previous_addresses = previous_addresses.clone();
-        let time = now();
+        let time = status::now();
         let config = Config {
             controller_name: &cli.controller_name,
             address_pools: &cli.address_pools,

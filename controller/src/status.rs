@@ -127,6 +127,11 @@ pub struct ObjectStatus {
     pub status: StatusDoc,
 }
 
+/// The current time as conditions carry it (RFC 3339, seconds).
+pub fn now() -> String {
+    humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string()
+}
+
 const API_VERSION: &str = "gateway.networking.k8s.io/v1";
 
 fn conditions(list: &[Condition]) -> Vec<ConditionDoc> {

@@ -4,6 +4,7 @@
 pub mod corpus;
 pub mod echo;
 pub mod fake_agent;
+pub mod fake_kube;
 pub mod lab;
 pub mod netns;
 pub mod packets;

@@ -1,0 +1,498 @@
+//! The Kubernetes provider against the in-process fake API server (`fulgur_tests::fake_kube`),
+//! through the real kube client over HTTP, programming in-process agents over real gRPC:
+//! reconcile from watch events, server-side-apply status patches sent only on change, Events,
+//! Lease-based leadership with failover, agent discovery through pods, and `v1alpha2` discovery.
+
+use std::{future::Future, net::SocketAddr, time::Duration};
+
+use fulgur_controller::{
+    kubernetes::{self, AgentDiscovery, FIELD_MANAGER, Settings},
+    lease::LeaseSettings,
+};
+use fulgur_proto::v1::{self, GetRequest, dataplane_client::DataplaneClient};
+use fulgur_tests::{
+    fake_agent::{Fake, serve},
+    fake_kube::FakeKube,
+};
+use serde_json::{Value, json};
+
+const GW: &str = "gateway.networking.k8s.io/v1";
+const CONTROLLER: &str = "fulgur.dev/gateway-controller";
+const WAIT: Duration = Duration::from_secs(20);
+
+const WORLD: &str = r#"
+apiVersion: v1
+kind: Namespace
+metadata: {name: apps, labels: {team: blue}}
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: GatewayClass
+metadata: {name: fulgur}
+spec: {controllerName: fulgur.dev/gateway-controller}
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: Gateway
+metadata: {name: gw, namespace: apps}
+spec:
+  gatewayClassName: fulgur
+  addresses: [{type: IPAddress, value: 192.0.2.10}]
+  listeners:
+  - {name: tcp, port: 80, protocol: TCP}
+  - {name: udp, port: 53, protocol: UDP}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: web, namespace: apps}
+spec:
+  ports: [{name: http, port: 8080, targetPort: 3000}]
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {name: web-1, namespace: apps, labels: {kubernetes.io/service-name: web}}
+addressType: IPv4
+ports: [{name: http, port: 3000}]
+endpoints:
+- addresses: [203.0.113.2]
+  conditions: {ready: true}
+- addresses: [203.0.113.3]
+  conditions: {ready: true}
+"#;
+
+fn tcp_route(version: &str, service: &str) -> Value {
+    json!({
+        "apiVersion": format!("gateway.networking.k8s.io/{version}"),
+        "kind": "TCPRoute",
+        "metadata": {"name": "web", "namespace": "apps"},
+        "spec": {
+            "parentRefs": [{"name": "gw", "sectionName": "tcp"}],
+            "rules": [{"backendRefs": [{"name": service, "port": 8080}]}],
+        },
+    })
+}
+
+fn agent_pod(name: &str, grpc: SocketAddr) -> Value {
+    json!({
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {
+            "name": name,
+            "namespace": "fulgur-system",
+            "labels": {"app.kubernetes.io/name": "fulgur-agent"},
+        },
+        "spec": {
+            "nodeName": name,
+            "hostNetwork": true,
+            "containers": [{"name": "agent", "ports": [{"name": "grpc", "containerPort": grpc.port()}]}],
+        },
+        "status": {"podIP": grpc.ip().to_string()},
+    })
+}
+
+fn settings(identity: &str, pool: &str) -> Settings {
+    Settings {
+        controller_name: CONTROLLER.into(),
+        address_pools: vec![pool.parse().unwrap()],
+        agents: AgentDiscovery {
+            namespace: "fulgur-system".into(),
+            selector: "app.kubernetes.io/name=fulgur-agent".into(),
+            port: 1,
+            tls: None,
+        },
+        lease: LeaseSettings {
+            namespace: "fulgur-system".into(),
+            name: "fulgur-controller".into(),
+            identity: identity.into(),
+            duration: Duration::from_secs(2),
+            renew_every: Duration::from_millis(300),
+        },
+    }
+}
+
+/// Runs a controller in this process until the handle is aborted.
+fn controller(fake: &FakeKube, identity: &str, pool: &str) -> tokio::task::JoinHandle<()> {
+    let client = fake.client();
+    let settings = settings(identity, pool);
+    tokio::spawn(async move {
+        if let Err(e) = kubernetes::run(client, settings).await {
+            panic!("controller stopped: {e:#}");
+        }
+    })
+}
+
+async fn agent_services(addr: SocketAddr) -> Vec<v1::Service> {
+    let Ok(mut client) = DataplaneClient::connect(format!("http://{addr}")).await else {
+        return vec![];
+    };
+    match client.get(GetRequest {}).await {
+        Ok(r) => r.into_inner().state.map(|s| s.services).unwrap_or_default(),
+        Err(_) => vec![],
+    }
+}
+
+/// (vip:port, sorted backends "ip:port*weight") of every service.
+async fn agent_table(addr: SocketAddr) -> Vec<(String, Vec<String>)> {
+    let mut table: Vec<_> = agent_services(addr)
+        .await
+        .into_iter()
+        .map(|s| {
+            let mut backends: Vec<String> = s
+                .backends
+                .iter()
+                .map(|b| format!("{}:{}*{}", b.address, b.port, b.weight))
+                .collect();
+            backends.sort();
+            (format!("{}:{}", s.vip, s.port), backends)
+        })
+        .collect();
+    table.sort();
+    table
+}
+
+async fn eventually<F, Fut>(what: &str, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = bool>,
+{
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while !check().await {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting for: {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+fn condition<'a>(conditions: &'a Value, type_: &str) -> &'a Value {
+    conditions
+        .as_array()
+        .and_then(|c| c.iter().find(|c| c["type"] == type_))
+        .unwrap_or(&Value::Null)
+}
+
+/// Status patches the server received for one object.
+fn status_patches(fake: &FakeKube, path_end: &str) -> Vec<Value> {
+    fake.requests()
+        .into_iter()
+        .filter(|r| r.method == "PATCH" && r.path.ends_with(path_end))
+        .map(|r| {
+            assert_eq!(
+                r.content_type, "application/apply-patch+yaml",
+                "server-side apply"
+            );
+            assert_eq!(
+                r.query.get("fieldManager").map(String::as_str),
+                Some(FIELD_MANAGER)
+            );
+            assert_eq!(r.query.get("force").map(String::as_str), Some("true"));
+            r.body
+        })
+        .collect()
+}
+
+fn events(fake: &FakeKube) -> Vec<Value> {
+    fake.list("events.k8s.io/v1", "Event")
+}
+
+#[tokio::test]
+async fn reconciles_watch_events_into_agents_and_status_patches() {
+    let fake = FakeKube::start().await;
+    fake.serve_gateway_api("v1");
+    fake.apply_yaml(WORLD);
+    let agent = serve(Fake::default(), None).await;
+    fake.apply(agent_pod("node-1", agent));
+    let _controller = controller(&fake, "replica-a", "198.51.100.0/28");
+
+    // The Gateway alone: listeners programmed, no backends yet (no route).
+    eventually("Gateway Programmed", || async {
+        let gw = fake.get(GW, "Gateway", "apps", "gw").unwrap();
+        condition(&gw["status"]["conditions"], "Programmed")["status"] == "True"
+    })
+    .await;
+    let class = fake.get(GW, "GatewayClass", "", "fulgur").unwrap();
+    assert_eq!(
+        condition(&class["status"]["conditions"], "Accepted")["status"],
+        "True"
+    );
+    let gw = fake.get(GW, "Gateway", "apps", "gw").unwrap();
+    assert_eq!(
+        gw["status"]["addresses"],
+        json!([{"type": "IPAddress", "value": "192.0.2.10"}])
+    );
+
+    // A route arrives through the watch: the agent gets its backends, the route its status.
+    fake.apply(tcp_route("v1", "web"));
+    let expected = vec![(
+        "192.0.2.10:80".to_owned(),
+        vec![
+            "203.0.113.2:3000*1000000".to_owned(),
+            "203.0.113.3:3000*1000000".to_owned(),
+        ],
+    )];
+    eventually("the route's backends on the agent", || async {
+        let table = agent_table(agent).await;
+        if table != expected {
+            eprintln!("agent: {table:?}");
+        }
+        table == expected
+    })
+    .await;
+    eventually("route status", || async {
+        let route = fake.get(GW, "TCPRoute", "apps", "web").unwrap();
+        let parents = &route["status"]["parents"];
+        parents.as_array().is_some_and(|p| p.len() == 1)
+            && condition(&parents[0]["conditions"], "Accepted")["status"] == "True"
+            && condition(&parents[0]["conditions"], "ResolvedRefs")["status"] == "True"
+    })
+    .await;
+    let route = fake.get(GW, "TCPRoute", "apps", "web").unwrap();
+    assert_eq!(route["status"]["parents"][0]["controllerName"], CONTROLLER);
+    assert_eq!(
+        route["status"]["parents"][0]["parentRef"],
+        json!({"group": "gateway.networking.k8s.io", "kind": "Gateway", "namespace": "apps", "name": "gw", "sectionName": "tcp"})
+    );
+    eventually("attachedRoutes 1", || async {
+        let gw = fake.get(GW, "Gateway", "apps", "gw").unwrap();
+        gw["status"]["listeners"][0]["attachedRoutes"] == 1
+    })
+    .await;
+
+    // Scaling the EndpointSlice changes the agent's backends, and no status at all.
+    let route_patches = status_patches(&fake, "/tcproutes/web/status").len();
+    let gateway_patches = status_patches(&fake, "/gateways/gw/status").len();
+    let mut slice = fake
+        .get("discovery.k8s.io/v1", "EndpointSlice", "apps", "web-1")
+        .unwrap();
+    slice["endpoints"][1]["conditions"]["terminating"] = true.into();
+    fake.apply(slice);
+    eventually("the terminating endpoint leaves", || async {
+        agent_table(agent).await
+            == vec![(
+                "192.0.2.10:80".to_owned(),
+                vec!["203.0.113.2:3000*1000000".to_owned()],
+            )]
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(1500)).await; // a few reconciles
+    assert_eq!(
+        status_patches(&fake, "/tcproutes/web/status").len(),
+        route_patches
+    );
+    assert_eq!(
+        status_patches(&fake, "/gateways/gw/status").len(),
+        gateway_patches
+    );
+
+    // Another controller's entry on the route survives our patches.
+    let mut route = fake.get(GW, "TCPRoute", "apps", "web").unwrap();
+    let foreign = json!({
+        "parentRef": {"group": "gateway.networking.k8s.io", "kind": "Gateway", "namespace": "other", "name": "theirs"},
+        "controllerName": "example.com/other",
+        "conditions": [],
+    });
+    route["status"]["parents"]
+        .as_array_mut()
+        .unwrap()
+        .push(foreign.clone());
+    fake.apply(route);
+
+    // A backend that does not exist: ResolvedRefs False, an Event, traffic rejected.
+    fake.apply(tcp_route("v1", "missing"));
+    eventually("BackendNotFound", || async {
+        let route = fake.get(GW, "TCPRoute", "apps", "web").unwrap();
+        let ours = route["status"]["parents"]
+            .as_array()
+            .and_then(|p| {
+                p.iter()
+                    .find(|p| p["controllerName"] == CONTROLLER)
+                    .cloned()
+            })
+            .unwrap_or_default();
+        condition(&ours["conditions"], "ResolvedRefs")["reason"] == "BackendNotFound"
+    })
+    .await;
+    let route = fake.get(GW, "TCPRoute", "apps", "web").unwrap();
+    assert!(
+        route["status"]["parents"]
+            .as_array()
+            .unwrap()
+            .contains(&foreign),
+        "{}",
+        route["status"]
+    );
+    eventually("a Warning event on the route", || async {
+        events(&fake).iter().any(|e| {
+            e["type"] == "Warning"
+                && e["reason"] == "BackendNotFound"
+                && e["regarding"]["kind"] == "TCPRoute"
+                && e["regarding"]["name"] == "web"
+                && e["reportingController"] == FIELD_MANAGER
+        })
+    })
+    .await;
+    eventually("all traffic rejected", || async {
+        agent_services(agent)
+            .await
+            .iter()
+            .any(|s| s.backends.is_empty() && s.reject_weight > 0)
+    })
+    .await;
+
+    // Deleting the route withdraws the service.
+    fake.delete(GW, "TCPRoute", "apps", "web");
+    eventually("service withdrawn", || async {
+        agent_services(agent).await.is_empty()
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn agents_come_and_go_with_their_pods() {
+    let fake = FakeKube::start().await;
+    fake.serve_gateway_api("v1");
+    fake.apply_yaml(WORLD);
+    fake.apply(tcp_route("v1", "web"));
+    let first = serve(Fake::default(), None).await;
+    fake.apply(agent_pod("node-1", first));
+    let _controller = controller(&fake, "replica-a", "198.51.100.0/28");
+    eventually("node-1 programmed", || async {
+        agent_table(first).await.len() == 1
+    })
+    .await;
+    // A new node's agent gets the full state without any route change.
+    let second = serve(Fake::default(), None).await;
+    fake.apply(agent_pod("node-2", second));
+    eventually("node-2 programmed", || async {
+        agent_table(second).await == agent_table(first).await
+    })
+    .await;
+    // A pod that is gone is no longer programmed.
+    fake.delete("v1", "Pod", "fulgur-system", "node-1");
+    fake.apply(tcp_route("v1", "missing"));
+    eventually("node-2 follows the change", || async {
+        agent_services(second)
+            .await
+            .iter()
+            .any(|s| s.backends.is_empty())
+    })
+    .await;
+    assert_eq!(
+        agent_services(first).await[0].backends.len(),
+        2,
+        "node-1 left alone"
+    );
+}
+
+#[tokio::test]
+async fn only_the_lease_holder_acts_and_a_follower_takes_over() {
+    let fake = FakeKube::start().await;
+    fake.serve_gateway_api("v1");
+    fake.apply_yaml(WORLD);
+    let agent = serve(Fake::default(), None).await;
+    fake.apply(agent_pod("node-1", agent));
+    let lease = || {
+        fake.get(
+            "coordination.k8s.io/v1",
+            "Lease",
+            "fulgur-system",
+            "fulgur-controller",
+        )
+    };
+
+    let a = controller(&fake, "replica-a", "198.51.100.0/28");
+    eventually("replica-a holds the lease", || async {
+        lease().is_some_and(|l| l["spec"]["holderIdentity"] == "replica-a")
+    })
+    .await;
+    let b = controller(&fake, "replica-b", "203.0.113.64/28");
+
+    // A Gateway without addresses: only the leader's pool may be used, and only once.
+    let pooled = json!({
+        "apiVersion": GW, "kind": "Gateway",
+        "metadata": {"name": "pooled", "namespace": "apps"},
+        "spec": {"gatewayClassName": "fulgur", "listeners": [{"name": "tcp", "port": 81, "protocol": "TCP"}]},
+    });
+    fake.apply(pooled);
+    eventually("pooled address", || async {
+        let gw = fake.get(GW, "Gateway", "apps", "pooled").unwrap();
+        !gw["status"]["addresses"].is_null()
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let gw = fake.get(GW, "Gateway", "apps", "pooled").unwrap();
+    let address = gw["status"]["addresses"][0]["value"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    assert!(
+        address.starts_with("198.51.100."),
+        "the leader's pool: {address}"
+    );
+    assert_eq!(
+        status_patches(&fake, "/gateways/pooled/status").len(),
+        1,
+        "the follower never patches"
+    );
+    assert_eq!(lease().unwrap()["spec"]["holderIdentity"], "replica-a");
+
+    // The leader dies without releasing the lease: the follower takes over after it expires,
+    // keeps the assigned address and acts on new changes.
+    a.abort();
+    let died = tokio::time::Instant::now();
+    eventually("replica-b holds the lease", || async {
+        lease().is_some_and(|l| l["spec"]["holderIdentity"] == "replica-b")
+    })
+    .await;
+    assert!(
+        died.elapsed() >= Duration::from_millis(1500),
+        "not before the lease expired"
+    );
+    assert_eq!(lease().unwrap()["spec"]["leaseTransitions"], 1);
+    fake.apply(tcp_route("v1", "web"));
+    eventually("replica-b programs the agent", || async {
+        agent_table(agent)
+            .await
+            .iter()
+            .any(|(vip, _)| vip == "192.0.2.10:80")
+    })
+    .await;
+    assert!(!b.is_finished());
+}
+
+#[tokio::test]
+async fn v1alpha2_routes_are_read_when_the_cluster_serves_only_those() {
+    let fake = FakeKube::start().await;
+    fake.serve_gateway_api("v1alpha2");
+    fake.apply_yaml(WORLD);
+    fake.apply(tcp_route("v1alpha2", "web"));
+    let agent = serve(Fake::default(), None).await;
+    fake.apply(agent_pod("node-1", agent));
+    let _controller = controller(&fake, "replica-a", "198.51.100.0/28");
+    eventually("backends from a v1alpha2 route", || async {
+        agent_table(agent).await.len() == 1
+    })
+    .await;
+    eventually("v1alpha2 route status", || async {
+        let route = fake
+            .get(
+                "gateway.networking.k8s.io/v1alpha2",
+                "TCPRoute",
+                "apps",
+                "web",
+            )
+            .unwrap();
+        condition(&route["status"]["parents"][0]["conditions"], "Accepted")["status"] == "True"
+    })
+    .await;
+    let patches = status_patches(&fake, "/tcproutes/web/status");
+    assert_eq!(
+        patches[0]["apiVersion"],
+        "gateway.networking.k8s.io/v1alpha2"
+    );
+    assert!(
+        fake.requests().iter().any(|r| r
+            .path
+            .starts_with("/apis/gateway.networking.k8s.io/v1alpha2/namespaces/apps/tcproutes/")),
+        "patched at the served version"
+    );
+}
