@@ -681,3 +681,99 @@ async fn handle(State(shared): State<Arc<Shared>>, request: Request) -> Response
         ),
     }
 }
+
+/// One RBAC rule, with the namespace it is limited to (a Role's) or none (a ClusterRole's).
+struct Rule {
+    namespace: Option<String>,
+    groups: Vec<String>,
+    resources: Vec<String>,
+    verbs: Vec<String>,
+}
+
+fn rules(rbac_yaml: &str) -> Vec<Rule> {
+    let strings = |v: &Value| -> Vec<String> {
+        v.as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|s| s.as_str().map(str::to_owned))
+            .collect()
+    };
+    let mut rules = Vec::new();
+    for document in serde_yaml::Deserializer::from_str(rbac_yaml) {
+        let object: Value = serde::Deserialize::deserialize(document).unwrap();
+        let namespace = match object["kind"].as_str() {
+            Some("ClusterRole") => None,
+            Some("Role") => object["metadata"]["namespace"].as_str().map(str::to_owned),
+            _ => continue,
+        };
+        for rule in object["rules"].as_array().into_iter().flatten() {
+            rules.push(Rule {
+                namespace: namespace.clone(),
+                groups: strings(&rule["apiGroups"]),
+                resources: strings(&rule["resources"]),
+                verbs: strings(&rule["verbs"]),
+            });
+        }
+    }
+    rules
+}
+
+/// (group, resource[/subresource], namespace, verb) of a resource request; `None` for discovery.
+fn authorization(request: &Recorded) -> Option<(String, String, Option<String>, String)> {
+    let segments: Vec<&str> = request.path.trim_matches('/').split('/').collect();
+    let (group, rest) = match segments.as_slice() {
+        ["api", _, rest @ ..] => ("", rest),
+        ["apis", group, _, rest @ ..] => (*group, rest),
+        _ => return None,
+    };
+    let (namespace, rest) = match rest {
+        ["namespaces", namespace, rest @ ..] if !rest.is_empty() => {
+            (Some(namespace.to_string()), rest)
+        }
+        rest => (None, rest),
+    };
+    let (resource, named) = match rest {
+        [] => return None,
+        [plural] => (plural.to_string(), false),
+        [plural, _] => (plural.to_string(), true),
+        [plural, _, sub, ..] => (format!("{plural}/{sub}"), true),
+    };
+    let verb = match (request.method.as_str(), named) {
+        ("GET", true) => "get",
+        ("GET", false)
+            if request
+                .query
+                .get("watch")
+                .is_some_and(|w| w == "true" || w == "1") =>
+        {
+            "watch"
+        }
+        ("GET", false) => "list",
+        ("POST", _) => "create",
+        ("PUT", _) => "update",
+        ("PATCH", _) => "patch",
+        ("DELETE", _) => "delete",
+        (other, _) => other,
+    };
+    Some((group.to_owned(), resource, namespace, verb.to_owned()))
+}
+
+impl FakeKube {
+    /// The requests received so far that the ClusterRoles and Roles in `rbac_yaml` do not allow.
+    pub fn forbidden_by(&self, rbac_yaml: &str) -> Vec<String> {
+        let rules = rules(rbac_yaml);
+        self.requests()
+            .iter()
+            .filter_map(|r| authorization(r).map(|a| (r, a)))
+            .filter(|(_, (group, resource, namespace, verb))| {
+                !rules.iter().any(|rule| {
+                    rule.groups.contains(group)
+                        && rule.resources.contains(resource)
+                        && rule.verbs.contains(verb)
+                        && (rule.namespace.is_none() || rule.namespace == *namespace)
+                })
+            })
+            .map(|(r, (_, _, _, verb))| format!("{verb} {} {}", r.method, r.path))
+            .collect()
+    }
+}

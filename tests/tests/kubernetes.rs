@@ -190,6 +190,20 @@ fn status_patches(fake: &FakeKube, path_end: &str) -> Vec<Value> {
         .collect()
 }
 
+/// Every request the controller made is allowed by the RBAC of `manifests/deploy/rbac.yaml`.
+fn assert_least_privilege_suffices(fake: &FakeKube) {
+    let rbac = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../manifests/deploy/rbac.yaml"
+    ))
+    .unwrap();
+    let forbidden = fake.forbidden_by(&rbac);
+    assert!(
+        forbidden.is_empty(),
+        "not allowed by rbac.yaml: {forbidden:#?}"
+    );
+}
+
 fn events(fake: &FakeKube) -> Vec<Value> {
     fake.list("events.k8s.io/v1", "Event")
 }
@@ -344,6 +358,7 @@ async fn reconciles_watch_events_into_agents_and_status_patches() {
         agent_services(agent).await.is_empty()
     })
     .await;
+    assert_least_privilege_suffices(&fake);
 }
 
 #[tokio::test]
@@ -457,6 +472,7 @@ async fn only_the_lease_holder_acts_and_a_follower_takes_over() {
     })
     .await;
     assert!(!b.is_finished());
+    assert_least_privilege_suffices(&fake);
 }
 
 #[tokio::test]
