@@ -361,6 +361,20 @@ pub fn translate(config: &Config, snapshot: &Snapshot) -> Output {
         .filter(|g| ours.contains(g.class_name.as_str()))
         .collect();
     gateways.sort_by(|a, b| a.id.cmp(&b.id));
+    // A static address belongs to the oldest of our Gateways that lists it; for the others it
+    // is not usable (two Gateways on one address would program the same VIP twice).
+    let mut by_age = gateways.clone();
+    by_age.sort_by(|a, b| {
+        (&a.meta.creation_timestamp, &a.id).cmp(&(&b.meta.creation_timestamp, &b.id))
+    });
+    let mut static_owner: BTreeMap<IpAddr, &ObjectRef> = BTreeMap::new();
+    for gateway in by_age {
+        for a in gateway.addresses.iter().filter(|a| a.kind == "IPAddress") {
+            if let Ok(address) = a.value.parse::<IpAddr>() {
+                static_owner.entry(address).or_insert(&gateway.id);
+            }
+        }
+    }
     // Pool addresses handed out before stay with their Gateways.
     for gateway in gateways.iter().filter(|g| g.addresses.is_empty()) {
         taken.extend(previous_pooled(config, snapshot, gateway));
@@ -463,20 +477,25 @@ pub fn translate(config: &Config, snapshot: &Snapshot) -> Output {
             .filter(|a| a.kind != "IPAddress" || a.value.parse::<IpAddr>().is_err())
             .map(|a| a.value.as_str())
             .collect();
+        let mut not_usable = Vec::new();
         let addresses: Vec<IpAddr> = if gateway.addresses.is_empty() {
             assign_address(config, snapshot, gateway, &mut taken)
                 .into_iter()
                 .collect()
         } else {
-            gateway
-                .addresses
-                .iter()
-                .filter_map(|a| {
-                    (a.kind == "IPAddress")
-                        .then(|| a.value.parse().ok())
-                        .flatten()
-                })
-                .collect()
+            let mut addresses = Vec::new();
+            for a in gateway.addresses.iter().filter(|a| a.kind == "IPAddress") {
+                let Ok(address) = a.value.parse::<IpAddr>() else {
+                    continue;
+                };
+                match static_owner.get(&address) {
+                    Some(owner) if **owner != gateway.id => {
+                        not_usable.push(format!("{address} is used by Gateway {owner}"))
+                    }
+                    _ => addresses.push(address),
+                }
+            }
+            addresses
         };
         let listeners_valid = listeners.iter().all(|l| l.usable);
         if !unsupported.is_empty() {
@@ -496,7 +515,14 @@ pub fn translate(config: &Config, snapshot: &Snapshot) -> Output {
                 "some listeners are not valid",
             );
         }
-        if addresses.is_empty() {
+        if !not_usable.is_empty() {
+            g.set(
+                "Programmed",
+                false,
+                "AddressNotUsable",
+                not_usable.join(", "),
+            );
+        } else if addresses.is_empty() {
             g.set(
                 "Programmed",
                 false,

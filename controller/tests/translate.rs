@@ -854,3 +854,103 @@ fn udp_routes_follow_the_same_rules() {
     assert_eq!(out.services[0].protocol, v1::Protocol::Udp as i32);
     assert!(out.services[0].backends.is_empty() && out.services[0].reject_weight > 0);
 }
+
+#[test]
+fn a_static_address_belongs_to_the_oldest_gateway_that_lists_it() {
+    let older = gateway("older", vec![tcp("tcp", 80)], "192.0.2.10");
+    let mut newer = gateway("newer", vec![tcp("tcp", 80)], "192.0.2.10");
+    newer.meta.creation_timestamp = "2026-02-01T00:00:00Z".into();
+    let mut to_newer = parent("newer");
+    to_newer.name = "newer".into();
+    let s = snapshot(
+        vec![newer.clone(), older.clone()],
+        vec![
+            route(
+                RouteKind::Tcp,
+                "a",
+                "2026-01-01T00:00:00Z",
+                vec![parent("older")],
+                vec![backend("svc", 8080, 1)],
+            ),
+            route(
+                RouteKind::Tcp,
+                "b",
+                "2026-01-01T00:00:00Z",
+                vec![to_newer],
+                vec![backend("svc", 8080, 1)],
+            ),
+        ],
+        vec![service(
+            "gateway-conformance-infra",
+            "svc",
+            &["203.0.113.2"],
+        )],
+    );
+    let out = run(&s);
+    assert_eq!(
+        out.services.len(),
+        1,
+        "one VIP:port programmed once: {:?}",
+        out.services
+    );
+    let newer_status = &out.gateways[&newer.id];
+    assert!(newer_status.addresses.is_empty());
+    assert!(
+        newer_status
+            .conditions
+            .iter()
+            .any(|c| c.type_ == "Programmed" && !c.status && c.reason == "AddressNotUsable"),
+        "{:?}",
+        newer_status.conditions
+    );
+    let older_status = &out.gateways[&older.id];
+    assert_eq!(
+        older_status.addresses,
+        vec!["192.0.2.10".parse::<IpAddr>().unwrap()]
+    );
+}
+
+#[test]
+fn unsupported_route_kinds_on_a_listener_and_backend_kinds() {
+    let mut kinds = tcp("kinds", 80);
+    kinds.kinds = vec![RouteGroupKind {
+        group: "gateway.networking.k8s.io".into(),
+        kind: "HTTPRoute".into(),
+    }];
+    let mut not_a_service = backend("svc", 8080, 1);
+    not_a_service.kind = "ConfigMap".into();
+    let s = snapshot(
+        vec![gateway("gw", vec![kinds, tcp("tcp", 81)], "192.0.2.10")],
+        vec![route(
+            RouteKind::Tcp,
+            "r",
+            "2026-01-01T00:00:00Z",
+            vec![parent("gw")],
+            vec![not_a_service],
+        )],
+        vec![service(
+            "gateway-conformance-infra",
+            "svc",
+            &["203.0.113.2"],
+        )],
+    );
+    let out = run(&s);
+    let listener = listener_status(&out, "gw", "kinds");
+    assert!(
+        listener
+            .conditions
+            .iter()
+            .any(|c| c.type_ == "ResolvedRefs" && !c.status && c.reason == "InvalidRouteKinds"),
+        "{:?}",
+        listener.conditions
+    );
+    let conditions = route_conditions(&out, RouteKind::Tcp, "r");
+    assert!(
+        has(&conditions, "ResolvedRefs", false, "InvalidKind"),
+        "{conditions:?}"
+    );
+    // Attached through the valid listener only; the whole weight is rejected.
+    assert_eq!(listener_status(&out, "gw", "tcp").attached_routes, 1);
+    let service = out.services.iter().find(|s| s.port == 81).unwrap();
+    assert!(service.backends.is_empty() && service.reject_weight > 0);
+}
