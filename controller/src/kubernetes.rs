@@ -625,7 +625,23 @@ impl Leader {
     }
 }
 
-/// Runs the provider until ctrl-c, or until leadership is lost (an error: the process should
+/// SIGINT or SIGTERM (what Kubernetes sends a pod that should stop).
+pub async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    match signal(SignalKind::terminate()) {
+        Ok(mut term) => {
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {}
+                _ = term.recv() => {}
+            }
+        }
+        Err(_) => {
+            let _ = tokio::signal::ctrl_c().await;
+        }
+    }
+}
+
+/// Runs the provider until SIGINT/SIGTERM, or until leadership is lost (an error: the process should
 /// restart, as a fresh follower, so no two replicas ever act at once).
 pub async fn run(client: Client, settings: Settings) -> anyhow::Result<()> {
     let changed = Arc::new(Notify::new());
@@ -651,9 +667,11 @@ pub async fn run(client: Client, settings: Settings) -> anyhow::Result<()> {
     };
     let mut leading = false;
     let mut tick = tokio::time::interval(Duration::from_secs(1));
+    // One listener for the whole run: a signal during a reconcile is not lost.
+    let mut shutdown = std::pin::pin!(shutdown_signal());
     loop {
         tokio::select! {
-            _ = tokio::signal::ctrl_c() => {
+            _ = &mut shutdown => {
                 if leading {
                     lease::release(&lease_api, &state.settings.lease).await;
                 }

@@ -203,9 +203,11 @@ async fn standalone(
     let mut last_status = None;
     let mut poll = tokio::time::interval(Duration::from_millis(500));
     info!(manifests = %manifests.display(), status_file = %status_file.display(), "watching");
+    // One listener for the whole run: a signal while reading the folder is not lost.
+    let mut shutdown = std::pin::pin!(kubernetes::shutdown_signal());
     loop {
         tokio::select! {
-            _ = tokio::signal::ctrl_c() => return Ok(()),
+            _ = &mut shutdown => return Ok(()),
             _ = poll.tick() => {}
         }
         let print = fingerprint(&manifests);

@@ -512,3 +512,75 @@ async fn v1alpha2_routes_are_read_when_the_cluster_serves_only_those() {
         "patched at the served version"
     );
 }
+
+#[tokio::test]
+async fn the_binary_uses_the_kubeconfig_and_releases_the_lease_on_sigterm() {
+    let fake = FakeKube::start().await;
+    fake.serve_gateway_api("v1");
+    fake.apply_yaml(WORLD);
+    let dir = std::env::temp_dir().join(format!("fulgur-kubeconfig-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let kubeconfig = dir.join("config");
+    std::fs::write(
+        &kubeconfig,
+        format!(
+            "apiVersion: v1\nkind: Config\ncurrent-context: fake\n\
+             clusters: [{{name: fake, cluster: {{server: \"{}\"}}}}]\n\
+             users: [{{name: fake, user: {{}}}}]\n\
+             contexts: [{{name: fake, context: {{cluster: fake, user: fake}}}}]\n",
+            fake.url()
+        ),
+    )
+    .unwrap();
+    let mut child = tokio::process::Command::new(fulgur_tests::controller_binary())
+        .args([
+            "--provider=kubernetes",
+            "--insecure",
+            "--identity=from-binary",
+            "--lease-namespace=fulgur-system",
+            "--agent-namespace=fulgur-system",
+            "--lease-duration=5s",
+            "--lease-renew=500ms",
+        ])
+        .env("KUBECONFIG", &kubeconfig)
+        .env_remove("POD_NAMESPACE")
+        .env_remove("POD_NAME")
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    eventually("GatewayClass Accepted by the binary", || async {
+        let class = fake.get(GW, "GatewayClass", "", "fulgur").unwrap();
+        condition(&class["status"]["conditions"], "Accepted")["status"] == "True"
+    })
+    .await;
+    let lease = fake
+        .get(
+            "coordination.k8s.io/v1",
+            "Lease",
+            "fulgur-system",
+            "fulgur-controller",
+        )
+        .unwrap();
+    assert_eq!(lease["spec"]["holderIdentity"], "from-binary");
+    // SAFETY: signalling our own child process.
+    unsafe { libc::kill(child.id().unwrap() as i32, libc::SIGTERM) };
+    let status = tokio::time::timeout(WAIT, child.wait())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(status.success(), "{status}");
+    let lease = fake
+        .get(
+            "coordination.k8s.io/v1",
+            "Lease",
+            "fulgur-system",
+            "fulgur-controller",
+        )
+        .unwrap();
+    assert!(
+        lease["spec"]["holderIdentity"].is_null(),
+        "released: {}",
+        lease["spec"]
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
