@@ -260,14 +260,18 @@ fn strict<T: serde::de::DeserializeOwned>(doc: &str) -> Result<T, AddError> {
     }
 }
 
-/// The line (from 1) where the last segment of `path` is written in `doc`, if it can be found.
+/// The line (from 1) where the last segment of `path` is written as a key in `doc`, in block
+/// (`key:`) or flow (`{key: ...}`) style, if it can be found.
 fn line_of(doc: &str, path: &str) -> Option<usize> {
-    let field = path.rsplit('.').next()?;
+    let key = format!("{}:", path.rsplit('.').next()?);
     doc.lines()
-        .position(|l| {
-            l.trim_start()
-                .trim_start_matches("- ")
-                .starts_with(&format!("{field}:"))
+        .position(|line| {
+            line.match_indices(&key).any(|(at, _)| {
+                line[..at]
+                    .chars()
+                    .next_back()
+                    .is_none_or(|c| matches!(c, ' ' | '{' | ',' | '-' | '"' | '\''))
+            })
         })
         .map(|i| i + 1)
 }

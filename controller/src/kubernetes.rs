@@ -457,7 +457,8 @@ impl Leader {
         }
     }
 
-    async fn reconcile(&mut self, stores: &Stores) {
+    /// Returns whether everything was done (else the caller retries on its next tick).
+    async fn reconcile(&mut self, stores: &Stores) -> bool {
         let (snapshot, invalid) = stores.snapshot(&self.patched);
         for Invalid { object, message } in invalid {
             let key = (
@@ -478,8 +479,10 @@ impl Leader {
         let out = translate::translate(&config, &snapshot);
         self.agent_pods = stores.agents(&self.settings.agents);
         let urls: Vec<String> = self.agent_pods.keys().cloned().collect();
+        let mut done = true;
         if let Err(e) = self.agents.set_agents(&urls) {
             error!("agents: {e}");
+            done = false;
         }
         if self.last_services.as_ref() != Some(&out.services) {
             let generation = self.agents.set_desired(out.services.clone());
@@ -490,8 +493,9 @@ impl Leader {
             self.last_services = Some(out.services.clone());
         }
         for patch in self.status_patches(stores, &status::documents(&out)) {
-            self.patch(stores, patch).await;
+            done &= self.patch(stores, patch).await;
         }
+        done
     }
 
     /// Statuses that differ from what the objects show. Route statuses keep the entries of
@@ -570,9 +574,10 @@ impl Leader {
         patches
     }
 
-    async fn patch(&mut self, stores: &Stores, patch: StatusPatch) {
+    /// Returns whether the patch went through.
+    async fn patch(&mut self, stores: &Stores, patch: StatusPatch) -> bool {
         let Some((resource, store)) = stores.gateway_api.served.get(patch.kind) else {
-            return;
+            return true;
         };
         let api: Api<DynamicObject> = if patch.kind == "GatewayClass" {
             Api::all_with(self.client.clone(), resource)
@@ -603,8 +608,14 @@ impl Leader {
                 for (reason, message) in patch.failures {
                     self.event(&patch.object, &reason, message).await;
                 }
+                true
             }
-            Err(e) => warn!(kind = patch.kind, id = %patch.id, "patching status: {e}"),
+            // Gone meanwhile: its deletion comes through the watch.
+            Err(kube::Error::Api(s)) if s.code == 404 => true,
+            Err(e) => {
+                warn!(kind = patch.kind, id = %patch.id, "patching status: {e}");
+                false
+            }
         }
     }
 
@@ -666,6 +677,8 @@ pub async fn run(client: Client, settings: Settings) -> anyhow::Result<()> {
         agent_states: BTreeMap::new(),
     };
     let mut leading = false;
+    // Set by watch events and by work that must be retried (a failed status patch).
+    let mut dirty = true;
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     // One listener for the whole run: a signal during a reconcile is not lost.
     let mut shutdown = std::pin::pin!(shutdown_signal());
@@ -677,7 +690,7 @@ pub async fn run(client: Client, settings: Settings) -> anyhow::Result<()> {
                 }
                 return Ok(());
             }
-            _ = changed.notified() => {}
+            _ = changed.notified() => dirty = true,
             result = leader.changed() => result.context("leader election stopped")?,
             _ = tick.tick() => {}
         }
@@ -691,10 +704,13 @@ pub async fn run(client: Client, settings: Settings) -> anyhow::Result<()> {
         if !leading {
             info!(identity = %state.settings.lease.identity, "leading");
             leading = true;
+            dirty = true;
         }
-        // Let a burst of watch events settle into one reconcile.
-        tokio::time::sleep(Duration::from_millis(50)).await;
-        state.reconcile(&stores).await;
+        if dirty {
+            // Let a burst of watch events settle into one reconcile.
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            dirty = !state.reconcile(&stores).await;
+        }
         state.check_agents().await;
     }
 }

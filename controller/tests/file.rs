@@ -167,6 +167,22 @@ fn an_unknown_field_is_reported_with_file_and_line() {
     assert_eq!(errors[0].line, line, "{}", errors[0]);
     assert!(errors[0].file.ends_with("a.yaml"));
     assert!(errors[0].message.contains("backendRef"), "{}", errors[0]);
+
+    // In flow style too.
+    let bad = MANIFESTS.replace(
+        "parentRefs: [{name: gw, namespace: infra}]",
+        "parentRefs: [{name: gw, namespace: infra, sektionName: tcp}]",
+    );
+    assert_ne!(bad, MANIFESTS);
+    let dir = Dir::new(&[("a.yaml", &bad)]);
+    let errors = file::load(dir.path(), &mut file::History::default(), SEEN).unwrap_err();
+    let line = bad
+        .lines()
+        .position(|l| l.contains("sektionName:"))
+        .unwrap()
+        + 1;
+    assert_eq!(errors[0].line, line, "{}", errors[0]);
+    assert!(errors[0].message.contains("sektionName"), "{}", errors[0]);
 }
 
 #[test]

@@ -76,6 +76,8 @@ struct Inner {
     objects: BTreeMap<(usize, String, String), Value>,
     history: Vec<Change>,
     requests: Vec<Recorded>,
+    /// Requests to fail with 500: (method, path suffix, how many more).
+    failures: Vec<(String, String, usize)>,
 }
 
 struct Shared {
@@ -367,6 +369,13 @@ impl FakeKube {
             .collect()
     }
 
+    /// The next `count` requests with this method and path suffix fail with 500.
+    pub fn fail_next(&self, method: &str, path_suffix: &str, count: usize) {
+        self.inner()
+            .failures
+            .push((method.into(), path_suffix.into(), count));
+    }
+
     pub fn requests(&self) -> Vec<Recorded> {
         self.inner().requests.clone()
     }
@@ -461,6 +470,16 @@ async fn handle(State(shared): State<Arc<Shared>>, request: Request) -> Response
         content_type: content_type.clone(),
         body: body.clone(),
     });
+    if let Some(failure) = inner.failures.iter_mut().find(|(m, suffix, left)| {
+        *m == method.as_str() && path.ends_with(suffix.as_str()) && *left > 0
+    }) {
+        failure.2 -= 1;
+        return status_error(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "InternalError",
+            "injected failure".into(),
+        );
+    }
     if method == Method::GET
         && let Some(list) = discovery(&inner, &path)
     {

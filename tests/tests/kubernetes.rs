@@ -584,3 +584,57 @@ async fn the_binary_uses_the_kubeconfig_and_releases_the_lease_on_sigterm() {
     );
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[tokio::test]
+async fn pool_addresses_survive_a_restart_and_failed_patches_are_retried() {
+    let fake = FakeKube::start().await;
+    fake.serve_gateway_api("v1");
+    fake.apply_yaml(WORLD);
+    let pooled = |name: &str| {
+        json!({
+            "apiVersion": GW, "kind": "Gateway",
+            "metadata": {"name": name, "namespace": "apps"},
+            "spec": {"gatewayClassName": "fulgur", "listeners": [{"name": "tcp", "port": 81, "protocol": "TCP"}]},
+        })
+    };
+    let address = |name: &str| {
+        fake.get(GW, "Gateway", "apps", name).and_then(|g| {
+            g["status"]["addresses"][0]["value"]
+                .as_str()
+                .map(str::to_owned)
+        })
+    };
+    fake.apply(pooled("pooled"));
+    // The first two status patches of this Gateway fail: the controller retries.
+    fake.fail_next("PATCH", "/gateways/pooled/status", 2);
+    let first = controller(&fake, "replica-a", "198.51.100.0/28");
+    eventually("pooled address", || async { address("pooled").is_some() }).await;
+    let failed = status_patches(&fake, "/gateways/pooled/status").len();
+    assert!(failed >= 3, "two failures and a success: {failed}");
+    let assigned = address("pooled").unwrap();
+    first.abort();
+    let _ = first.await;
+
+    // While no controller runs, a Gateway that sorts first appears; the restarted controller
+    // keeps the assignment it reads back from the status.
+    fake.apply(pooled("aaa"));
+    let lease = fake
+        .get(
+            "coordination.k8s.io/v1",
+            "Lease",
+            "fulgur-system",
+            "fulgur-controller",
+        )
+        .unwrap();
+    let mut released = lease.clone();
+    released["spec"]["holderIdentity"] = Value::Null; // as a clean shutdown leaves it
+    fake.apply(released);
+    let _second = controller(&fake, "replica-b", "198.51.100.0/28");
+    eventually("aaa gets an address", || async { address("aaa").is_some() }).await;
+    assert_eq!(
+        address("pooled").unwrap(),
+        assigned,
+        "kept across the restart"
+    );
+    assert_ne!(address("aaa").unwrap(), assigned);
+}
