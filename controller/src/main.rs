@@ -17,6 +17,7 @@ use fulgur_controller::{
     status,
     translate::{self, Config},
 };
+use notify::Watcher as _;
 use tonic::transport::{Certificate, ClientTlsConfig, Identity};
 use tracing::{error, info, warn};
 
@@ -201,17 +202,33 @@ async fn standalone(
     let mut last_fingerprint = None;
     let mut last_services = None;
     let mut last_status = None;
-    let mut poll = tokio::time::interval(Duration::from_millis(500));
+    // inotify tells about changes at once; the slow poll catches what it cannot see (some
+    // network file systems).
+    let (changed, mut changes) = tokio::sync::mpsc::unbounded_channel();
+    let mut watcher = notify::recommended_watcher(move |_: notify::Result<notify::Event>| {
+        let _ = changed.send(());
+    })
+    .context("watching the manifests folder")?;
+    watcher
+        .watch(&manifests, notify::RecursiveMode::NonRecursive)
+        .with_context(|| format!("watching {}", manifests.display()))?;
+    let mut poll = tokio::time::interval(Duration::from_secs(5));
     info!(manifests = %manifests.display(), status_file = %status_file.display(), "watching");
     // One listener for the whole run: a signal while reading the folder is not lost.
     let mut shutdown = std::pin::pin!(kubernetes::shutdown_signal());
     loop {
-        tokio::select! {
+        let notified = tokio::select! {
             _ = &mut shutdown => return Ok(()),
-            _ = poll.tick() => {}
+            _ = changes.recv() => true,
+            _ = poll.tick() => false,
+        };
+        if notified {
+            // An editor's save is several events: read once they settle.
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            while changes.try_recv().is_ok() {}
         }
         let print = fingerprint(&manifests);
-        if last_fingerprint.as_ref() == Some(&print) {
+        if !notified && last_fingerprint.as_ref() == Some(&print) {
             continue;
         }
         last_fingerprint = Some(print);
