@@ -8,6 +8,7 @@ use std::{
     time::{Duration, SystemTime, UNIX_EPOCH},
 };
 
+use crate::model::Dataplane;
 use fulgur_proto::v1::{
     ApplyRequest, DesiredState, GetRequest, Service, dataplane_client::DataplaneClient,
 };
@@ -25,9 +26,12 @@ pub enum SyncState {
     Connecting,
     /// The agent runs the state of this generation.
     Synced { generation: u64 },
-    /// The last attempt failed; the client retries (with backoff) or waits for a new state when
-    /// the agent refused it as invalid.
+    /// The last attempt failed (unreachable, transport error); the client retries with backoff.
     Failed { error: String },
+    /// The agent refused the desired state: invalid, or more than its maps hold
+    /// (`no_resources`). Retrying the same state cannot help, so the client waits for a new one;
+    /// the agent keeps running what it had.
+    Refused { error: String, no_resources: bool },
 }
 
 #[derive(Clone, Debug, Default, PartialEq)]
@@ -144,6 +148,32 @@ impl Agents {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .clone()
+    }
+
+    /// What the agents say about the desired state, for the Gateways' `Programmed` condition.
+    /// An update still on its way does not count as pending: the agents keep running the
+    /// previous state meanwhile, so a Gateway does not flap on every change.
+    pub fn dataplane(&self) -> Dataplane {
+        let states = self.states();
+        let refused = states.iter().find_map(|(url, s)| match s {
+            SyncState::Refused {
+                error,
+                no_resources,
+            } => Some((format!("agent {url}: {error}"), *no_resources)),
+            _ => None,
+        });
+        match refused {
+            Some((error, true)) => Dataplane::NoResources(error),
+            Some((error, false)) => Dataplane::Invalid(error),
+            None if states.is_empty() => Dataplane::Pending("no agents found".into()),
+            None if !states
+                .values()
+                .any(|s| matches!(s, SyncState::Synced { .. })) =>
+            {
+                Dataplane::Pending(format!("waiting for {} agents", states.len()))
+            }
+            None => Dataplane::Programmed,
+        }
     }
 
     /// Waits until every agent runs a generation at least `generation`.
@@ -274,11 +304,17 @@ impl AgentSync {
                         generation: agent_generation,
                     });
                 }
-                Err(status) if status.code() == Code::InvalidArgument => {
+                Err(status)
+                    if matches!(
+                        status.code(),
+                        Code::InvalidArgument | Code::ResourceExhausted
+                    ) =>
+                {
                     // Retrying the same state cannot help: wait for a new one.
                     warn!(agent = %self.url, "agent refused the state: {}", status.message());
-                    self.set(SyncState::Failed {
+                    self.set(SyncState::Refused {
                         error: status.message().to_owned(),
+                        no_resources: status.code() == Code::ResourceExhausted,
                     });
                 }
                 Err(status) if status.code() == Code::FailedPrecondition => {

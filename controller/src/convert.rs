@@ -14,7 +14,8 @@ use crate::{
         self, BackendRef, FromNamespaces, GatewayAddress, LabelRequirement, Listener, Meta,
         ObjectRef, ParentRef, RouteGroupKind, RouteKind, ServicePort,
     },
-    resources::{self, GROUP},
+    resources,
+    translate::GATEWAY_GROUP as GROUP,
 };
 
 /// The label that ties an EndpointSlice to its Service.

@@ -39,10 +39,10 @@ use crate::{
     agents::{Agents, SyncState},
     convert,
     lease::{self, LeaseSettings},
-    model::{ObjectRef, RouteKind, Snapshot},
-    resources::{self, GROUP},
+    model::{Dataplane, ObjectRef, RouteKind, Snapshot},
+    resources,
     status::{self, ObjectStatus, StatusDoc},
-    translate::{self, Config},
+    translate::{self, Config, GATEWAY_GROUP as GROUP},
 };
 
 /// The field manager of every status patch.
@@ -430,6 +430,8 @@ struct Leader {
     reported: BTreeSet<(String, String)>,
     agent_pods: BTreeMap<String, ObjectReference>,
     agent_states: BTreeMap<String, SyncState>,
+    /// What the last reconcile was told about the dataplane.
+    dataplane: Option<Dataplane>,
 }
 
 fn false_conditions(doc: &StatusDoc) -> BTreeSet<(String, String, String)> {
@@ -459,7 +461,7 @@ impl Leader {
 
     /// Returns whether everything was done (else the caller retries on its next tick).
     async fn reconcile(&mut self, stores: &Stores) -> bool {
-        let (snapshot, invalid) = stores.snapshot(&self.patched);
+        let (mut snapshot, invalid) = stores.snapshot(&self.patched);
         for Invalid { object, message } in invalid {
             let key = (
                 object.uid.clone().unwrap_or_default(),
@@ -470,13 +472,6 @@ impl Leader {
                 self.event(&object, "InvalidObject", message).await;
             }
         }
-        let now = status::now();
-        let config = Config {
-            controller_name: &self.settings.controller_name,
-            address_pools: &self.settings.address_pools,
-            now: &now,
-        };
-        let out = translate::translate(&config, &snapshot);
         self.agent_pods = stores.agents(&self.settings.agents);
         let urls: Vec<String> = self.agent_pods.keys().cloned().collect();
         let mut done = true;
@@ -484,6 +479,15 @@ impl Leader {
             error!("agents: {e}");
             done = false;
         }
+        snapshot.dataplane = self.agents.dataplane();
+        self.dataplane = Some(snapshot.dataplane.clone());
+        let now = status::now();
+        let config = Config {
+            controller_name: &self.settings.controller_name,
+            address_pools: &self.settings.address_pools,
+            now: &now,
+        };
+        let out = translate::translate(&config, &snapshot);
         if self.last_services.as_ref() != Some(&out.services) {
             let generation = self.agents.set_desired(out.services.clone());
             info!(
@@ -619,35 +623,47 @@ impl Leader {
         }
     }
 
-    /// Reports agents that fell out of sync, once per failure.
-    async fn check_agents(&mut self) {
+    /// Reports agents that fell out of sync or refused the state, once per failure. Returns
+    /// whether what the agents say about the dataplane changed (statuses follow it).
+    async fn check_agents(&mut self) -> bool {
         let states = self.agents.states();
         for (url, state) in &states {
             let was = self.agent_states.get(url);
-            if let SyncState::Failed { error } = state
-                && !matches!(was, Some(SyncState::Failed { .. }))
+            let (reason, error) = match state {
+                SyncState::Failed { error } => ("AgentSyncFailed", error),
+                SyncState::Refused { error, .. } => ("AgentRefusedState", error),
+                _ => continue,
+            };
+            if was.is_none_or(|w| std::mem::discriminant(w) != std::mem::discriminant(state))
                 && let Some(pod) = self.agent_pods.get(url)
             {
-                self.event(pod, "AgentSyncFailed", format!("{url}: {error}"))
-                    .await;
+                self.event(pod, reason, format!("{url}: {error}")).await;
             }
         }
         self.agent_states = states;
+        self.dataplane.as_ref() != Some(&self.agents.dataplane())
     }
 }
 
-/// SIGINT or SIGTERM (what Kubernetes sends a pod that should stop).
-pub async fn shutdown_signal() {
+/// Resolves on SIGINT or SIGTERM (what Kubernetes sends a pod that should stop). The handlers
+/// are registered when this is called, not when the future is first polled, so no signal that
+/// comes later is lost (nor kills the process unhandled).
+pub fn shutdown_signal() -> impl std::future::Future<Output = ()> {
     use tokio::signal::unix::{SignalKind, signal};
-    match signal(SignalKind::terminate()) {
-        Ok(mut term) => {
-            tokio::select! {
-                _ = tokio::signal::ctrl_c() => {}
-                _ = term.recv() => {}
+    let term = signal(SignalKind::terminate());
+    let interrupt = signal(SignalKind::interrupt());
+    async move {
+        match (term, interrupt) {
+            (Ok(mut term), Ok(mut interrupt)) => {
+                tokio::select! {
+                    _ = term.recv() => {}
+                    _ = interrupt.recv() => {}
+                }
             }
-        }
-        Err(_) => {
-            let _ = tokio::signal::ctrl_c().await;
+            (Err(e), _) | (_, Err(e)) => {
+                warn!("no signal handlers ({e}): stop with SIGKILL");
+                std::future::pending::<()>().await;
+            }
         }
     }
 }
@@ -655,11 +671,15 @@ pub async fn shutdown_signal() {
 /// Runs the provider until SIGINT/SIGTERM, or until leadership is lost (an error: the process should
 /// restart, as a fresh follower, so no two replicas ever act at once).
 pub async fn run(client: Client, settings: Settings) -> anyhow::Result<()> {
+    let mut shutdown = std::pin::pin!(shutdown_signal());
     let changed = Arc::new(Notify::new());
     let stores = Stores::start(&client, &settings, &changed).await?;
     let lease_api: Api<Lease> = Api::namespaced(client.clone(), &settings.lease.namespace);
     let mut leader = lease::spawn(lease_api.clone(), settings.lease.clone());
-    stores.ready().await?;
+    tokio::select! {
+        ready = stores.ready() => ready?,
+        _ = &mut shutdown => return Ok(()),
+    }
     info!("caches synced");
     let reporter = Reporter {
         controller: FIELD_MANAGER.into(),
@@ -675,13 +695,13 @@ pub async fn run(client: Client, settings: Settings) -> anyhow::Result<()> {
         reported: BTreeSet::new(),
         agent_pods: BTreeMap::new(),
         agent_states: BTreeMap::new(),
+        dataplane: None,
     };
     let mut leading = false;
     // Set by watch events and by work that must be retried (a failed status patch).
     let mut dirty = true;
-    let mut tick = tokio::time::interval(Duration::from_secs(1));
-    // One listener for the whole run: a signal during a reconcile is not lost.
-    let mut shutdown = std::pin::pin!(shutdown_signal());
+    // Agents' answers are checked this often (statuses and events follow them).
+    let mut tick = tokio::time::interval(Duration::from_millis(250));
     loop {
         tokio::select! {
             _ = &mut shutdown => {
@@ -711,6 +731,6 @@ pub async fn run(client: Client, settings: Settings) -> anyhow::Result<()> {
             tokio::time::sleep(Duration::from_millis(50)).await;
             dirty = !state.reconcile(&stores).await;
         }
-        state.check_agents().await;
+        dirty |= state.check_agents().await;
     }
 }

@@ -14,6 +14,7 @@ use fulgur_controller::{
     agents::Agents,
     file, kubernetes,
     lease::LeaseSettings,
+    model::Dataplane,
     status,
     translate::{self, Config},
 };
@@ -213,14 +214,27 @@ async fn standalone(
         .watch(&manifests, notify::RecursiveMode::NonRecursive)
         .with_context(|| format!("watching {}", manifests.display()))?;
     let mut poll = tokio::time::interval(Duration::from_secs(5));
+    // Agents' answers change the Gateways' Programmed condition.
+    let mut agents_tick = tokio::time::interval(Duration::from_millis(200));
+    let dataplane = || {
+        if cli.agents.is_empty() {
+            Dataplane::Programmed
+        } else {
+            agents.dataplane()
+        }
+    };
+    let mut last_dataplane = None;
+    let mut write_failed = false;
+    let mut good: Option<file::Loaded> = None;
     info!(manifests = %manifests.display(), status_file = %status_file.display(), "watching");
     // One listener for the whole run: a signal while reading the folder is not lost.
     let mut shutdown = std::pin::pin!(kubernetes::shutdown_signal());
     loop {
-        let notified = tokio::select! {
+        let (notified, polled) = tokio::select! {
             _ = &mut shutdown => return Ok(()),
-            _ = changes.recv() => true,
-            _ = poll.tick() => false,
+            _ = changes.recv() => (true, false),
+            _ = poll.tick() => (false, true),
+            _ = agents_tick.tick() => (false, false),
         };
         if notified {
             // An editor's save is several events: read once they settle.
@@ -228,24 +242,36 @@ async fn standalone(
             while changes.try_recv().is_ok() {}
         }
         let print = fingerprint(&manifests);
-        if !notified && last_fingerprint.as_ref() == Some(&print) {
+        let reload = notified || (polled && last_fingerprint.as_ref() != Some(&print));
+        let dataplane_now = dataplane();
+        if !reload && !write_failed && last_dataplane.as_ref() == Some(&dataplane_now) {
             continue;
         }
-        last_fingerprint = Some(print);
-        // On any error the last good state stays: agents and statuses are left as they are.
-        let mut snapshot = match file::load(&manifests, &mut history, &status::now()) {
-            Ok(loaded) => {
-                info!(objects = loaded.keys.len(), "manifests read");
-                loaded.snapshot
-            }
-            Err(errors) => {
-                for e in &errors {
-                    error!("{e}");
+        last_dataplane = Some(dataplane_now.clone());
+        if reload || good.is_none() {
+            last_fingerprint = Some(print);
+            // On any error the last good state stays: agents and statuses are left as they are.
+            match file::load(&manifests, &mut history, &status::now()) {
+                Ok(loaded) => {
+                    info!(objects = loaded.keys.len(), "manifests read");
+                    good = Some(loaded);
                 }
-                warn!(errors = errors.len(), "keeping the last good manifests");
-                continue;
+                Err(errors) => {
+                    for e in &errors {
+                        error!("{e}");
+                    }
+                    warn!(errors = errors.len(), "keeping the last good manifests");
+                    if good.is_none() {
+                        continue;
+                    }
+                }
             }
+        }
+        let Some(loaded) = good.as_mut() else {
+            continue;
         };
+        let snapshot = &mut loaded.snapshot;
+        snapshot.dataplane = dataplane_now;
         snapshot.previous_conditions = previous_conditions.clone();
         snapshot.previous_addresses = previous_addresses.clone();
         let time = status::now();
@@ -254,7 +280,7 @@ async fn standalone(
             address_pools: &cli.address_pools,
             now: &time,
         };
-        let out = translate::translate(&config, &snapshot);
+        let out = translate::translate(&config, snapshot);
         if last_services.as_ref() != Some(&out.services) {
             let generation = agents.set_desired(out.services.clone());
             info!(
@@ -266,13 +292,17 @@ async fn standalone(
         let docs = status::documents(&out);
         let text = status::render(&docs);
         if last_status.as_ref() != Some(&text) {
-            if let Err(e) = status::write_atomically(&status_file, &text) {
-                error!("writing {}: {e}", status_file.display());
-                last_fingerprint = None; // Try again on the next tick.
-            } else {
-                info!(objects = docs.len(), "status file written");
-                last_status = Some(text);
-            }
+            write_failed = match status::write_atomically(&status_file, &text) {
+                Err(e) => {
+                    error!("writing {}: {e}", status_file.display());
+                    true // Tried again on the next tick.
+                }
+                Ok(()) => {
+                    info!(objects = docs.len(), "status file written");
+                    last_status = Some(text);
+                    false
+                }
+            };
         }
         let now_previous = status::Previous::from_documents(&docs);
         previous_conditions = now_previous.conditions;

@@ -197,6 +197,20 @@ pub struct EndpointSlice {
     pub ready_addresses: Vec<IpAddr>,
 }
 
+/// What the agents report about the desired state (Gateway `Programmed`).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub enum Dataplane {
+    /// Running on the agents, or no feedback to be had (no agents configured).
+    #[default]
+    Programmed,
+    /// No agent runs any state yet.
+    Pending(String),
+    /// An agent refused the state: it does not fit its maps.
+    NoResources(String),
+    /// An agent refused the state as invalid.
+    Invalid(String),
+}
+
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Snapshot {
     pub classes: Vec<GatewayClass>,
@@ -211,6 +225,7 @@ pub struct Snapshot {
     pub previous_addresses: BTreeMap<ObjectRef, Vec<IpAddr>>,
     /// Previous conditions, to keep lastTransitionTime when nothing changed.
     pub previous_conditions: BTreeMap<String, Vec<Condition>>,
+    pub dataplane: Dataplane,
 }
 
 /// A status condition, shaped as in Kubernetes.

@@ -11,8 +11,6 @@ use std::collections::BTreeMap;
 use kube::CustomResource;
 use serde::{Deserialize, Serialize};
 
-pub const GROUP: &str = "gateway.networking.k8s.io";
-
 /// Statuses are written by `status` and read back leniently: another controller's entries must
 /// never make an object unreadable.
 pub type AnyStatus = serde_json::Value;

@@ -10,8 +10,8 @@ use std::{
 use fulgur_proto::v1;
 
 use crate::model::{
-    BackendRef, Condition, EndpointSlice, FromNamespaces, Gateway, Listener, ObjectRef, ParentRef,
-    Route, RouteGroupKind, RouteKind, Snapshot,
+    BackendRef, Condition, Dataplane, EndpointSlice, FromNamespaces, Gateway, Listener, ObjectRef,
+    ParentRef, Route, RouteGroupKind, RouteKind, Snapshot,
 };
 
 pub const GATEWAY_GROUP: &str = "gateway.networking.k8s.io";
@@ -532,7 +532,14 @@ pub fn translate(config: &Config, snapshot: &Snapshot) -> Output {
         } else if !unsupported.is_empty() {
             g.set("Programmed", false, "Invalid", "");
         } else {
-            g.set("Programmed", true, "Programmed", "");
+            match &snapshot.dataplane {
+                Dataplane::Programmed => g.set("Programmed", true, "Programmed", ""),
+                Dataplane::Pending(why) => g.set("Programmed", false, "Pending", why.clone()),
+                Dataplane::NoResources(why) => {
+                    g.set("Programmed", false, "NoResources", why.clone())
+                }
+                Dataplane::Invalid(why) => g.set("Programmed", false, "Invalid", why.clone()),
+            }
         }
         status.conditions = g.done();
         status.addresses = addresses.clone();

@@ -954,3 +954,32 @@ fn unsupported_route_kinds_on_a_listener_and_backend_kinds() {
     let service = out.services.iter().find(|s| s.port == 81).unwrap();
     assert!(service.backends.is_empty() && service.reject_weight > 0);
 }
+
+#[test]
+fn programmed_follows_what_the_agents_report() {
+    let mut s = snapshot(
+        vec![gateway("gw", vec![tcp("tcp", 80)], "192.0.2.10")],
+        vec![],
+        vec![],
+    );
+    let programmed = |s: &Snapshot| {
+        let out = run(s);
+        let c = out.gateways[&ObjectRef::new("gateway-conformance-infra", "gw")]
+            .conditions
+            .iter()
+            .find(|c| c.type_ == "Programmed")
+            .cloned()
+            .unwrap();
+        (c.status, c.reason, c.message)
+    };
+    assert_eq!(programmed(&s), (true, "Programmed".into(), String::new()));
+    s.dataplane = Dataplane::Pending("no agents found".into());
+    assert_eq!(
+        programmed(&s),
+        (false, "Pending".into(), "no agents found".into())
+    );
+    s.dataplane = Dataplane::NoResources("11 services needed, capacity is 10".into());
+    assert_eq!(programmed(&s).1, "NoResources");
+    s.dataplane = Dataplane::Invalid("services[0].port: 0".into());
+    assert_eq!(programmed(&s).1, "Invalid");
+}

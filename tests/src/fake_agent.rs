@@ -19,10 +19,22 @@ use tonic::transport::{Server, ServerTlsConfig, server::TcpIncoming};
 #[derive(Clone, Default)]
 pub struct Fake {
     pub applied: Arc<Mutex<Vec<ServiceSet>>>,
+    /// How many services fit (`None`: any number), as the real maps' `--max-services`.
+    pub capacity: Arc<Mutex<Option<usize>>>,
 }
 
 impl Programmer for Fake {
     fn apply(&mut self, set: &ServiceSet) -> Result<ApplyReport, WriteError> {
+        if let Some(capacity) = *self.capacity.lock().unwrap()
+            && set.services.len() > capacity
+        {
+            return Err(WriteError::Capacity {
+                what: "services",
+                needed: set.services.len(),
+                capacity: capacity as u32,
+                flag: "max-services",
+            });
+        }
         self.applied.lock().unwrap().push(set.clone());
         Ok(ApplyReport {
             added: set.services.len(),

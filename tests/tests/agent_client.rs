@@ -4,7 +4,10 @@
 
 use std::{net::SocketAddr, time::Duration};
 
-use fulgur_controller::agents::{Agents, SyncState};
+use fulgur_controller::{
+    agents::{Agents, SyncState},
+    model::Dataplane,
+};
 use fulgur_proto::v1::{self, GetRequest, dataplane_client::DataplaneClient};
 use fulgur_tests::fake_agent::{Fake, serve, serve_until};
 
@@ -164,10 +167,14 @@ async fn an_invalid_state_is_reported_not_retried_in_a_loop() {
     agents.set_desired(bad);
     tokio::time::sleep(Duration::from_millis(500)).await;
     match &agents.states()[&url] {
-        SyncState::Failed { error } => assert!(error.contains("services[0].port"), "{error}"),
+        SyncState::Refused {
+            error,
+            no_resources: false,
+        } => assert!(error.contains("services[0].port"), "{error}"),
         other => panic!("expected the agent's refusal, got {other:?}"),
     }
     assert!(fake.applied.lock().unwrap().is_empty());
+    assert!(matches!(agents.dataplane(), Dataplane::Invalid(e) if e.contains("services[0].port")));
     let good = agents.set_desired(services(8080));
     assert!(
         agents.wait_synced(good, WAIT).await,
@@ -194,4 +201,28 @@ async fn nothing_is_pushed_before_a_state_is_set() {
         agents.states()
     );
     assert_eq!(fake.applied.lock().unwrap().len(), 1);
+}
+
+#[tokio::test]
+async fn a_state_beyond_the_agents_maps_is_reported_as_no_resources() {
+    let fake = Fake::default();
+    *fake.capacity.lock().unwrap() = Some(0);
+    let addr = serve(fake.clone(), None).await;
+    let url = format!("http://{addr}");
+    let agents = Agents::spawn(std::slice::from_ref(&url), None).unwrap();
+    assert!(matches!(agents.dataplane(), Dataplane::Pending(_)));
+    agents.set_desired(services(8080));
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    match agents.dataplane() {
+        Dataplane::NoResources(e) => assert!(e.contains("max-services"), "{e}"),
+        other => panic!("expected NoResources, got {other:?}"),
+    }
+    *fake.capacity.lock().unwrap() = None;
+    let good = agents.set_desired(services(8081));
+    assert!(
+        agents.wait_synced(good, WAIT).await,
+        "{:?}",
+        agents.states()
+    );
+    assert_eq!(agents.dataplane(), Dataplane::Programmed);
 }

@@ -638,3 +638,53 @@ async fn pool_addresses_survive_a_restart_and_failed_patches_are_retried() {
     );
     assert_ne!(address("aaa").unwrap(), assigned);
 }
+
+#[tokio::test]
+async fn programmed_tells_whether_the_agents_run_the_state() {
+    let fake = FakeKube::start().await;
+    fake.serve_gateway_api("v1");
+    fake.apply_yaml(WORLD);
+    fake.apply(tcp_route("v1", "web"));
+    let programmed = || {
+        let gw = fake.get(GW, "Gateway", "apps", "gw").unwrap();
+        let c = condition(&gw["status"]["conditions"], "Programmed");
+        (
+            c["status"].as_str().map(str::to_owned),
+            c["reason"].as_str().map(str::to_owned),
+        )
+    };
+    let _controller = controller(&fake, "replica-a", "198.51.100.0/28");
+    eventually("Pending without agents", || async {
+        programmed() == (Some("False".into()), Some("Pending".into()))
+    })
+    .await;
+    // An agent whose maps are too small refuses the state: NoResources, and an Event on its pod.
+    let fake_agent = Fake::default();
+    *fake_agent.capacity.lock().unwrap() = Some(0);
+    let agent = serve(fake_agent.clone(), None).await;
+    fake.apply(agent_pod("node-1", agent));
+    eventually("NoResources", || async {
+        programmed() == (Some("False".into()), Some("NoResources".into()))
+    })
+    .await;
+    eventually("an event on the agent's pod", || async {
+        events(&fake).iter().any(|e| {
+            e["reason"] == "AgentRefusedState"
+                && e["regarding"]["kind"] == "Pod"
+                && e["regarding"]["name"] == "node-1"
+        })
+    })
+    .await;
+    // Room again (the agent restarted with larger maps): the next state goes through.
+    *fake_agent.capacity.lock().unwrap() = None;
+    let mut slice = fake
+        .get("discovery.k8s.io/v1", "EndpointSlice", "apps", "web-1")
+        .unwrap();
+    slice["endpoints"][1]["conditions"]["ready"] = false.into();
+    fake.apply(slice);
+    eventually("Programmed", || async {
+        programmed() == (Some("True".into()), Some("Programmed".into()))
+    })
+    .await;
+    assert_eq!(agent_table(agent).await.len(), 1);
+}
