@@ -304,27 +304,20 @@ fn add(
                 .gateways
                 .push(convert::gateway(id, meta, &gateway.spec)?);
         }
-        "TCPRoute" if gateway_api(version, &["v1", "v1alpha2"]) => {
+        "TCPRoute" | "UDPRoute" if gateway_api(version, &["v1", "v1alpha2"]) => {
+            // The two kinds share one spec; the derived root type does not check `kind`.
             let route: resources::TCPRoute = strict(doc)?;
-            let spec = &route.spec;
+            let kind = if head.kind == "TCPRoute" {
+                RouteKind::Tcp
+            } else {
+                RouteKind::Udp
+            };
             snapshot.routes.push(convert::route(
-                RouteKind::Tcp,
+                kind,
                 id,
                 meta,
-                &spec.parent_refs,
-                &spec.rules,
-                version.ends_with("/v1"),
-            )?);
-        }
-        "UDPRoute" if gateway_api(version, &["v1", "v1alpha2"]) => {
-            let route: resources::UDPRoute = strict(doc)?;
-            let spec = &route.spec;
-            snapshot.routes.push(convert::route(
-                RouteKind::Udp,
-                id,
-                meta,
-                &spec.parent_refs,
-                &spec.rules,
+                &route.spec.parent_refs,
+                &route.spec.rules,
                 version.ends_with("/v1"),
             )?);
         }

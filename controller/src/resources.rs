@@ -159,39 +159,30 @@ pub struct RouteRule {
     pub backend_refs: Vec<BackendReference>,
 }
 
-#[derive(CustomResource, Clone, Debug, Default, Deserialize, Serialize)]
-#[kube(
-    group = "gateway.networking.k8s.io",
-    version = "v1",
-    kind = "TCPRoute",
-    namespaced,
-    status = "AnyStatus",
-    schema = "disabled"
-)]
-#[serde(rename_all = "camelCase")]
-pub struct TCPRouteSpec {
-    #[serde(default)]
-    pub parent_refs: Vec<ParentReference>,
-    #[serde(default)]
-    pub rules: Vec<RouteRule>,
+/// TCPRoute and UDPRoute share their spec; only the kind differs.
+macro_rules! route_resource {
+    ($spec:ident, $kind:literal) => {
+        #[derive(CustomResource, Clone, Debug, Default, Deserialize, Serialize)]
+        #[kube(
+                    group = "gateway.networking.k8s.io",
+                    version = "v1",
+                    kind = $kind,
+                    namespaced,
+                    status = "AnyStatus",
+                    schema = "disabled"
+                )]
+        #[serde(rename_all = "camelCase")]
+        pub struct $spec {
+            #[serde(default)]
+            pub parent_refs: Vec<ParentReference>,
+            #[serde(default)]
+            pub rules: Vec<RouteRule>,
+        }
+    };
 }
 
-#[derive(CustomResource, Clone, Debug, Default, Deserialize, Serialize)]
-#[kube(
-    group = "gateway.networking.k8s.io",
-    version = "v1",
-    kind = "UDPRoute",
-    namespaced,
-    status = "AnyStatus",
-    schema = "disabled"
-)]
-#[serde(rename_all = "camelCase")]
-pub struct UDPRouteSpec {
-    #[serde(default)]
-    pub parent_refs: Vec<ParentReference>,
-    #[serde(default)]
-    pub rules: Vec<RouteRule>,
-}
+route_resource!(TCPRouteSpec, "TCPRoute");
+route_resource!(UDPRouteSpec, "UDPRoute");
 
 #[derive(Clone, Debug, Default, Deserialize, Serialize)]
 #[serde(rename_all = "camelCase")]

@@ -220,6 +220,8 @@ enum Unresolved {
     NotFound,
     NotPermitted,
     InvalidKind,
+    /// The Service port speaks another protocol than the route (a TCPRoute to a UDP port).
+    UnsupportedProtocol,
 }
 
 /// The endpoints a backendRef reaches, in the VIP's family: `Err` when the ref itself is
@@ -246,8 +248,17 @@ fn resolve(
     let Some(port) = backend.port else {
         return Err(Unresolved::NotFound);
     };
-    let Some(service_port) = service.ports.iter().find(|p| p.port == port) else {
+    // A Service may carry one port number for TCP and for UDP (DNS does): take the route's.
+    let route_protocol = match route.kind {
+        RouteKind::Tcp => "TCP",
+        RouteKind::Udp => "UDP",
+    };
+    let mut numbered = service.ports.iter().filter(|p| p.port == port).peekable();
+    if numbered.peek().is_none() {
         return Err(Unresolved::NotFound);
+    }
+    let Some(service_port) = numbered.find(|p| p.protocol == route_protocol) else {
+        return Err(Unresolved::UnsupportedProtocol);
     };
     let mut endpoints = BTreeSet::new();
     for slice in snapshot
@@ -647,6 +658,19 @@ pub fn translate(config: &Config, snapshot: &Snapshot) -> Output {
                     false,
                     "InvalidKind",
                     "backendRefs must be core Services",
+                ),
+                Some(Unresolved::UnsupportedProtocol) => c.set(
+                    "ResolvedRefs",
+                    false,
+                    "UnsupportedProtocol",
+                    format!(
+                        "a backendRef's Service port does not speak {}",
+                        if route.kind == RouteKind::Tcp {
+                            "TCP"
+                        } else {
+                            "UDP"
+                        }
+                    ),
                 ),
             }
             parents.push(RouteParentStatus {

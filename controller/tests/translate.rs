@@ -88,21 +88,28 @@ fn route(
     }
 }
 
-/// A Service with one port (8080 → target 3000) and its ready endpoints.
+/// A Service with port 8080 for TCP and for UDP (both → target 3000) and its ready endpoints.
 fn service(namespace: &str, name: &str, endpoints: &[&str]) -> (Service, EndpointSlice) {
     (
         Service {
             id: ObjectRef::new(namespace, name),
-            ports: vec![ServicePort {
-                name: Some("web".into()),
-                port: 8080,
-                protocol: "TCP".into(),
-            }],
+            ports: vec![
+                ServicePort {
+                    name: Some("web".into()),
+                    port: 8080,
+                    protocol: "TCP".into(),
+                },
+                ServicePort {
+                    name: Some("web-udp".into()),
+                    port: 8080,
+                    protocol: "UDP".into(),
+                },
+            ],
         },
         EndpointSlice {
             namespace: namespace.into(),
             service_name: name.into(),
-            ports: vec![(Some("web".into()), 3000)],
+            ports: vec![(Some("web".into()), 3000), (Some("web-udp".into()), 3000)],
             ready_addresses: endpoints.iter().map(|e| e.parse().unwrap()).collect(),
         },
     )
@@ -982,4 +989,32 @@ fn programmed_follows_what_the_agents_report() {
     assert_eq!(programmed(&s).1, "NoResources");
     s.dataplane = Dataplane::Invalid("services[0].port: 0".into());
     assert_eq!(programmed(&s).1, "Invalid");
+}
+
+#[test]
+fn a_route_needs_a_service_port_of_its_protocol() {
+    let (mut tcp_only, slice) = service("gateway-conformance-infra", "svc", &["203.0.113.2"]);
+    tcp_only.ports.retain(|p| p.protocol == "TCP");
+    let s = snapshot(
+        vec![gateway("gw", vec![udp("udp", 53)], "192.0.2.10")],
+        vec![route(
+            RouteKind::Udp,
+            "dns",
+            "2026-01-01T00:00:00Z",
+            vec![parent("gw")],
+            vec![backend("svc", 8080, 1)],
+        )],
+        vec![(tcp_only, slice)],
+    );
+    let out = run(&s);
+    let conditions = route_conditions(&out, RouteKind::Udp, "dns");
+    assert!(
+        has(&conditions, "Accepted", true, "Accepted"),
+        "{conditions:?}"
+    );
+    assert!(
+        has(&conditions, "ResolvedRefs", false, "UnsupportedProtocol"),
+        "{conditions:?}"
+    );
+    assert!(out.services[0].backends.is_empty() && out.services[0].reject_weight > 0);
 }

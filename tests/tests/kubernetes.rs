@@ -88,6 +88,21 @@ fn agent_pod(name: &str, grpc: SocketAddr) -> Value {
     })
 }
 
+/// A fake cluster with `WORLD` in it, serving the routes at `route_version`.
+async fn cluster(route_version: &str) -> FakeKube {
+    let fake = FakeKube::start().await;
+    fake.serve_gateway_api(route_version);
+    fake.apply_yaml(WORLD);
+    fake
+}
+
+/// An in-process agent, and its pod for the controller to find.
+async fn start_agent(fake: &FakeKube, node: &str) -> SocketAddr {
+    let addr = serve(Fake::default(), None).await;
+    fake.apply(agent_pod(node, addr));
+    addr
+}
+
 fn settings(identity: &str, pool: &str) -> Settings {
     Settings {
         controller_name: CONTROLLER.into(),
@@ -210,11 +225,8 @@ fn events(fake: &FakeKube) -> Vec<Value> {
 
 #[tokio::test]
 async fn reconciles_watch_events_into_agents_and_status_patches() {
-    let fake = FakeKube::start().await;
-    fake.serve_gateway_api("v1");
-    fake.apply_yaml(WORLD);
-    let agent = serve(Fake::default(), None).await;
-    fake.apply(agent_pod("node-1", agent));
+    let fake = cluster("v1").await;
+    let agent = start_agent(&fake, "node-1").await;
     let _controller = controller(&fake, "replica-a", "198.51.100.0/28");
 
     // The Gateway alone: listeners programmed, no backends yet (no route).
@@ -363,20 +375,16 @@ async fn reconciles_watch_events_into_agents_and_status_patches() {
 
 #[tokio::test]
 async fn agents_come_and_go_with_their_pods() {
-    let fake = FakeKube::start().await;
-    fake.serve_gateway_api("v1");
-    fake.apply_yaml(WORLD);
+    let fake = cluster("v1").await;
     fake.apply(tcp_route("v1", "web"));
-    let first = serve(Fake::default(), None).await;
-    fake.apply(agent_pod("node-1", first));
+    let first = start_agent(&fake, "node-1").await;
     let _controller = controller(&fake, "replica-a", "198.51.100.0/28");
     eventually("node-1 programmed", || async {
         agent_table(first).await.len() == 1
     })
     .await;
     // A new node's agent gets the full state without any route change.
-    let second = serve(Fake::default(), None).await;
-    fake.apply(agent_pod("node-2", second));
+    let second = start_agent(&fake, "node-2").await;
     eventually("node-2 programmed", || async {
         agent_table(second).await == agent_table(first).await
     })
@@ -400,11 +408,8 @@ async fn agents_come_and_go_with_their_pods() {
 
 #[tokio::test]
 async fn only_the_lease_holder_acts_and_a_follower_takes_over() {
-    let fake = FakeKube::start().await;
-    fake.serve_gateway_api("v1");
-    fake.apply_yaml(WORLD);
-    let agent = serve(Fake::default(), None).await;
-    fake.apply(agent_pod("node-1", agent));
+    let fake = cluster("v1").await;
+    let agent = start_agent(&fake, "node-1").await;
     let lease = || {
         fake.get(
             "coordination.k8s.io/v1",
@@ -477,12 +482,9 @@ async fn only_the_lease_holder_acts_and_a_follower_takes_over() {
 
 #[tokio::test]
 async fn v1alpha2_routes_are_read_when_the_cluster_serves_only_those() {
-    let fake = FakeKube::start().await;
-    fake.serve_gateway_api("v1alpha2");
-    fake.apply_yaml(WORLD);
+    let fake = cluster("v1alpha2").await;
     fake.apply(tcp_route("v1alpha2", "web"));
-    let agent = serve(Fake::default(), None).await;
-    fake.apply(agent_pod("node-1", agent));
+    let agent = start_agent(&fake, "node-1").await;
     let _controller = controller(&fake, "replica-a", "198.51.100.0/28");
     eventually("backends from a v1alpha2 route", || async {
         agent_table(agent).await.len() == 1
@@ -515,9 +517,7 @@ async fn v1alpha2_routes_are_read_when_the_cluster_serves_only_those() {
 
 #[tokio::test]
 async fn the_binary_uses_the_kubeconfig_and_releases_the_lease_on_sigterm() {
-    let fake = FakeKube::start().await;
-    fake.serve_gateway_api("v1");
-    fake.apply_yaml(WORLD);
+    let fake = cluster("v1").await;
     let dir = std::env::temp_dir().join(format!("fulgur-kubeconfig-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let kubeconfig = dir.join("config");
@@ -587,9 +587,7 @@ async fn the_binary_uses_the_kubeconfig_and_releases_the_lease_on_sigterm() {
 
 #[tokio::test]
 async fn pool_addresses_survive_a_restart_and_failed_patches_are_retried() {
-    let fake = FakeKube::start().await;
-    fake.serve_gateway_api("v1");
-    fake.apply_yaml(WORLD);
+    let fake = cluster("v1").await;
     let pooled = |name: &str| {
         json!({
             "apiVersion": GW, "kind": "Gateway",
@@ -641,9 +639,7 @@ async fn pool_addresses_survive_a_restart_and_failed_patches_are_retried() {
 
 #[tokio::test]
 async fn programmed_tells_whether_the_agents_run_the_state() {
-    let fake = FakeKube::start().await;
-    fake.serve_gateway_api("v1");
-    fake.apply_yaml(WORLD);
+    let fake = cluster("v1").await;
     fake.apply(tcp_route("v1", "web"));
     let programmed = || {
         let gw = fake.get(GW, "Gateway", "apps", "gw").unwrap();

@@ -59,7 +59,7 @@ spec: {{ports: [{{name: echo, port: 8080}}]}}
 apiVersion: v1
 kind: Service
 metadata: {{name: echo-b, namespace: demo}}
-spec: {{ports: [{{name: echo, port: 8080}}]}}
+spec: {{ports: [{{name: echo, port: 8080}}, {{name: echo-udp, port: 8080, protocol: UDP}}]}}
 ---
 apiVersion: discovery.k8s.io/v1
 kind: EndpointSlice
@@ -72,7 +72,7 @@ apiVersion: discovery.k8s.io/v1
 kind: EndpointSlice
 metadata: {{name: echo-b, namespace: demo, labels: {{kubernetes.io/service-name: echo-b}}}}
 addressType: IPv4
-ports: [{{name: echo, port: 8080}}]
+ports: [{{name: echo, port: 8080}}, {{name: echo-udp, port: 8080, protocol: UDP}}]
 endpoints:
 {}"#,
         endpoints(slice_a),
