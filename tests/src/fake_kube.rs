@@ -271,13 +271,14 @@ impl FakeKube {
         });
     }
 
-    /// Serves the Gateway API: GatewayClass, Gateway and ReferenceGrant `v1`, and the routes at
-    /// `route_version` (`v1` or `v1alpha2`).
-    pub fn serve_gateway_api(&self, route_version: &str) {
+    /// Serves the Gateway API: GatewayClass and Gateway `v1`, the routes at `route_version`
+    /// (`v1`, or `v1alpha2` before Gateway API 1.5) and ReferenceGrant at `grant_version` (`v1`,
+    /// or `v1beta1` before 1.5).
+    pub fn serve_gateway_api(&self, route_version: &str, grant_version: &str) {
         let g = |v: &str| format!("gateway.networking.k8s.io/{v}");
         self.serve(&g("v1"), "gatewayclasses", "GatewayClass", false);
         self.serve(&g("v1"), "gateways", "Gateway", true);
-        self.serve(&g("v1"), "referencegrants", "ReferenceGrant", true);
+        self.serve(&g(grant_version), "referencegrants", "ReferenceGrant", true);
         self.serve(&g(route_version), "tcproutes", "TCPRoute", true);
         self.serve(&g(route_version), "udproutes", "UDPRoute", true);
     }

@@ -88,10 +88,10 @@ fn agent_pod(name: &str, grpc: SocketAddr) -> Value {
     })
 }
 
-/// A fake cluster with `WORLD` in it, serving the routes at `route_version`.
-async fn cluster(route_version: &str) -> FakeKube {
+/// A fake cluster with `WORLD` in it, serving the routes and ReferenceGrants at these versions.
+async fn cluster(route_version: &str, grant_version: &str) -> FakeKube {
     let fake = FakeKube::start().await;
-    fake.serve_gateway_api(route_version);
+    fake.serve_gateway_api(route_version, grant_version);
     fake.apply_yaml(WORLD);
     fake
 }
@@ -225,7 +225,23 @@ fn events(fake: &FakeKube) -> Vec<Value> {
 
 #[tokio::test]
 async fn reconciles_watch_events_into_agents_and_status_patches() {
-    let fake = cluster("v1").await;
+    let fake = cluster("v1", "v1").await;
+    // Another implementation's class and Gateway: never touched.
+    fake.apply_yaml(
+        r#"
+apiVersion: gateway.networking.k8s.io/v1
+kind: GatewayClass
+metadata: {name: theirs}
+spec: {controllerName: example.com/other}
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: Gateway
+metadata: {name: theirs, namespace: apps}
+spec:
+  gatewayClassName: theirs
+  listeners: [{name: tcp, port: 80, protocol: TCP}]
+"#,
+    );
     let agent = start_agent(&fake, "node-1").await;
     let _controller = controller(&fake, "replica-a", "198.51.100.0/28");
 
@@ -370,12 +386,14 @@ async fn reconciles_watch_events_into_agents_and_status_patches() {
         agent_services(agent).await.is_empty()
     })
     .await;
+    assert!(status_patches(&fake, "/gatewayclasses/theirs/status").is_empty());
+    assert!(status_patches(&fake, "/gateways/theirs/status").is_empty());
     assert_least_privilege_suffices(&fake);
 }
 
 #[tokio::test]
 async fn agents_come_and_go_with_their_pods() {
-    let fake = cluster("v1").await;
+    let fake = cluster("v1", "v1").await;
     fake.apply(tcp_route("v1", "web"));
     let first = start_agent(&fake, "node-1").await;
     let _controller = controller(&fake, "replica-a", "198.51.100.0/28");
@@ -408,7 +426,7 @@ async fn agents_come_and_go_with_their_pods() {
 
 #[tokio::test]
 async fn only_the_lease_holder_acts_and_a_follower_takes_over() {
-    let fake = cluster("v1").await;
+    let fake = cluster("v1", "v1").await;
     let agent = start_agent(&fake, "node-1").await;
     let lease = || {
         fake.get(
@@ -481,43 +499,79 @@ async fn only_the_lease_holder_acts_and_a_follower_takes_over() {
 }
 
 #[tokio::test]
-async fn v1alpha2_routes_are_read_when_the_cluster_serves_only_those() {
-    let fake = cluster("v1alpha2").await;
-    fake.apply(tcp_route("v1alpha2", "web"));
+async fn older_clusters_serve_v1alpha2_routes_and_v1beta1_grants() {
+    let fake = cluster("v1alpha2", "v1beta1").await;
+    // The route's backend lives in another namespace: it needs a (v1beta1) ReferenceGrant.
+    fake.apply_yaml(
+        r#"
+apiVersion: v1
+kind: Service
+metadata: {name: db, namespace: data}
+spec:
+  ports: [{name: tcp, port: 5432}]
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {name: db-1, namespace: data, labels: {kubernetes.io/service-name: db}}
+addressType: IPv4
+ports: [{name: tcp, port: 5432}]
+endpoints: [{addresses: [203.0.113.20]}]
+"#,
+    );
+    let mut route = tcp_route("v1alpha2", "web");
+    route["spec"]["rules"][0]["backendRefs"] =
+        json!([{"name": "db", "namespace": "data", "port": 5432}]);
+    fake.apply(route);
     let agent = start_agent(&fake, "node-1").await;
     let _controller = controller(&fake, "replica-a", "198.51.100.0/28");
-    eventually("backends from a v1alpha2 route", || async {
-        agent_table(agent).await.len() == 1
+    let resolved = || {
+        fake.get(
+            "gateway.networking.k8s.io/v1alpha2",
+            "TCPRoute",
+            "apps",
+            "web",
+        )
+        .map(|r| condition(&r["status"]["parents"][0]["conditions"], "ResolvedRefs").clone())
+        .unwrap_or_default()
+    };
+    eventually("RefNotPermitted without a grant", || async {
+        resolved()["reason"] == "RefNotPermitted"
     })
     .await;
-    eventually("v1alpha2 route status", || async {
-        let route = fake
-            .get(
-                "gateway.networking.k8s.io/v1alpha2",
-                "TCPRoute",
-                "apps",
-                "web",
-            )
-            .unwrap();
-        condition(&route["status"]["parents"][0]["conditions"], "Accepted")["status"] == "True"
+    fake.apply(json!({
+        "apiVersion": "gateway.networking.k8s.io/v1beta1",
+        "kind": "ReferenceGrant",
+        "metadata": {"name": "apps-to-db", "namespace": "data"},
+        "spec": {
+            "from": [{"group": "gateway.networking.k8s.io", "kind": "TCPRoute", "namespace": "apps"}],
+            "to": [{"group": "", "kind": "Service", "name": "db"}],
+        },
+    }));
+    eventually("the granted backend on the agent", || async {
+        agent_table(agent).await
+            == vec![(
+                "192.0.2.10:80".to_owned(),
+                vec!["203.0.113.20:5432*1000000".to_owned()],
+            )]
     })
     .await;
+    eventually("ResolvedRefs", || async { resolved()["status"] == "True" }).await;
     let patches = status_patches(&fake, "/tcproutes/web/status");
-    assert_eq!(
-        patches[0]["apiVersion"],
-        "gateway.networking.k8s.io/v1alpha2"
-    );
     assert!(
-        fake.requests().iter().any(|r| r
-            .path
-            .starts_with("/apis/gateway.networking.k8s.io/v1alpha2/namespaces/apps/tcproutes/")),
+        patches
+            .iter()
+            .all(|p| p["apiVersion"] == "gateway.networking.k8s.io/v1alpha2"),
         "patched at the served version"
     );
+    assert!(fake.requests().iter().any(|r| {
+        r.path
+            .starts_with("/apis/gateway.networking.k8s.io/v1beta1/referencegrants")
+    }));
 }
 
 #[tokio::test]
 async fn the_binary_uses_the_kubeconfig_and_releases_the_lease_on_sigterm() {
-    let fake = cluster("v1").await;
+    let fake = cluster("v1", "v1").await;
     let dir = std::env::temp_dir().join(format!("fulgur-kubeconfig-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let kubeconfig = dir.join("config");
@@ -587,7 +641,7 @@ async fn the_binary_uses_the_kubeconfig_and_releases_the_lease_on_sigterm() {
 
 #[tokio::test]
 async fn pool_addresses_survive_a_restart_and_failed_patches_are_retried() {
-    let fake = cluster("v1").await;
+    let fake = cluster("v1", "v1").await;
     let pooled = |name: &str| {
         json!({
             "apiVersion": GW, "kind": "Gateway",
@@ -639,7 +693,7 @@ async fn pool_addresses_survive_a_restart_and_failed_patches_are_retried() {
 
 #[tokio::test]
 async fn programmed_tells_whether_the_agents_run_the_state() {
-    let fake = cluster("v1").await;
+    let fake = cluster("v1", "v1").await;
     fake.apply(tcp_route("v1", "web"));
     let programmed = || {
         let gw = fake.get(GW, "Gateway", "apps", "gw").unwrap();
