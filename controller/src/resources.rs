@@ -160,17 +160,19 @@ pub struct RouteRule {
 }
 
 /// TCPRoute and UDPRoute share their spec; only the kind differs.
+// rustfmt re-indents attributes inside macro_rules on every run: keep it out.
+#[rustfmt::skip]
 macro_rules! route_resource {
     ($spec:ident, $kind:literal) => {
         #[derive(CustomResource, Clone, Debug, Default, Deserialize, Serialize)]
         #[kube(
-                                    group = "gateway.networking.k8s.io",
-                                    version = "v1",
-                                    kind = $kind,
-                                    namespaced,
-                                    status = "AnyStatus",
-                                    schema = "disabled"
-                                )]
+            group = "gateway.networking.k8s.io",
+            version = "v1",
+            kind = $kind,
+            namespaced,
+            status = "AnyStatus",
+            schema = "disabled"
+        )]
         #[serde(rename_all = "camelCase")]
         pub struct $spec {
             #[serde(default)]

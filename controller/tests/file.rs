@@ -282,3 +282,39 @@ fn generations_grow_when_an_object_changes() {
     std::fs::remove_file(dir.path().join("bad.yaml")).unwrap();
     assert_eq!(generation(&mut history), (2, 1));
 }
+
+#[test]
+fn what_the_api_server_would_refuse_is_refused() {
+    let cases = [
+        (
+            "apiVersion: gateway.networking.k8s.io/v1\nkind: TCPRoute\nmetadata: {name: r}\n\
+             spec:\n  parentRefs: [{name: gw}]\n  rules:\n  - backendRefs: [{name: a, port: 1}]\n  \
+             - backendRefs: [{name: b, port: 1}]\n",
+            "exactly one rule",
+        ),
+        (
+            "apiVersion: gateway.networking.k8s.io/v1\nkind: Gateway\nmetadata: {name: gw}\n\
+             spec:\n  gatewayClassName: fulgur\n  listeners:\n  \
+             - {name: tcp, port: 80, protocol: TCP, hostname: a.example}\n",
+            "hostname and tls are not allowed for TCP",
+        ),
+        (
+            "apiVersion: gateway.networking.k8s.io/v1\nkind: Gateway\nmetadata: {name: gw}\n\
+             spec:\n  gatewayClassName: fulgur\n  listeners:\n  - name: tcp\n    port: 80\n    \
+             protocol: TCP\n    allowedRoutes:\n      namespaces:\n        from: Selector\n        \
+             selector: {matchExpressions: [{key: team, operator: Near}]}\n",
+            "unknown label selector operator",
+        ),
+    ];
+    for (manifest, expected) in cases {
+        let dir = Dir::new(&[("bad.yaml", manifest)]);
+        let errors = file::load(dir.path(), &mut file::History::default(), SEEN).unwrap_err();
+        assert_eq!(errors.len(), 1, "{errors:?}");
+        assert!(errors[0].message.contains(expected), "{}", errors[0]);
+    }
+    // The same rules as v1alpha2 allows several.
+    let several = cases[0].0.replace("/v1\n", "/v1alpha2\n");
+    let dir = Dir::new(&[("ok.yaml", several.as_str())]);
+    let loaded = file::load(dir.path(), &mut file::History::default(), SEEN).unwrap();
+    assert_eq!(loaded.snapshot.routes[0].backend_refs.len(), 2);
+}

@@ -423,6 +423,16 @@ fn several_routes_on_a_listener_are_all_accepted_and_the_oldest_gets_the_traffic
     }
     assert_eq!(listener_status(&out, "gw", "tcp").attached_routes, 2);
     assert_eq!(backends(&out.services[0])[0].0, "203.0.113.2");
+
+    // Equally old: namespace/name decides ("newer" < "older"), whatever the input order.
+    let mut tie = s.clone();
+    for r in &mut tie.routes {
+        r.meta.creation_timestamp = "2026-01-01T00:00:00Z".into();
+    }
+    let out = run(&tie);
+    assert_eq!(backends(&out.services[0])[0].0, "203.0.113.3");
+    tie.routes.reverse();
+    assert_eq!(backends(&run(&tie).services[0])[0].0, "203.0.113.3");
 }
 
 #[test]
