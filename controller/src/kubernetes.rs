@@ -66,6 +66,8 @@ pub struct Settings {
     pub address_pools: Vec<ipnet::IpNet>,
     pub agents: AgentDiscovery,
     pub lease: LeaseSettings,
+    /// How often kinds the cluster did not serve are looked for again.
+    pub rediscover_every: Duration,
 }
 
 /// The Gateway API kinds, with the versions read, most preferred first.
@@ -147,6 +149,39 @@ struct GatewayApi {
 }
 
 impl GatewayApi {
+    /// Starts reflectors for the kinds the cluster now serves and were not watched yet
+    /// (Gateway API CRDs are often installed next to, or after, the controller). Returns
+    /// whether any started.
+    async fn discover_missing(
+        &mut self,
+        client: &Client,
+        changed: &Arc<Notify>,
+    ) -> anyhow::Result<bool> {
+        let mut started = false;
+        for (kind, versions) in GATEWAY_API {
+            if self.served.contains_key(kind) {
+                continue;
+            }
+            if let Some(resource) = discover(client, kind, versions).await? {
+                info!(kind, api_version = %resource.api_version, "watching");
+                let api = Api::<DynamicObject>::all_with(client.clone(), &resource);
+                let store = reflect(
+                    api,
+                    resource.clone(),
+                    watcher::Config::default(),
+                    changed.clone(),
+                );
+                self.served.insert(kind, (resource, store));
+                started = true;
+            }
+        }
+        Ok(started)
+    }
+
+    fn complete(&self) -> bool {
+        self.served.len() == GATEWAY_API.len()
+    }
+
     fn objects(&self, kind: &str) -> Vec<Arc<DynamicObject>> {
         self.served
             .get(kind)
@@ -195,28 +230,21 @@ impl Stores {
         settings: &Settings,
         changed: &Arc<Notify>,
     ) -> anyhow::Result<Self> {
-        let mut served = BTreeMap::new();
-        for (kind, versions) in GATEWAY_API {
-            match discover(client, kind, versions).await? {
-                Some(resource) => {
-                    info!(kind, api_version = %resource.api_version, "watching");
-                    let api = Api::<DynamicObject>::all_with(client.clone(), &resource);
-                    let store = reflect(
-                        api,
-                        resource.clone(),
-                        watcher::Config::default(),
-                        changed.clone(),
-                    );
-                    served.insert(kind, (resource, store));
-                }
-                None => warn!(
+        let mut gateway_api = GatewayApi {
+            served: BTreeMap::new(),
+        };
+        gateway_api.discover_missing(client, changed).await?;
+        for (kind, _) in GATEWAY_API {
+            if !gateway_api.served.contains_key(kind) {
+                warn!(
                     kind,
-                    "not served by this cluster (is the Gateway API installed?): read as empty"
-                ),
+                    every = ?settings.rediscover_every,
+                    "not served by this cluster (yet?): read as empty, discovery repeated"
+                );
             }
         }
         let stores = Stores {
-            gateway_api: GatewayApi { served },
+            gateway_api,
             services: reflect(
                 Api::all(client.clone()),
                 (),
@@ -673,7 +701,7 @@ pub fn shutdown_signal() -> impl std::future::Future<Output = ()> {
 pub async fn run(client: Client, settings: Settings) -> anyhow::Result<()> {
     let mut shutdown = std::pin::pin!(shutdown_signal());
     let changed = Arc::new(Notify::new());
-    let stores = Stores::start(&client, &settings, &changed).await?;
+    let mut stores = Stores::start(&client, &settings, &changed).await?;
     let lease_api: Api<Lease> = Api::namespaced(client.clone(), &settings.lease.namespace);
     let mut leader = lease::spawn(lease_api.clone(), settings.lease.clone());
     tokio::select! {
@@ -700,6 +728,8 @@ pub async fn run(client: Client, settings: Settings) -> anyhow::Result<()> {
     let mut leading = false;
     // Set by watch events and by work that must be retried (a failed status patch).
     let mut dirty = true;
+    let mut rediscover = tokio::time::interval(state.settings.rediscover_every);
+    rediscover.tick().await; // The first tick is immediate: discovery just ran.
     // Agents' answers are checked this often (statuses and events follow them).
     let mut tick = tokio::time::interval(Duration::from_millis(250));
     loop {
@@ -711,6 +741,12 @@ pub async fn run(client: Client, settings: Settings) -> anyhow::Result<()> {
                 return Ok(());
             }
             _ = changed.notified() => dirty = true,
+            _ = rediscover.tick(), if !stores.gateway_api.complete() => {
+                match stores.gateway_api.discover_missing(&state.client, &changed).await {
+                    Ok(started) => dirty |= started,
+                    Err(e) => warn!("discovery: {e:#}"),
+                }
+            }
             result = leader.changed() => result.context("leader election stopped")?,
             _ = tick.tick() => {}
         }

@@ -152,6 +152,7 @@ fn kubernetes_settings(
             port: cli.agent_port,
             tls,
         },
+        rediscover_every: Duration::from_secs(10),
         lease: LeaseSettings {
             namespace: cli.lease_namespace.clone(),
             name: cli.lease_name.clone(),

@@ -113,6 +113,7 @@ fn settings(identity: &str, pool: &str) -> Settings {
             port: 1,
             tls: None,
         },
+        rediscover_every: Duration::from_millis(200),
         lease: LeaseSettings {
             namespace: "fulgur-system".into(),
             name: "fulgur-controller".into(),
@@ -737,4 +738,27 @@ async fn programmed_tells_whether_the_agents_run_the_state() {
     })
     .await;
     assert_eq!(agent_table(agent).await.len(), 1);
+}
+
+#[tokio::test]
+async fn gateway_api_kinds_installed_after_the_controller_are_picked_up() {
+    let fake = FakeKube::start().await;
+    fake.apply_yaml(
+        &WORLD
+            .split("---")
+            .filter(|d| !d.contains("gateway.networking.k8s.io"))
+            .collect::<Vec<_>>()
+            .join("---"),
+    );
+    let agent = start_agent(&fake, "node-1").await;
+    let _controller = controller(&fake, "replica-a", "198.51.100.0/28");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    // The CRDs arrive, then the objects.
+    fake.serve_gateway_api("v1", "v1");
+    fake.apply_yaml(WORLD);
+    fake.apply(tcp_route("v1", "web"));
+    eventually("the route's backends on the agent", || async {
+        agent_table(agent).await.len() == 1
+    })
+    .await;
 }
