@@ -444,6 +444,8 @@ struct StatusPatch {
     /// Conditions that just turned False: reported as Warning events.
     failures: Vec<(String, String)>,
     object: ObjectReference,
+    /// The resourceVersion the patch was computed against.
+    version: Option<String>,
 }
 
 /// The leader's side: agents, statuses, events.
@@ -584,7 +586,7 @@ impl Leader {
                 });
                 let key = (kind.to_string(), id.clone());
                 let version = object.metadata.resource_version.clone();
-                if self.patched.get(&key) == Some(&(body.clone(), version)) {
+                if self.patched.get(&key) == Some(&(body.clone(), version.clone())) {
                     continue; // Already sent against this version: the watch has not caught up.
                 }
                 debug!(%kind, %id, before = %raw_status, "status changed");
@@ -600,6 +602,7 @@ impl Leader {
                     body,
                     failures,
                     object: reference(&object, resource),
+                    version,
                 });
             }
         }
@@ -608,7 +611,7 @@ impl Leader {
 
     /// Returns whether the patch went through.
     async fn patch(&mut self, stores: &Stores, patch: StatusPatch) -> bool {
-        let Some((resource, store)) = stores.gateway_api.served.get(patch.kind) else {
+        let Some((resource, _)) = stores.gateway_api.served.get(patch.kind) else {
             return true;
         };
         let api: Api<DynamicObject> = if patch.kind == "GatewayClass" {
@@ -623,19 +626,9 @@ impl Leader {
         {
             Ok(_) => {
                 info!(kind = patch.kind, id = %patch.id, "status patched");
-                let version = store
-                    .state()
-                    .iter()
-                    .find(|o| {
-                        o.metadata.name.as_deref() == Some(patch.id.name.as_str())
-                            && (patch.kind == "GatewayClass"
-                                || o.metadata.namespace.as_deref()
-                                    == Some(patch.id.namespace.as_str()))
-                    })
-                    .and_then(|o| o.metadata.resource_version.clone());
                 self.patched.insert(
                     (patch.kind.to_owned(), patch.id.clone()),
-                    (patch.body, version),
+                    (patch.body, patch.version),
                 );
                 for (reason, message) in patch.failures {
                     self.event(&patch.object, &reason, message).await;

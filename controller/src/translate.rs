@@ -11,7 +11,7 @@ use fulgur_proto::v1;
 
 use crate::model::{
     BackendRef, Condition, Dataplane, EndpointSlice, FromNamespaces, Gateway, Listener, ObjectRef,
-    ParentRef, Route, RouteGroupKind, RouteKind, Snapshot,
+    ParentRef, Route, RouteGroupKind, RouteKind, Service, Snapshot,
 };
 
 pub const GATEWAY_GROUP: &str = "gateway.networking.k8s.io";
@@ -224,10 +224,35 @@ enum Unresolved {
     UnsupportedProtocol,
 }
 
+/// What translate looks up per backendRef, indexed once per run (a scan per ref made a
+/// cluster of 10,000 routes cost seconds).
+struct Index<'a> {
+    services: BTreeMap<&'a ObjectRef, &'a Service>,
+    /// (namespace, service name) → its EndpointSlices
+    slices: BTreeMap<(&'a str, &'a str), Vec<&'a EndpointSlice>>,
+}
+
+impl<'a> Index<'a> {
+    fn new(snapshot: &'a Snapshot) -> Self {
+        let mut slices: BTreeMap<_, Vec<_>> = BTreeMap::new();
+        for slice in &snapshot.endpoint_slices {
+            slices
+                .entry((slice.namespace.as_str(), slice.service_name.as_str()))
+                .or_default()
+                .push(slice);
+        }
+        Index {
+            services: snapshot.services.iter().map(|s| (&s.id, s)).collect(),
+            slices,
+        }
+    }
+}
+
 /// The endpoints a backendRef reaches, in the VIP's family: `Err` when the ref itself is
 /// invalid, `Ok(empty)` for a valid Service without ready endpoints.
 fn resolve(
     snapshot: &Snapshot,
+    index: &Index,
     route: &Route,
     backend: &BackendRef,
     v6: bool,
@@ -240,11 +265,7 @@ fn resolve(
         return Err(Unresolved::NotPermitted);
     }
     let id = ObjectRef::new(namespace, &backend.name);
-    let service = snapshot
-        .services
-        .iter()
-        .find(|s| s.id == id)
-        .ok_or(Unresolved::NotFound)?;
+    let service = *index.services.get(&id).ok_or(Unresolved::NotFound)?;
     let Some(port) = backend.port else {
         return Err(Unresolved::NotFound);
     };
@@ -261,11 +282,8 @@ fn resolve(
         return Err(Unresolved::UnsupportedProtocol);
     };
     let mut endpoints = BTreeSet::new();
-    for slice in snapshot
-        .endpoint_slices
-        .iter()
-        .filter(|s: &&EndpointSlice| s.namespace == namespace && s.service_name == backend.name)
-    {
+    let slices = index.slices.get(&(namespace, backend.name.as_str()));
+    for slice in slices.into_iter().flatten() {
         // The slice port with the Service port's name carries the target port.
         let Some((_, target)) = slice
             .ports
@@ -372,6 +390,9 @@ pub fn translate(config: &Config, snapshot: &Snapshot) -> Output {
         .filter(|g| ours.contains(g.class_name.as_str()))
         .collect();
     gateways.sort_by(|a, b| a.id.cmp(&b.id));
+    let gateway_by_id: BTreeMap<&ObjectRef, &Gateway> =
+        gateways.iter().map(|g| (&g.id, *g)).collect();
+    let lookup = Index::new(snapshot);
     // A static address belongs to the oldest of our Gateways that lists it; for the others it
     // is not usable (two Gateways on one address would program the same VIP twice).
     let mut by_age = gateways.clone();
@@ -588,7 +609,7 @@ pub fn translate(config: &Config, snapshot: &Snapshot) -> Output {
                 parent.namespace.as_deref().unwrap_or(&route.id.namespace),
                 &parent.name,
             );
-            let Some(gateway) = gateways.iter().find(|g| g.id == gateway_id) else {
+            let Some(&gateway) = gateway_by_id.get(&gateway_id) else {
                 continue;
             };
             let mut c = Conditions::new(
@@ -638,7 +659,7 @@ pub fn translate(config: &Config, snapshot: &Snapshot) -> Output {
             let problem = route
                 .backend_refs
                 .iter()
-                .find_map(|b| resolve(snapshot, route, b, false).err());
+                .find_map(|b| resolve(snapshot, &lookup, route, b, false).err());
             match problem {
                 None => c.set("ResolvedRefs", true, "ResolvedRefs", ""),
                 Some(Unresolved::NotFound) => c.set(
@@ -705,7 +726,7 @@ pub fn translate(config: &Config, snapshot: &Snapshot) -> Output {
             };
             let key = (vip.to_string(), listener.port, protocol as i32);
             services.entry(key).or_insert_with(|| {
-                dataplane_service(snapshot, route, *vip, listener.port, protocol)
+                dataplane_service(snapshot, &lookup, route, *vip, listener.port, protocol)
             });
         }
     }
@@ -718,6 +739,7 @@ pub fn translate(config: &Config, snapshot: &Snapshot) -> Output {
 /// Services without ready endpoints become the reject weight; all scaled under MAX_WEIGHT.
 fn dataplane_service(
     snapshot: &Snapshot,
+    index: &Index,
     route: &Route,
     vip: IpAddr,
     port: u16,
@@ -727,7 +749,7 @@ fn dataplane_service(
     let mut reject = 0.0;
     for backend in &route.backend_refs {
         let weight = backend.weight as f64;
-        match resolve(snapshot, route, backend, vip.is_ipv6()) {
+        match resolve(snapshot, index, route, backend, vip.is_ipv6()) {
             Ok(endpoints) if !endpoints.is_empty() => {
                 for endpoint in &endpoints {
                     *shares.entry(*endpoint).or_default() += weight / endpoints.len() as f64;

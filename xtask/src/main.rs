@@ -34,7 +34,8 @@ enum Task {
     Demo,
     /// `cargo fmt --check` and `cargo clippy -D warnings`.
     Lint,
-    /// Benchmarks (needs root): `dataplane` (ns per packet) or `apply` (10k services over gRPC).
+    /// Benchmarks: `dataplane` (ns per packet) or `apply` (10k services over gRPC), both as
+    /// root, or `translate` (the controller at 1k and 10k routes).
     Bench {
         #[arg(value_enum, default_value = "dataplane")]
         target: BenchTarget,
@@ -54,6 +55,8 @@ enum BenchTarget {
     Dataplane,
     /// One gRPC Apply of 10,000 services × 16 backends; writes target/bench/apply.json
     Apply,
+    /// translate + status documents at 1,000 and 10,000 routes; writes target/bench/translate.json
+    Translate,
 }
 
 const APT_PACKAGES: &[(&str, &str)] = &[
@@ -80,13 +83,16 @@ fn main() -> anyhow::Result<()> {
         Task::Lint => lint(),
         Task::Bench { target } => {
             setup()?;
-            require_root("bench")?;
-            run(cargo().args(["build", "--release", "--bins"]))?;
-            let root = workspace_root();
             let name = match target {
                 BenchTarget::Dataplane => "dataplane",
                 BenchTarget::Apply => "apply",
+                BenchTarget::Translate => "translate",
             };
+            if !matches!(target, BenchTarget::Translate) {
+                require_root("bench")?;
+            }
+            run(cargo().args(["build", "--release", "--bins"]))?;
+            let root = workspace_root();
             run(Command::new(root.join("target/release/fulgur-bench"))
                 .arg(name)
                 .env("FULGUR_AGENT_BIN", root.join("target/release/fulgur-agent")))

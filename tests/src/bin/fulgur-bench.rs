@@ -4,6 +4,10 @@
 //! `cargo xtask bench apply`: one gRPC Apply of 10,000 services × 16 backends to the real agent
 //! binary, timed from the client, and the agent's memory afterwards.
 //!
+//! `cargo xtask bench translate`: the controller's translate (and status documents) over a
+//! cluster of 1,000 and of 10,000 routes, side by side; the ratio shows whether the cost grows
+//! linearly with the cluster (10×) or worse.
+//!
 //! Method: single-packet calls (repeat = 1), so every measured run sees the intended packet
 //! (with `repeat > 1` the kernel reuses one buffer, and a DNAT program would meet its own
 //! output from the second iteration on). The kernel's own per-run time is used; each figure is
@@ -44,8 +48,11 @@ fn trimmed_mean(samples: &mut [u64]) -> f64 {
 fn main() -> anyhow::Result<()> {
     match std::env::args().nth(1).as_deref() {
         Some("apply") => apply::run(),
+        Some("translate") => translate::run(),
         Some("dataplane") | None => dataplane(),
-        Some(other) => anyhow::bail!("unknown benchmark {other:?} (dataplane or apply)"),
+        Some(other) => {
+            anyhow::bail!("unknown benchmark {other:?} (dataplane, apply or translate)")
+        }
     }
 }
 
@@ -290,6 +297,161 @@ mod apply {
         let path = dir.join("apply.json");
         std::fs::write(&path, serde_json::to_string_pretty(&report)? + "\n")?;
         println!("wrote {}", path.display());
+        Ok(())
+    }
+}
+
+mod translate {
+    use std::time::{Duration, Instant};
+
+    use fulgur_controller::{
+        model::{
+            BackendRef, EndpointSlice, FromNamespaces, Gateway, GatewayAddress, GatewayClass,
+            Listener, Meta, ObjectRef, ParentRef, Route, RouteKind, Service, ServicePort, Snapshot,
+        },
+        status,
+        translate::{Config, translate},
+    };
+
+    const CONTROLLER: &str = "fulgur.dev/gateway-controller";
+    /// Listeners per Gateway; every route gets a listener of its own.
+    const LISTENERS: usize = 50;
+
+    /// `routes` TCPRoutes, each to 2 Services of 4 endpoints, on Gateways of 50 listeners.
+    fn cluster(routes: usize) -> Snapshot {
+        let meta = |i: usize| Meta {
+            generation: 1,
+            creation_timestamp: format!("2026-01-01T00:{:02}:{:02}Z", i / 60 % 60, i % 60),
+            ..Default::default()
+        };
+        let mut s = Snapshot {
+            classes: vec![GatewayClass {
+                name: "fulgur".into(),
+                meta: meta(0),
+                controller_name: CONTROLLER.into(),
+            }],
+            ..Default::default()
+        };
+        for g in 0..routes.div_ceil(LISTENERS) {
+            s.gateways.push(Gateway {
+                id: ObjectRef::new("infra", &format!("gw-{g}")),
+                meta: meta(g),
+                class_name: "fulgur".into(),
+                listeners: (0..LISTENERS)
+                    .map(|l| Listener {
+                        name: format!("l{l}"),
+                        port: 1000 + l as u16,
+                        protocol: "TCP".into(),
+                        from: FromNamespaces::All,
+                        kinds: vec![],
+                    })
+                    .collect(),
+                addresses: vec![GatewayAddress {
+                    kind: "IPAddress".into(),
+                    value: format!("10.{}.{}.1", g / 256, g % 256),
+                }],
+            });
+        }
+        for r in 0..routes {
+            let namespace = format!("team-{}", r % 100);
+            let backends: Vec<BackendRef> = (0..2)
+                .map(|b| BackendRef {
+                    group: String::new(),
+                    kind: "Service".into(),
+                    namespace: None,
+                    name: format!("svc-{r}-{b}"),
+                    port: Some(80),
+                    weight: 1,
+                })
+                .collect();
+            for b in &backends {
+                s.services.push(Service {
+                    id: ObjectRef::new(&namespace, &b.name),
+                    ports: vec![ServicePort {
+                        name: Some("http".into()),
+                        port: 80,
+                        protocol: "TCP".into(),
+                    }],
+                });
+                s.endpoint_slices.push(EndpointSlice {
+                    namespace: namespace.clone(),
+                    service_name: b.name.clone(),
+                    ports: vec![(Some("http".into()), 8080)],
+                    ready_addresses: (0..4)
+                        .map(|e| format!("10.200.{}.{}", r % 250, e + 1).parse().unwrap())
+                        .collect(),
+                });
+            }
+            s.routes.push(Route {
+                kind: RouteKind::Tcp,
+                id: ObjectRef::new(&namespace, &format!("route-{r}")),
+                meta: meta(r),
+                parent_refs: vec![ParentRef {
+                    group: "gateway.networking.k8s.io".into(),
+                    kind: "Gateway".into(),
+                    namespace: Some("infra".into()),
+                    name: format!("gw-{}", r / LISTENERS),
+                    section_name: Some(format!("l{}", r % LISTENERS)),
+                    port: None,
+                }],
+                backend_refs: backends,
+            });
+        }
+        s
+    }
+
+    /// The median of `runs` timings of translate + status documents.
+    fn time(snapshot: &Snapshot, runs: usize) -> (Duration, usize) {
+        let config = Config {
+            controller_name: CONTROLLER,
+            address_pools: &[],
+            now: "2026-06-01T00:00:00Z",
+        };
+        let mut times = Vec::new();
+        let mut services = 0;
+        for _ in 0..runs {
+            let start = Instant::now();
+            let out = translate(&config, snapshot);
+            let docs = status::documents(&out);
+            times.push(start.elapsed());
+            services = out.services.len();
+            assert_eq!(
+                docs.len(),
+                1 + snapshot.gateways.len() + snapshot.routes.len()
+            );
+        }
+        times.sort();
+        (times[runs / 2], services)
+    }
+
+    pub fn run() -> anyhow::Result<()> {
+        let small = cluster(1_000);
+        let large = cluster(10_000);
+        let (small_time, small_services) = time(&small, 7);
+        let (large_time, large_services) = time(&large, 3);
+        anyhow::ensure!(small_services == 1_000 && large_services == 10_000);
+        let ratio = large_time.as_secs_f64() / small_time.as_secs_f64();
+        println!("translate + status documents (median):");
+        println!(
+            "  1,000 routes, 2,000 services, 8,000 endpoints: {:>8.1} ms",
+            small_time.as_secs_f64() * 1e3
+        );
+        println!(
+            "  10,000 routes, 20,000 services, 80,000 endpoints: {:>8.1} ms",
+            large_time.as_secs_f64() * 1e3
+        );
+        println!("  10x the cluster costs {ratio:.1}x (10 = linear)");
+        let json = serde_json::json!({
+            "small_ms": small_time.as_secs_f64() * 1e3,
+            "large_ms": large_time.as_secs_f64() * 1e3,
+            "ratio": ratio,
+        });
+        let dir = std::path::Path::new("target/bench");
+        std::fs::create_dir_all(dir)?;
+        std::fs::write(
+            dir.join("translate.json"),
+            serde_json::to_string_pretty(&json)?,
+        )?;
         Ok(())
     }
 }
