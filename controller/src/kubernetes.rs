@@ -157,23 +157,26 @@ impl GatewayApi {
         client: &Client,
         changed: &Arc<Notify>,
     ) -> anyhow::Result<bool> {
-        let mut started = false;
+        // Discover everything first: an error then leaves no reflector half started.
+        let mut found = Vec::new();
         for (kind, versions) in GATEWAY_API {
-            if self.served.contains_key(kind) {
-                continue;
+            if !self.served.contains_key(kind)
+                && let Some(resource) = discover(client, kind, versions).await?
+            {
+                found.push((kind, resource));
             }
-            if let Some(resource) = discover(client, kind, versions).await? {
-                info!(kind, api_version = %resource.api_version, "watching");
-                let api = Api::<DynamicObject>::all_with(client.clone(), &resource);
-                let store = reflect(
-                    api,
-                    resource.clone(),
-                    watcher::Config::default(),
-                    changed.clone(),
-                );
-                self.served.insert(kind, (resource, store));
-                started = true;
-            }
+        }
+        let started = !found.is_empty();
+        for (kind, resource) in found {
+            info!(kind, api_version = %resource.api_version, "watching");
+            let api = Api::<DynamicObject>::all_with(client.clone(), &resource);
+            let store = reflect(
+                api,
+                resource.clone(),
+                watcher::Config::default(),
+                changed.clone(),
+            );
+            self.served.insert(kind, (resource, store));
         }
         Ok(started)
     }
@@ -694,7 +697,17 @@ pub fn shutdown_signal() -> impl std::future::Future<Output = ()> {
 pub async fn run(client: Client, settings: Settings) -> anyhow::Result<()> {
     let mut shutdown = std::pin::pin!(shutdown_signal());
     let changed = Arc::new(Notify::new());
-    let mut stores = Stores::start(&client, &settings, &changed).await?;
+    // The API may not answer yet (a control plane starting with the cluster): keep trying.
+    let mut stores = loop {
+        match Stores::start(&client, &settings, &changed).await {
+            Ok(stores) => break stores,
+            Err(e) => warn!("{e:#}; trying again in 2 s"),
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_secs(2)) => {}
+            _ = &mut shutdown => return Ok(()),
+        }
+    };
     let lease_api: Api<Lease> = Api::namespaced(client.clone(), &settings.lease.namespace);
     let mut leader = lease::spawn(lease_api.clone(), settings.lease.clone());
     tokio::select! {

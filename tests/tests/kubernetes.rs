@@ -587,6 +587,8 @@ async fn the_binary_uses_the_kubeconfig_and_releases_the_lease_on_sigterm() {
         ),
     )
     .unwrap();
+    // The API's first answer is an error: the controller tries again rather than exiting.
+    fake.fail_next("GET", "/apis/gateway.networking.k8s.io/v1", 1);
     let mut child = tokio::process::Command::new(fulgur_tests::controller_binary())
         .args([
             "--provider=kubernetes",
