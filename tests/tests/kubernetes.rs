@@ -164,6 +164,22 @@ async fn agent_table(addr: SocketAddr) -> Vec<(String, Vec<String>)> {
     table
 }
 
+/// Waits until the agent runs exactly one service, `vip` (ip:port), with these backends.
+async fn wait_for_service(agent: SocketAddr, what: &str, vip: &str, backends: &[&str]) {
+    let expected = vec![(
+        vip.to_owned(),
+        backends.iter().map(|b| (*b).to_owned()).collect::<Vec<_>>(),
+    )];
+    eventually(what, || async {
+        let table = agent_table(agent).await;
+        if table != expected {
+            eprintln!("agent: {table:?}");
+        }
+        table == expected
+    })
+    .await;
+}
+
 async fn eventually<F, Fut>(what: &str, mut check: F)
 where
     F: FnMut() -> Fut,
@@ -265,20 +281,12 @@ spec:
 
     // A route arrives through the watch: the agent gets its backends, the route its status.
     fake.apply(tcp_route("v1", "web"));
-    let expected = vec![(
-        "192.0.2.10:80".to_owned(),
-        vec![
-            "203.0.113.2:3000*1000000".to_owned(),
-            "203.0.113.3:3000*1000000".to_owned(),
-        ],
-    )];
-    eventually("the route's backends on the agent", || async {
-        let table = agent_table(agent).await;
-        if table != expected {
-            eprintln!("agent: {table:?}");
-        }
-        table == expected
-    })
+    wait_for_service(
+        agent,
+        "the route's backends on the agent",
+        "192.0.2.10:80",
+        &["203.0.113.2:3000*1000000", "203.0.113.3:3000*1000000"],
+    )
     .await;
     eventually("route status", || async {
         let route = fake.get(GW, "TCPRoute", "apps", "web").unwrap();
@@ -308,13 +316,12 @@ spec:
         .unwrap();
     slice["endpoints"][1]["conditions"]["terminating"] = true.into();
     fake.apply(slice);
-    eventually("the terminating endpoint leaves", || async {
-        agent_table(agent).await
-            == vec![(
-                "192.0.2.10:80".to_owned(),
-                vec!["203.0.113.2:3000*1000000".to_owned()],
-            )]
-    })
+    wait_for_service(
+        agent,
+        "the terminating endpoint leaves",
+        "192.0.2.10:80",
+        &["203.0.113.2:3000*1000000"],
+    )
     .await;
     tokio::time::sleep(Duration::from_millis(1500)).await; // a few reconciles
     assert_eq!(
@@ -548,13 +555,12 @@ endpoints: [{addresses: [203.0.113.20]}]
             "to": [{"group": "", "kind": "Service", "name": "db"}],
         },
     }));
-    eventually("the granted backend on the agent", || async {
-        agent_table(agent).await
-            == vec![(
-                "192.0.2.10:80".to_owned(),
-                vec!["203.0.113.20:5432*1000000".to_owned()],
-            )]
-    })
+    wait_for_service(
+        agent,
+        "the granted backend on the agent",
+        "192.0.2.10:80",
+        &["203.0.113.20:5432*1000000"],
+    )
     .await;
     eventually("ResolvedRefs", || async { resolved()["status"] == "True" }).await;
     let patches = status_patches(&fake, "/tcproutes/web/status");
