@@ -236,6 +236,16 @@ fn assert_least_privilege_suffices(fake: &FakeKube) {
     );
 }
 
+/// The controllers' Lease.
+fn lease(fake: &FakeKube) -> Option<Value> {
+    fake.get(
+        "coordination.k8s.io/v1",
+        "Lease",
+        "fulgur-system",
+        "fulgur-controller",
+    )
+}
+
 fn events(fake: &FakeKube) -> Vec<Value> {
     fake.list("events.k8s.io/v1", "Event")
 }
@@ -436,18 +446,10 @@ async fn agents_come_and_go_with_their_pods() {
 async fn only_the_lease_holder_acts_and_a_follower_takes_over() {
     let fake = cluster("v1", "v1").await;
     let agent = start_agent(&fake, "node-1").await;
-    let lease = || {
-        fake.get(
-            "coordination.k8s.io/v1",
-            "Lease",
-            "fulgur-system",
-            "fulgur-controller",
-        )
-    };
 
     let a = controller(&fake, "replica-a", "198.51.100.0/28");
     eventually("replica-a holds the lease", || async {
-        lease().is_some_and(|l| l["spec"]["holderIdentity"] == "replica-a")
+        lease(&fake).is_some_and(|l| l["spec"]["holderIdentity"] == "replica-a")
     })
     .await;
     let b = controller(&fake, "replica-b", "203.0.113.64/28");
@@ -479,21 +481,21 @@ async fn only_the_lease_holder_acts_and_a_follower_takes_over() {
         1,
         "the follower never patches"
     );
-    assert_eq!(lease().unwrap()["spec"]["holderIdentity"], "replica-a");
+    assert_eq!(lease(&fake).unwrap()["spec"]["holderIdentity"], "replica-a");
 
     // The leader dies without releasing the lease: the follower takes over after it expires,
     // keeps the assigned address and acts on new changes.
     a.abort();
     let died = tokio::time::Instant::now();
     eventually("replica-b holds the lease", || async {
-        lease().is_some_and(|l| l["spec"]["holderIdentity"] == "replica-b")
+        lease(&fake).is_some_and(|l| l["spec"]["holderIdentity"] == "replica-b")
     })
     .await;
     assert!(
         died.elapsed() >= Duration::from_millis(1500),
         "not before the lease expired"
     );
-    assert_eq!(lease().unwrap()["spec"]["leaseTransitions"], 1);
+    assert_eq!(lease(&fake).unwrap()["spec"]["leaseTransitions"], 1);
     fake.apply(tcp_route("v1", "web"));
     eventually("replica-b programs the agent", || async {
         agent_table(agent)
@@ -616,15 +618,8 @@ async fn the_binary_uses_the_kubeconfig_and_releases_the_lease_on_sigterm() {
         condition(&class["status"]["conditions"], "Accepted")["status"] == "True"
     })
     .await;
-    let lease = fake
-        .get(
-            "coordination.k8s.io/v1",
-            "Lease",
-            "fulgur-system",
-            "fulgur-controller",
-        )
-        .unwrap();
-    assert_eq!(lease["spec"]["holderIdentity"], "from-binary");
+    let held = lease(&fake).unwrap();
+    assert_eq!(held["spec"]["holderIdentity"], "from-binary");
     // SAFETY: signalling our own child process.
     unsafe { libc::kill(child.id().unwrap() as i32, libc::SIGTERM) };
     let status = tokio::time::timeout(WAIT, child.wait())
@@ -632,18 +627,11 @@ async fn the_binary_uses_the_kubeconfig_and_releases_the_lease_on_sigterm() {
         .unwrap()
         .unwrap();
     assert!(status.success(), "{status}");
-    let lease = fake
-        .get(
-            "coordination.k8s.io/v1",
-            "Lease",
-            "fulgur-system",
-            "fulgur-controller",
-        )
-        .unwrap();
+    let held = lease(&fake).unwrap();
     assert!(
-        lease["spec"]["holderIdentity"].is_null(),
+        held["spec"]["holderIdentity"].is_null(),
         "released: {}",
-        lease["spec"]
+        held["spec"]
     );
     let _ = std::fs::remove_dir_all(&dir);
 }
@@ -679,15 +667,8 @@ async fn pool_addresses_survive_a_restart_and_failed_patches_are_retried() {
     // While no controller runs, a Gateway that sorts first appears; the restarted controller
     // keeps the assignment it reads back from the status.
     fake.apply(pooled("aaa"));
-    let lease = fake
-        .get(
-            "coordination.k8s.io/v1",
-            "Lease",
-            "fulgur-system",
-            "fulgur-controller",
-        )
-        .unwrap();
-    let mut released = lease.clone();
+    let held = lease(&fake).unwrap();
+    let mut released = held.clone();
     released["spec"]["holderIdentity"] = Value::Null; // as a clean shutdown leaves it
     fake.apply(released);
     let _second = controller(&fake, "replica-b", "198.51.100.0/28");
