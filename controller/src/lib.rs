@@ -10,5 +10,6 @@ pub mod kubernetes;
 pub mod lease;
 pub mod model;
 pub mod resources;
+pub mod shutdown;
 pub mod status;
 pub mod translate;

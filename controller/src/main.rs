@@ -15,7 +15,7 @@ use fulgur_controller::{
     file, kubernetes,
     lease::LeaseSettings,
     model::Dataplane,
-    status,
+    shutdown, status,
     translate::{self, Config},
 };
 use notify::Watcher as _;
@@ -229,7 +229,7 @@ async fn standalone(
     let mut good: Option<file::Loaded> = None;
     info!(manifests = %manifests.display(), status_file = %status_file.display(), "watching");
     // One listener for the whole run: a signal while reading the folder is not lost.
-    let mut shutdown = std::pin::pin!(kubernetes::shutdown_signal());
+    let mut shutdown = std::pin::pin!(shutdown::shutdown_signal());
     loop {
         let (notified, polled) = tokio::select! {
             _ = &mut shutdown => return Ok(()),

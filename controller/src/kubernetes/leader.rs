@@ -1,0 +1,272 @@
+//! What the Lease holder does: program the agents, patch statuses that changed, record
+//! Events.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use k8s_openapi::api::core::v1::ObjectReference;
+use kube::{
+    Api, Client,
+    api::{DynamicObject, Patch, PatchParams},
+    runtime::events::{Event as KubeEvent, EventType, Recorder, Reporter},
+};
+use tracing::{debug, error, info, warn};
+
+use super::{
+    FIELD_MANAGER, Settings,
+    stores::{Invalid, Patched, Stores, observed_status, reference, status_id},
+};
+use crate::{
+    agents::{Agents, AgentsError, SyncState},
+    model::{Dataplane, ObjectRef},
+    status::{self, ObjectStatus, StatusDoc},
+    translate::{self, Config},
+};
+
+/// What is left to do for one object's status.
+struct StatusPatch {
+    kind: &'static str,
+    id: ObjectRef,
+    body: serde_json::Value,
+    /// Conditions that just turned False: reported as Warning events.
+    failures: Vec<(String, String)>,
+    object: ObjectReference,
+    /// The resourceVersion the patch was computed against.
+    version: Option<String>,
+}
+
+/// The leader's side: agents, statuses, events.
+pub(super) struct Leader {
+    settings: Settings,
+    agents: Agents,
+    recorder: Recorder,
+    client: Client,
+    last_services: Option<Vec<fulgur_proto::v1::Service>>,
+    patched: Patched,
+    /// Invalid objects already reported, by uid and resourceVersion.
+    reported: BTreeSet<(String, String)>,
+    agent_pods: BTreeMap<String, ObjectReference>,
+    agent_states: BTreeMap<String, SyncState>,
+    /// What the last reconcile was told about the dataplane.
+    dataplane: Option<Dataplane>,
+}
+
+fn false_conditions(doc: &StatusDoc) -> BTreeSet<(String, String, String)> {
+    let all = doc
+        .conditions
+        .iter()
+        .chain(doc.listeners.iter().flat_map(|l| &l.conditions))
+        .chain(doc.parents.iter().flat_map(|p| &p.conditions));
+    all.filter(|c| c.status == "False")
+        .map(|c| (c.type_.clone(), c.reason.clone(), c.message.clone()))
+        .collect()
+}
+
+impl Leader {
+    pub(super) fn new(client: Client, settings: Settings) -> Result<Self, AgentsError> {
+        let reporter = Reporter {
+            controller: FIELD_MANAGER.into(),
+            instance: Some(settings.lease.identity.clone()),
+        };
+        Ok(Leader {
+            agents: Agents::spawn(&[], settings.agents.tls.clone())?,
+            recorder: Recorder::new(client.clone(), reporter),
+            client,
+            settings,
+            last_services: None,
+            patched: BTreeMap::new(),
+            reported: BTreeSet::new(),
+            agent_pods: BTreeMap::new(),
+            agent_states: BTreeMap::new(),
+            dataplane: None,
+        })
+    }
+
+    async fn event(&self, object: &ObjectReference, reason: &str, note: String) {
+        let event = KubeEvent {
+            type_: EventType::Warning,
+            reason: reason.to_owned(),
+            note: Some(note.chars().take(1024).collect()),
+            action: "Reconcile".into(),
+            secondary: None,
+        };
+        if let Err(e) = self.recorder.publish(&event, object).await {
+            warn!("recording an event: {e}");
+        }
+    }
+
+    /// Returns whether everything was done (else the caller retries on its next tick).
+    pub(super) async fn reconcile(&mut self, stores: &Stores) -> bool {
+        let (mut snapshot, invalid) = stores.snapshot(&self.patched);
+        for Invalid { object, message } in invalid {
+            let key = (
+                object.uid.clone().unwrap_or_default(),
+                object.resource_version.clone().unwrap_or_default(),
+            );
+            if self.reported.insert(key) {
+                warn!(kind = ?object.kind, name = ?object.name, "ignored: {message}");
+                self.event(&object, "InvalidObject", message).await;
+            }
+        }
+        self.agent_pods = stores.agents(&self.settings.agents);
+        let urls: Vec<String> = self.agent_pods.keys().cloned().collect();
+        let mut done = true;
+        if let Err(e) = self.agents.set_agents(&urls) {
+            error!("agents: {e}");
+            done = false;
+        }
+        snapshot.dataplane = self.agents.dataplane();
+        self.dataplane = Some(snapshot.dataplane.clone());
+        let now = status::now();
+        let config = Config {
+            controller_name: &self.settings.controller_name,
+            address_pools: &self.settings.address_pools,
+            now: &now,
+        };
+        let out = translate::translate(&config, &snapshot);
+        if self.last_services.as_ref() != Some(&out.services) {
+            let generation = self.agents.set_desired(out.services.clone());
+            info!(
+                services = out.services.len(),
+                generation, "desired state changed"
+            );
+            self.last_services = Some(out.services.clone());
+        }
+        for patch in self.status_patches(stores, &status::documents(&out)) {
+            done &= self.patch(stores, patch).await;
+        }
+        done
+    }
+
+    /// Statuses that differ from what the objects show. Route statuses keep the entries of
+    /// other controllers; entries of ours for parents no longer referenced are removed.
+    fn status_patches(&self, stores: &Stores, docs: &[ObjectStatus]) -> Vec<StatusPatch> {
+        let mut wanted: BTreeMap<(&str, ObjectRef), &StatusDoc> = BTreeMap::new();
+        for doc in docs {
+            let id = ObjectRef::new(&doc.metadata.namespace, &doc.metadata.name);
+            wanted.insert((doc.kind.as_str(), id), &doc.status);
+        }
+        let mut patches = Vec::new();
+        for (kind, (resource, _)) in &stores.gateway_api.served {
+            if *kind == "ReferenceGrant" {
+                continue;
+            }
+            for object in stores.gateway_api.objects(kind) {
+                let id = status_id(kind, &object);
+                let observed = observed_status(&object);
+                let route = kind.ends_with("Route");
+                let mut desired = match wanted.get(&(*kind, id.clone())) {
+                    Some(status) => (*status).clone(),
+                    // Only routes carry entries of several controllers to clean up.
+                    None if route => StatusDoc::default(),
+                    None => continue,
+                };
+                let mut compared = observed.clone();
+                if route {
+                    let ours = |p: &status::RouteParentDoc| {
+                        p.controller_name == self.settings.controller_name
+                    };
+                    compared.parents.retain(ours);
+                    if compared.parents == desired.parents {
+                        continue;
+                    }
+                    let others = observed.parents.iter().filter(|p| !ours(p)).cloned();
+                    desired.parents = others.chain(desired.parents).collect();
+                } else if compared == desired {
+                    continue;
+                }
+                let raw_status = object.data.get("status").cloned().unwrap_or_default();
+                let mut patch_status = serde_json::to_value(&desired).unwrap_or_default();
+                if route && desired.parents.is_empty() {
+                    patch_status = serde_json::json!({ "parents": [] });
+                }
+                let mut metadata = serde_json::json!({ "name": id.name });
+                if *kind != "GatewayClass" {
+                    metadata["namespace"] = id.namespace.clone().into();
+                }
+                let body = serde_json::json!({
+                    "apiVersion": resource.api_version,
+                    "kind": kind,
+                    "metadata": metadata,
+                    "status": patch_status,
+                });
+                let key = (kind.to_string(), id.clone());
+                let version = object.metadata.resource_version.clone();
+                if self.patched.get(&key) == Some(&(body.clone(), version.clone())) {
+                    continue; // Already sent against this version: the watch has not caught up.
+                }
+                debug!(%kind, %id, before = %raw_status, "status changed");
+                let before = false_conditions(&observed);
+                let failures = false_conditions(&desired)
+                    .into_iter()
+                    .filter(|c| !before.contains(c))
+                    .map(|(_, reason, message)| (reason, message))
+                    .collect();
+                patches.push(StatusPatch {
+                    kind,
+                    id,
+                    body,
+                    failures,
+                    object: reference(&object, resource),
+                    version,
+                });
+            }
+        }
+        patches
+    }
+
+    /// Returns whether the patch went through.
+    async fn patch(&mut self, stores: &Stores, patch: StatusPatch) -> bool {
+        let Some((resource, _)) = stores.gateway_api.served.get(patch.kind) else {
+            return true;
+        };
+        let api: Api<DynamicObject> = if patch.kind == "GatewayClass" {
+            Api::all_with(self.client.clone(), resource)
+        } else {
+            Api::namespaced_with(self.client.clone(), &patch.id.namespace, resource)
+        };
+        let params = PatchParams::apply(FIELD_MANAGER).force();
+        match api
+            .patch_status(&patch.id.name, &params, &Patch::Apply(&patch.body))
+            .await
+        {
+            Ok(_) => {
+                info!(kind = patch.kind, id = %patch.id, "status patched");
+                self.patched.insert(
+                    (patch.kind.to_owned(), patch.id.clone()),
+                    (patch.body, patch.version),
+                );
+                for (reason, message) in patch.failures {
+                    self.event(&patch.object, &reason, message).await;
+                }
+                true
+            }
+            // Gone meanwhile: its deletion comes through the watch.
+            Err(kube::Error::Api(s)) if s.code == 404 => true,
+            Err(e) => {
+                warn!(kind = patch.kind, id = %patch.id, "patching status: {e}");
+                false
+            }
+        }
+    }
+
+    /// Reports agents that fell out of sync or refused the state, once per failure. Returns
+    /// whether what the agents say about the dataplane changed (statuses follow it).
+    pub(super) async fn check_agents(&mut self) -> bool {
+        let states = self.agents.states();
+        for (url, state) in &states {
+            let was = self.agent_states.get(url);
+            let (reason, error) = match state {
+                SyncState::Failed { error } => ("AgentSyncFailed", error),
+                SyncState::Refused { error, .. } => ("AgentRefusedState", error),
+                _ => continue,
+            };
+            if was.is_none_or(|w| std::mem::discriminant(w) != std::mem::discriminant(state))
+                && let Some(pod) = self.agent_pods.get(url)
+            {
+                self.event(pod, reason, format!("{url}: {error}")).await;
+            }
+        }
+        self.agent_states = states;
+        self.dataplane.as_ref() != Some(&self.agents.dataplane())
+    }
+}

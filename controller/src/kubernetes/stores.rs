@@ -1,0 +1,399 @@
+//! Discovery, reflectors, and the Snapshot read from their stores.
+
+use std::{collections::BTreeMap, fmt::Debug, hash::Hash, sync::Arc, time::Duration};
+
+use anyhow::Context as _;
+use futures::StreamExt as _;
+use k8s_openapi::api::{
+    core::v1::{Namespace, ObjectReference, Pod, Service},
+    discovery::v1::EndpointSlice,
+};
+use kube::{
+    Api, Client, Resource, ResourceExt as _,
+    api::{ApiResource, DynamicObject},
+    runtime::{
+        reflector::{self, Store, store::Writer},
+        watcher,
+    },
+};
+use serde::de::DeserializeOwned;
+use tokio::sync::Notify;
+use tracing::{info, warn};
+
+use super::{AgentDiscovery, Settings};
+use crate::{
+    convert,
+    model::{ObjectRef, RouteKind, Snapshot},
+    resources,
+    status::{self, ObjectStatus, StatusDoc},
+    translate::GATEWAY_GROUP as GROUP,
+};
+
+/// The Gateway API kinds, with the versions read, most preferred first.
+const GATEWAY_API: [(&str, &[&str]); 5] = [
+    ("GatewayClass", &["v1"]),
+    ("Gateway", &["v1"]),
+    ("TCPRoute", &["v1", "v1alpha2"]),
+    ("UDPRoute", &["v1", "v1alpha2"]),
+    ("ReferenceGrant", &["v1", "v1beta1"]),
+];
+
+fn api_resource(kind: &str) -> ApiResource {
+    match kind {
+        "GatewayClass" => ApiResource::erase::<resources::GatewayClass>(&()),
+        "Gateway" => ApiResource::erase::<resources::Gateway>(&()),
+        "TCPRoute" => ApiResource::erase::<resources::TCPRoute>(&()),
+        "UDPRoute" => ApiResource::erase::<resources::UDPRoute>(&()),
+        _ => ApiResource::erase::<resources::ReferenceGrant>(&()),
+    }
+}
+
+/// The first of `versions` at which the cluster serves `kind`, if any.
+async fn discover(
+    client: &Client,
+    kind: &str,
+    versions: &[&str],
+) -> anyhow::Result<Option<ApiResource>> {
+    let mut resource = api_resource(kind);
+    for version in versions {
+        let api_version = format!("{GROUP}/{version}");
+        match client.list_api_group_resources(&api_version).await {
+            Ok(list) if list.resources.iter().any(|r| r.name == resource.plural) => {
+                resource.version = (*version).to_owned();
+                resource.api_version = api_version;
+                return Ok(Some(resource));
+            }
+            Ok(_) => {}
+            Err(kube::Error::Api(s)) if s.code == 404 => {}
+            Err(e) => return Err(e).with_context(|| format!("discovering {api_version}")),
+        }
+    }
+    Ok(None)
+}
+
+/// Starts a reflector; every change wakes `changed`.
+fn reflect<K>(
+    api: Api<K>,
+    dyntype: K::DynamicType,
+    config: watcher::Config,
+    changed: Arc<Notify>,
+) -> Store<K>
+where
+    K: Resource + Clone + DeserializeOwned + Debug + Send + Sync + 'static,
+    K::DynamicType: Eq + Hash + Clone + Send + Sync,
+{
+    let writer = Writer::new(dyntype);
+    let store = writer.as_reader();
+    let stream = reflector::reflector(writer, watcher::watcher(api, config));
+    tokio::spawn(async move {
+        let mut stream = std::pin::pin!(stream);
+        while let Some(event) = stream.next().await {
+            match event {
+                // The initial listing wakes the loop once, when it is complete.
+                Ok(watcher::Event::Init | watcher::Event::InitApply(_)) => {}
+                Ok(_) => changed.notify_one(),
+                Err(e) => {
+                    warn!("watch: {e}");
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                }
+            }
+        }
+    });
+    store
+}
+
+/// The reflected Gateway API kinds: their served resource and store (absent when not served).
+pub(super) struct GatewayApi {
+    pub(super) served: BTreeMap<&'static str, (ApiResource, Store<DynamicObject>)>,
+}
+
+impl GatewayApi {
+    /// Starts reflectors for the kinds the cluster now serves and were not watched yet
+    /// (Gateway API CRDs are often installed next to, or after, the controller). Returns
+    /// whether any started.
+    pub(super) async fn discover_missing(
+        &mut self,
+        client: &Client,
+        changed: &Arc<Notify>,
+    ) -> anyhow::Result<bool> {
+        // Discover everything first: an error then leaves no reflector half started.
+        let mut found = Vec::new();
+        for (kind, versions) in GATEWAY_API {
+            if !self.served.contains_key(kind)
+                && let Some(resource) = discover(client, kind, versions).await?
+            {
+                found.push((kind, resource));
+            }
+        }
+        let started = !found.is_empty();
+        for (kind, resource) in found {
+            info!(kind, api_version = %resource.api_version, "watching");
+            let api = Api::<DynamicObject>::all_with(client.clone(), &resource);
+            let store = reflect(
+                api,
+                resource.clone(),
+                watcher::Config::default(),
+                changed.clone(),
+            );
+            self.served.insert(kind, (resource, store));
+        }
+        Ok(started)
+    }
+
+    pub(super) fn complete(&self) -> bool {
+        self.served.len() == GATEWAY_API.len()
+    }
+
+    pub(super) fn objects(&self, kind: &str) -> Vec<Arc<DynamicObject>> {
+        self.served
+            .get(kind)
+            .map(|(_, store)| store.state())
+            .unwrap_or_default()
+    }
+}
+
+pub(super) struct Stores {
+    pub(super) gateway_api: GatewayApi,
+    services: Store<Service>,
+    slices: Store<EndpointSlice>,
+    namespaces: Store<Namespace>,
+    pods: Store<Pod>,
+}
+
+fn spec<T: DeserializeOwned>(object: &DynamicObject) -> Result<T, String> {
+    let spec = object.data.get("spec").cloned().unwrap_or_default();
+    serde_json::from_value(spec).map_err(|e| format!("spec: {e}"))
+}
+
+/// An object's status as this controller writes it; anything unreadable counts as empty.
+pub(super) fn observed_status(object: &DynamicObject) -> StatusDoc {
+    object
+        .data
+        .get("status")
+        .and_then(|s| serde_json::from_value(s.clone()).ok())
+        .unwrap_or_default()
+}
+
+/// A problem with one object, reported as an Event on it.
+pub(super) struct Invalid {
+    pub(super) object: ObjectReference,
+    pub(super) message: String,
+}
+
+pub(super) fn reference(object: &DynamicObject, resource: &ApiResource) -> ObjectReference {
+    let mut reference = object.object_ref(resource);
+    reference.field_path = None;
+    reference
+}
+
+impl Stores {
+    pub(super) async fn start(
+        client: &Client,
+        settings: &Settings,
+        changed: &Arc<Notify>,
+    ) -> anyhow::Result<Self> {
+        let mut gateway_api = GatewayApi {
+            served: BTreeMap::new(),
+        };
+        gateway_api.discover_missing(client, changed).await?;
+        for (kind, _) in GATEWAY_API {
+            if !gateway_api.served.contains_key(kind) {
+                warn!(
+                    kind,
+                    every = ?settings.rediscover_every,
+                    "not served by this cluster (yet?): read as empty, discovery repeated"
+                );
+            }
+        }
+        let stores = Stores {
+            gateway_api,
+            services: reflect(
+                Api::all(client.clone()),
+                (),
+                watcher::Config::default(),
+                changed.clone(),
+            ),
+            slices: reflect(
+                Api::all(client.clone()),
+                (),
+                watcher::Config::default(),
+                changed.clone(),
+            ),
+            namespaces: reflect(
+                Api::all(client.clone()),
+                (),
+                watcher::Config::default(),
+                changed.clone(),
+            ),
+            pods: reflect(
+                Api::namespaced(client.clone(), &settings.agents.namespace),
+                (),
+                watcher::Config::default().labels(&settings.agents.selector),
+                changed.clone(),
+            ),
+        };
+        Ok(stores)
+    }
+
+    pub(super) async fn ready(&self) -> anyhow::Result<()> {
+        for (_, store) in self.gateway_api.served.values() {
+            store.wait_until_ready().await?;
+        }
+        self.services.wait_until_ready().await?;
+        self.slices.wait_until_ready().await?;
+        self.namespaces.wait_until_ready().await?;
+        self.pods.wait_until_ready().await?;
+        Ok(())
+    }
+
+    /// The Snapshot, with previous conditions and addresses read from the objects' statuses
+    /// (or from the patch just sent, while the watch has not shown it yet).
+    pub(super) fn snapshot(&self, patched: &Patched) -> (Snapshot, Vec<Invalid>) {
+        let mut snapshot = Snapshot::default();
+        let mut invalid = Vec::new();
+        let mut previous_docs = Vec::new();
+        for (kind, (resource, store)) in &self.gateway_api.served {
+            for object in store.state() {
+                let id = convert::object_ref(&object.metadata);
+                let meta = convert::meta(&object.metadata);
+                let result = match *kind {
+                    "GatewayClass" => spec(&object).map(|s| {
+                        snapshot
+                            .classes
+                            .push(convert::gateway_class(&id.name, meta, &s))
+                    }),
+                    "Gateway" => spec(&object)
+                        .and_then(|s| convert::gateway(id.clone(), meta, &s))
+                        .map(|g| snapshot.gateways.push(g)),
+                    "TCPRoute" | "UDPRoute" => {
+                        let route_kind = if *kind == "TCPRoute" {
+                            RouteKind::Tcp
+                        } else {
+                            RouteKind::Udp
+                        };
+                        spec::<resources::TCPRouteSpec>(&object)
+                            .and_then(|s| {
+                                convert::route(
+                                    route_kind,
+                                    id.clone(),
+                                    meta,
+                                    &s.parent_refs,
+                                    &s.rules,
+                                    resource.version == "v1",
+                                )
+                            })
+                            .map(|r| snapshot.routes.push(r))
+                    }
+                    _ => spec(&object).map(|s| {
+                        snapshot
+                            .grants
+                            .push(convert::reference_grant(&id.namespace, &s))
+                    }),
+                };
+                if let Err(message) = result {
+                    invalid.push(Invalid {
+                        object: reference(&object, resource),
+                        message,
+                    });
+                }
+                if *kind != "ReferenceGrant" {
+                    let key = (kind.to_string(), status_id(kind, &object));
+                    let status = match patched.get(&key) {
+                        Some((body, version)) if *version == object.metadata.resource_version => {
+                            serde_json::from_value(body["status"].clone()).unwrap_or_default()
+                        }
+                        _ => observed_status(&object),
+                    };
+                    previous_docs.push(status_doc(kind, &id, status));
+                }
+            }
+        }
+        snapshot.services = self
+            .services
+            .state()
+            .iter()
+            .map(|s| convert::service(s))
+            .collect();
+        for slice in self.slices.state() {
+            match convert::endpoint_slice(&slice) {
+                Ok(Some(slice)) => snapshot.endpoint_slices.push(slice),
+                Ok(None) => {}
+                Err(message) => invalid.push(Invalid {
+                    object: slice.object_ref(&()),
+                    message,
+                }),
+            }
+        }
+        for namespace in self.namespaces.state() {
+            snapshot
+                .namespaces
+                .insert(namespace.name_any(), namespace.labels().clone());
+        }
+        // The store's order is a hash map's: make translate's input deterministic.
+        snapshot.classes.sort_by(|a, b| a.name.cmp(&b.name));
+        snapshot.gateways.sort_by(|a, b| a.id.cmp(&b.id));
+        snapshot
+            .routes
+            .sort_by(|a, b| (a.kind, &a.id).cmp(&(b.kind, &b.id)));
+        snapshot.services.sort_by(|a, b| a.id.cmp(&b.id));
+        let previous = status::Previous::from_documents(&previous_docs);
+        snapshot.previous_conditions = previous.conditions;
+        snapshot.previous_addresses = previous.addresses;
+        (snapshot, invalid)
+    }
+
+    /// Agents' gRPC URLs by pod: pods with an IP that are not being deleted.
+    pub(super) fn agents(&self, discovery: &AgentDiscovery) -> BTreeMap<String, ObjectReference> {
+        let scheme = if discovery.tls.is_some() {
+            "https"
+        } else {
+            "http"
+        };
+        self.pods
+            .state()
+            .iter()
+            .filter(|pod| pod.metadata.deletion_timestamp.is_none())
+            .filter_map(|pod| {
+                let ip: std::net::IpAddr = pod.status.as_ref()?.pod_ip.as_ref()?.parse().ok()?;
+                let port = pod
+                    .spec
+                    .iter()
+                    .flat_map(|s| &s.containers)
+                    .flat_map(|c| c.ports.iter().flatten())
+                    .find(|p| p.name.as_deref() == Some("grpc"))
+                    .and_then(|p| u16::try_from(p.container_port).ok())
+                    .unwrap_or(discovery.port);
+                let url = format!("{scheme}://{}", std::net::SocketAddr::new(ip, port));
+                Some((url, pod.object_ref(&())))
+            })
+            .collect()
+    }
+}
+
+/// Per object: the status patch last sent and the resourceVersion it was sent against.
+pub(super) type Patched = BTreeMap<(String, ObjectRef), (serde_json::Value, Option<String>)>;
+
+/// How statuses name an object: GatewayClasses have no namespace.
+pub(super) fn status_id(kind: &str, object: &DynamicObject) -> ObjectRef {
+    let mut id = convert::object_ref(&object.metadata);
+    if kind == "GatewayClass" {
+        id.namespace = String::new();
+    }
+    id
+}
+
+fn status_doc(kind: &str, id: &ObjectRef, status: StatusDoc) -> ObjectStatus {
+    ObjectStatus {
+        api_version: format!("{GROUP}/v1"),
+        kind: kind.to_owned(),
+        metadata: status::MetadataDoc {
+            name: id.name.clone(),
+            namespace: if kind == "GatewayClass" {
+                String::new()
+            } else {
+                id.namespace.clone()
+            },
+        },
+        status,
+    }
+}
