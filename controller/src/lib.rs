@@ -8,6 +8,7 @@ pub mod convert;
 pub mod file;
 pub mod kubernetes;
 pub mod lease;
+pub mod metrics;
 pub mod model;
 pub mod resources;
 pub mod shutdown;

@@ -5,6 +5,7 @@
 
 use std::{
     path::{Path, PathBuf},
+    sync::Arc,
     time::{Duration, SystemTime},
 };
 
@@ -14,6 +15,7 @@ use fulgur_controller::{
     agents::Agents,
     file, kubernetes,
     lease::LeaseSettings,
+    metrics::{self, Metrics},
     model::Dataplane,
     shutdown, status,
     translate::{self, Config},
@@ -58,6 +60,9 @@ struct Cli {
     /// Addresses for Gateways without spec.addresses. Repeat.
     #[arg(long = "address-pool")]
     address_pools: Vec<ipnet::IpNet>,
+    /// Serve Prometheus metrics on /metrics, and /healthz and /readyz (both providers).
+    #[arg(long)]
+    metrics_listen: Option<std::net::SocketAddr>,
     /// GatewayClasses with this spec.controllerName are handled.
     #[arg(long, default_value = "fulgur.dev/gateway-controller")]
     controller_name: String,
@@ -109,7 +114,11 @@ fn main() -> anyhow::Result<()> {
             if cli.agents.is_empty() {
                 warn!("no --agent: statuses are written, no dataplane is programmed");
             }
-            runtime.block_on(standalone(cli, manifests, status_file, tls))
+            runtime.block_on(async {
+                let metrics = serve_metrics(&cli).await?;
+                metrics.leader.set(1); // No election standalone.
+                standalone(cli, manifests, status_file, tls, metrics).await
+            })
         }
         "kubernetes" => {
             if cli.manifests.is_some() || cli.status_file.is_some() || !cli.agents.is_empty() {
@@ -123,11 +132,23 @@ fn main() -> anyhow::Result<()> {
                 let client = kube::Client::try_default()
                     .await
                     .context("no Kubernetes API (kubeconfig or in-cluster service account)")?;
-                kubernetes::run(client, settings).await
+                let metrics = serve_metrics(&cli).await?;
+                kubernetes::run(client, settings, metrics).await
             })
         }
         other => bail!("unknown provider {other:?} (file or kubernetes)"),
     }
+}
+
+/// The controller's metrics, served on `--metrics-listen` when given.
+async fn serve_metrics(cli: &Cli) -> anyhow::Result<Arc<Metrics>> {
+    let metrics = Metrics::new();
+    if let Some(listen) = cli.metrics_listen {
+        metrics::serve(listen, metrics.clone())
+            .await
+            .with_context(|| format!("--metrics-listen {listen}"))?;
+    }
+    Ok(metrics)
 }
 
 fn kubernetes_settings(
@@ -195,6 +216,7 @@ async fn standalone(
     manifests: PathBuf,
     status_file: PathBuf,
     tls: Option<ClientTlsConfig>,
+    metrics: Arc<Metrics>,
 ) -> anyhow::Result<()> {
     let agents = Agents::spawn(&cli.agents, tls)?;
     let previous = status::read_previous(&status_file);
@@ -244,6 +266,7 @@ async fn standalone(
         }
         let print = fingerprint(&manifests);
         let reload = notified || (polled && last_fingerprint.as_ref() != Some(&print));
+        metrics.set_agents(agents.states().values());
         let dataplane_now = dataplane();
         if !reload && !write_failed && last_dataplane.as_ref() == Some(&dataplane_now) {
             continue;
@@ -256,6 +279,7 @@ async fn standalone(
                 Ok(loaded) => {
                     info!(objects = loaded.keys.len(), "manifests read");
                     good = Some(loaded);
+                    metrics.set_ready();
                 }
                 Err(errors) => {
                     for e in &errors {
@@ -282,6 +306,8 @@ async fn standalone(
             now: &time,
         };
         let out = translate::translate(&config, snapshot);
+        metrics.reconciles.inc();
+        metrics.desired_services.set(out.services.len() as i64);
         if last_services.as_ref() != Some(&out.services) {
             let generation = agents.set_desired(out.services.clone());
             info!(
@@ -293,7 +319,9 @@ async fn standalone(
         let docs = status::documents(&out);
         let text = status::render(&docs);
         if last_status.as_ref() != Some(&text) {
-            write_failed = match status::write_atomically(&status_file, &text) {
+            let written = status::write_atomically(&status_file, &text);
+            metrics.status_write(written.is_ok());
+            write_failed = match written {
                 Err(e) => {
                     error!("writing {}: {e}", status_file.display());
                     true // Tried again on the next tick.

@@ -8,6 +8,7 @@ use std::{future::Future, net::SocketAddr, time::Duration};
 use fulgur_controller::{
     kubernetes::{self, AgentDiscovery, FIELD_MANAGER, Settings},
     lease::LeaseSettings,
+    metrics::Metrics,
 };
 use fulgur_proto::v1::{self, GetRequest, dataplane_client::DataplaneClient};
 use fulgur_tests::{
@@ -129,7 +130,7 @@ fn controller(fake: &FakeKube, identity: &str, pool: &str) -> tokio::task::JoinH
     let client = fake.client();
     let settings = settings(identity, pool);
     tokio::spawn(async move {
-        if let Err(e) = kubernetes::run(client, settings).await {
+        if let Err(e) = kubernetes::run(client, settings, Metrics::new()).await {
             panic!("controller stopped: {e:#}");
         }
     })
@@ -595,6 +596,10 @@ async fn the_binary_uses_the_kubeconfig_and_releases_the_lease_on_sigterm() {
         ),
     )
     .unwrap();
+    let metrics = {
+        let free = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        free.local_addr().unwrap()
+    };
     // The API's first answer is an error: the controller tries again rather than exiting.
     fake.fail_next("GET", "/apis/gateway.networking.k8s.io/v1", 1);
     let mut child = tokio::process::Command::new(fulgur_tests::controller_binary())
@@ -606,6 +611,7 @@ async fn the_binary_uses_the_kubeconfig_and_releases_the_lease_on_sigterm() {
             "--agent-namespace=fulgur-system",
             "--lease-duration=5s",
             "--lease-renew=500ms",
+            &format!("--metrics-listen={metrics}"),
         ])
         .env("KUBECONFIG", &kubeconfig)
         .env_remove("POD_NAMESPACE")
@@ -620,6 +626,27 @@ async fn the_binary_uses_the_kubeconfig_and_releases_the_lease_on_sigterm() {
     .await;
     let held = lease(&fake).unwrap();
     assert_eq!(held["spec"]["holderIdentity"], "from-binary");
+    let scrape = |path: &'static str| async move {
+        let mut stream = tokio::net::TcpStream::connect(metrics).await.unwrap();
+        let request = format!("GET {path} HTTP/1.0\r\nHost: x\r\n\r\n");
+        tokio::io::AsyncWriteExt::write_all(&mut stream, request.as_bytes())
+            .await
+            .unwrap();
+        let mut response = String::new();
+        tokio::io::AsyncReadExt::read_to_string(&mut stream, &mut response)
+            .await
+            .unwrap();
+        response
+    };
+    assert!(scrape("/readyz").await.starts_with("HTTP/1.0 200"));
+    let text = scrape("/metrics").await;
+    for line in [
+        "fulgur_controller_leader 1",
+        "fulgur_controller_status_writes_total{result=\"ok\"}",
+        "fulgur_controller_agents{state=\"synced\"} 0",
+    ] {
+        assert!(text.contains(line), "{line} in\n{text}");
+    }
     // SAFETY: signalling our own child process.
     unsafe { libc::kill(child.id().unwrap() as i32, libc::SIGTERM) };
     let status = tokio::time::timeout(WAIT, child.wait())

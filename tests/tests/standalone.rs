@@ -19,6 +19,7 @@ use fulgur_tests::{
 };
 
 const GRPC: &str = "127.0.0.1:50061";
+const CONTROLLER_METRICS: &str = "127.0.0.1:9191";
 
 /// The demo namespace's objects; echo-a's EndpointSlice holds `slice_a`, echo-b's `backend_1`.
 fn manifests(backend_1: &str, weights: (u32, u32), slice_a: &[&str]) -> String {
@@ -182,6 +183,7 @@ fn standalone_controller_and_agent_follow_the_manifests() {
             .arg(&files.client_key)
             .arg("--ca")
             .arg(&files.ca)
+            .args(["--metrics-listen", CONTROLLER_METRICS])
             .env("NO_COLOR", "1")
             .stderr(std::fs::File::create(&log).unwrap())
             .stdout(Stdio::null())
@@ -224,6 +226,23 @@ fn standalone_controller_and_agent_follow_the_manifests() {
         conditions(&status_file, "Gateway", "gw")
             .contains(&"Programmed=True/Programmed".to_owned())
     );
+    // The controller's metrics agree: one agent in sync, two services desired.
+    let metrics = in_netns(&topology.lb, || {
+        use std::io::{Read as _, Write as _};
+        let mut stream = std::net::TcpStream::connect(CONTROLLER_METRICS)?;
+        stream.write_all(b"GET /metrics HTTP/1.0\r\n\r\n")?;
+        let mut text = String::new();
+        stream.read_to_string(&mut text)?;
+        Ok(text)
+    })
+    .unwrap();
+    for line in [
+        "fulgur_controller_agents{state=\"synced\"} 1",
+        "fulgur_controller_desired_services 2",
+        "fulgur_controller_leader 1",
+    ] {
+        assert!(metrics.contains(line), "{line} in\n{metrics}");
+    }
 
     // A long-lived session to backend-1, which must survive the next steps.
     let mut session = in_netns(&topology.client, move || {

@@ -1,7 +1,10 @@
 //! What the Lease holder does: program the agents, patch statuses that changed, record
 //! Events.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    sync::Arc,
+};
 
 use k8s_openapi::api::core::v1::ObjectReference;
 use kube::{
@@ -17,6 +20,7 @@ use super::{
 };
 use crate::{
     agents::{Agents, AgentsError, SyncState},
+    metrics::Metrics,
     model::{Dataplane, ObjectRef},
     status::{self, ObjectStatus, StatusDoc},
     translate::{self, Config},
@@ -48,6 +52,7 @@ pub(super) struct Leader {
     agent_states: BTreeMap<String, SyncState>,
     /// What the last reconcile was told about the dataplane.
     dataplane: Option<Dataplane>,
+    metrics: Arc<Metrics>,
 }
 
 fn false_conditions(doc: &StatusDoc) -> BTreeSet<(String, String, String)> {
@@ -62,7 +67,11 @@ fn false_conditions(doc: &StatusDoc) -> BTreeSet<(String, String, String)> {
 }
 
 impl Leader {
-    pub(super) fn new(client: Client, settings: Settings) -> Result<Self, AgentsError> {
+    pub(super) fn new(
+        client: Client,
+        settings: Settings,
+        metrics: Arc<Metrics>,
+    ) -> Result<Self, AgentsError> {
         let reporter = Reporter {
             controller: FIELD_MANAGER.into(),
             instance: Some(settings.lease.identity.clone()),
@@ -78,6 +87,7 @@ impl Leader {
             agent_pods: BTreeMap::new(),
             agent_states: BTreeMap::new(),
             dataplane: None,
+            metrics,
         })
     }
 
@@ -89,8 +99,11 @@ impl Leader {
             action: "Reconcile".into(),
             secondary: None,
         };
-        if let Err(e) = self.recorder.publish(&event, object).await {
-            warn!("recording an event: {e}");
+        match self.recorder.publish(&event, object).await {
+            Ok(()) => {
+                self.metrics.events.inc();
+            }
+            Err(e) => warn!("recording an event: {e}"),
         }
     }
 
@@ -123,6 +136,8 @@ impl Leader {
             now: &now,
         };
         let out = translate::translate(&config, &snapshot);
+        self.metrics.reconciles.inc();
+        self.metrics.desired_services.set(out.services.len() as i64);
         if self.last_services.as_ref() != Some(&out.services) {
             let generation = self.agents.set_desired(out.services.clone());
             info!(
@@ -230,6 +245,7 @@ impl Leader {
             .await
         {
             Ok(_) => {
+                self.metrics.status_write(true);
                 info!(kind = patch.kind, id = %patch.id, "status patched");
                 self.patched.insert(
                     (patch.kind.to_owned(), patch.id.clone()),
@@ -243,6 +259,7 @@ impl Leader {
             // Gone meanwhile: its deletion comes through the watch.
             Err(kube::Error::Api(s)) if s.code == 404 => true,
             Err(e) => {
+                self.metrics.status_write(false);
                 warn!(kind = patch.kind, id = %patch.id, "patching status: {e}");
                 false
             }
@@ -266,6 +283,7 @@ impl Leader {
                 self.event(pod, reason, format!("{url}: {error}")).await;
             }
         }
+        self.metrics.set_agents(states.values());
         self.agent_states = states;
         self.dataplane.as_ref() != Some(&self.agents.dataplane())
     }

@@ -24,6 +24,7 @@ use tracing::{info, warn};
 use self::{leader::Leader, stores::Stores};
 use crate::{
     lease::{self, LeaseSettings},
+    metrics::Metrics,
     shutdown::shutdown_signal,
 };
 
@@ -54,7 +55,7 @@ pub struct Settings {
 
 /// Runs the provider until SIGINT/SIGTERM, or until leadership is lost (an error: the process should
 /// restart, as a fresh follower, so no two replicas ever act at once).
-pub async fn run(client: Client, settings: Settings) -> anyhow::Result<()> {
+pub async fn run(client: Client, settings: Settings, metrics: Arc<Metrics>) -> anyhow::Result<()> {
     let mut shutdown = std::pin::pin!(shutdown_signal());
     let changed = Arc::new(Notify::new());
     // The API may not answer yet (a control plane starting with the cluster): keep trying.
@@ -75,7 +76,8 @@ pub async fn run(client: Client, settings: Settings) -> anyhow::Result<()> {
         _ = &mut shutdown => return Ok(()),
     }
     info!("caches synced");
-    let mut state = Leader::new(client.clone(), settings.clone())?;
+    metrics.set_ready();
+    let mut state = Leader::new(client.clone(), settings.clone(), metrics.clone())?;
     let mut leading = false;
     // Set by watch events and by work that must be retried (a failed status patch).
     let mut dirty = true;
@@ -110,6 +112,7 @@ pub async fn run(client: Client, settings: Settings) -> anyhow::Result<()> {
         }
         if !leading {
             info!(identity = %settings.lease.identity, "leading");
+            metrics.leader.set(1);
             leading = true;
             dirty = true;
         }
