@@ -63,6 +63,10 @@ pub enum AgentsError {
         url: String,
         source: tonic::transport::Error,
     },
+    #[error(
+        "agent address {url:?}: {expected} (mutual TLS: https://HOST:PORT; --insecure: http://HOST:PORT)"
+    )]
+    Scheme { url: String, expected: &'static str },
 }
 
 fn now_nanos() -> u64 {
@@ -117,6 +121,19 @@ impl Agents {
     }
 
     fn endpoint(&self, url: &str) -> Result<Endpoint, AgentsError> {
+        // A TLS setting that does not match the scheme would fail at every connect, or worse,
+        // send plaintext to an agent that expects TLS: refuse it up front.
+        let (prefix, expected) = if self.tls.is_some() {
+            ("https://", "mutual TLS needs an https:// address")
+        } else {
+            ("http://", "plaintext needs an http:// address")
+        };
+        if !url.starts_with(prefix) {
+            return Err(AgentsError::Scheme {
+                url: url.to_owned(),
+                expected,
+            });
+        }
         let error = |source| AgentsError::Url {
             url: url.to_owned(),
             source,

@@ -226,3 +226,16 @@ async fn a_state_beyond_the_agents_maps_is_reported_as_no_resources() {
     );
     assert_eq!(agents.dataplane(), Dataplane::Programmed);
 }
+
+#[tokio::test]
+async fn an_address_that_does_not_match_the_tls_setting_is_refused() {
+    for url in ["https://127.0.0.1:50051", "127.0.0.1:50051"] {
+        let error = Agents::spawn(&[url.to_owned()], None).err().expect(url);
+        assert!(error.to_string().contains("http://"), "{error}");
+    }
+    let tls = tonic::transport::ClientTlsConfig::new();
+    let error = Agents::spawn(&["http://127.0.0.1:50051".to_owned()], Some(tls))
+        .err()
+        .expect("plaintext address with TLS");
+    assert!(error.to_string().contains("https://"), "{error}");
+}
