@@ -34,8 +34,8 @@ enum Task {
     Demo,
     /// `cargo fmt --check` and `cargo clippy -D warnings`.
     Lint,
-    /// Benchmarks: `dataplane` (ns per packet) or `apply` (10k services over gRPC), both as
-    /// root, or `translate` (the controller at 1k and 10k routes).
+    /// Benchmarks (needs root, as setup does): `dataplane` (ns per packet), `apply` (10k services
+    /// over gRPC) or `translate` (the controller at 1k and 10k routes).
     Bench {
         #[arg(value_enum, default_value = "dataplane")]
         target: BenchTarget,
@@ -88,9 +88,7 @@ fn main() -> anyhow::Result<()> {
                 BenchTarget::Apply => "apply",
                 BenchTarget::Translate => "translate",
             };
-            if !matches!(target, BenchTarget::Translate) {
-                require_root("bench")?;
-            }
+            require_root("bench")?;
             run(cargo().args(["build", "--release", "--bins"]))?;
             let root = workspace_root();
             run(Command::new(root.join("target/release/fulgur-bench"))
