@@ -110,16 +110,20 @@ impl Leader {
     /// Returns whether everything was done (else the caller retries on its next tick).
     pub(super) async fn reconcile(&mut self, stores: &Stores) -> bool {
         let (mut snapshot, invalid) = stores.snapshot(&self.patched);
+        let mut still_invalid = BTreeSet::new();
         for Invalid { object, message } in invalid {
             let key = (
                 object.uid.clone().unwrap_or_default(),
                 object.resource_version.clone().unwrap_or_default(),
             );
+            still_invalid.insert(key.clone());
             if self.reported.insert(key) {
                 warn!(kind = ?object.kind, name = ?object.name, "ignored: {message}");
                 self.event(&object, "InvalidObject", message).await;
             }
         }
+        // Fixed or deleted objects are forgotten, so the set does not grow with churn.
+        self.reported.retain(|key| still_invalid.contains(key));
         self.agent_pods = stores.agents(&self.settings.agents);
         let urls: Vec<String> = self.agent_pods.keys().cloned().collect();
         let mut done = true;
@@ -146,27 +150,38 @@ impl Leader {
             );
             self.last_services = Some(out.services.clone());
         }
-        for patch in self.status_patches(stores, &status::documents(&out)) {
+        let (patches, present) = self.status_patches(stores, &status::documents(&out));
+        // Patches of deleted objects are forgotten, so the map does not grow with churn.
+        self.patched.retain(|key, _| present.contains(key));
+        for patch in patches {
             done &= self.patch(stores, patch).await;
         }
         done
     }
 
-    /// Statuses that differ from what the objects show. Route statuses keep the entries of
-    /// other controllers; entries of ours for parents no longer referenced are removed.
-    fn status_patches(&self, stores: &Stores, docs: &[ObjectStatus]) -> Vec<StatusPatch> {
+    /// Statuses that differ from what the objects show, and the keys of every object with a
+    /// status. Route statuses keep the entries of other controllers; entries of ours for
+    /// parents no longer referenced are removed.
+    fn status_patches(
+        &self,
+        stores: &Stores,
+        docs: &[ObjectStatus],
+    ) -> (Vec<StatusPatch>, BTreeSet<(String, ObjectRef)>) {
         let mut wanted: BTreeMap<(&str, ObjectRef), &StatusDoc> = BTreeMap::new();
         for doc in docs {
             let id = ObjectRef::new(&doc.metadata.namespace, &doc.metadata.name);
             wanted.insert((doc.kind.as_str(), id), &doc.status);
         }
         let mut patches = Vec::new();
+        let mut present = BTreeSet::new();
         for (kind, (resource, _)) in &stores.gateway_api.served {
             if *kind == "ReferenceGrant" {
                 continue;
             }
             for object in stores.gateway_api.objects(kind) {
                 let id = status_id(kind, &object);
+                let key = (kind.to_string(), id.clone());
+                present.insert(key.clone());
                 let observed = observed_status(&object);
                 let route = kind.ends_with("Route");
                 let mut desired = match wanted.get(&(*kind, id.clone())) {
@@ -175,23 +190,26 @@ impl Leader {
                     None if route => StatusDoc::default(),
                     None => continue,
                 };
-                let mut compared = observed.clone();
                 if route {
-                    let ours = |p: &status::RouteParentDoc| {
+                    let ours = |p: &&status::RouteParentDoc| {
                         p.controller_name == self.settings.controller_name
                     };
-                    compared.parents.retain(ours);
-                    if compared.parents == desired.parents {
+                    if observed
+                        .parents
+                        .iter()
+                        .filter(ours)
+                        .eq(desired.parents.iter())
+                    {
                         continue;
                     }
                     let others = observed.parents.iter().filter(|p| !ours(p)).cloned();
                     desired.parents = others.chain(desired.parents).collect();
-                } else if compared == desired {
+                } else if observed == desired {
                     continue;
                 }
-                let raw_status = object.data.get("status").cloned().unwrap_or_default();
                 let mut patch_status = serde_json::to_value(&desired).unwrap_or_default();
                 if route && desired.parents.is_empty() {
+                    // Empty lists are left out when serialized; this one must clear the field.
                     patch_status = serde_json::json!({ "parents": [] });
                 }
                 let mut metadata = serde_json::json!({ "name": id.name });
@@ -204,12 +222,11 @@ impl Leader {
                     "metadata": metadata,
                     "status": patch_status,
                 });
-                let key = (kind.to_string(), id.clone());
                 let version = object.metadata.resource_version.clone();
                 if self.patched.get(&key) == Some(&(body.clone(), version.clone())) {
                     continue; // Already sent against this version: the watch has not caught up.
                 }
-                debug!(%kind, %id, before = %raw_status, "status changed");
+                debug!(%kind, %id, "status changed");
                 let before = false_conditions(&observed);
                 let failures = false_conditions(&desired)
                     .into_iter()
@@ -226,7 +243,7 @@ impl Leader {
                 });
             }
         }
-        patches
+        (patches, present)
     }
 
     /// Returns whether the patch went through.
