@@ -134,7 +134,7 @@ pub fn gateway(
             .iter()
             .map(|a| GatewayAddress {
                 kind: a.type_.clone().unwrap_or_else(|| "IPAddress".into()),
-                value: a.value.clone(),
+                value: a.value.clone().filter(|v| !v.is_empty()),
             })
             .collect(),
     })
@@ -205,6 +205,12 @@ pub fn reference_grant(
     }
 }
 
+/// A port's name, with absent and empty the same: the EndpointSlice controller writes
+/// `name: ""` for an unnamed Service port, which leaves the field out.
+fn port_name(name: Option<&str>) -> Option<String> {
+    name.filter(|n| !n.is_empty()).map(str::to_owned)
+}
+
 pub fn service(service: &core::Service) -> model::Service {
     let ports = service
         .spec
@@ -212,7 +218,7 @@ pub fn service(service: &core::Service) -> model::Service {
         .flat_map(|s| s.ports.iter().flatten())
         .filter_map(|p| {
             Some(ServicePort {
-                name: p.name.clone(),
+                name: port_name(p.name.as_deref()),
                 port: u16::try_from(p.port).ok()?,
                 protocol: p.protocol.clone().unwrap_or_else(|| "TCP".into()),
             })
@@ -257,7 +263,7 @@ pub fn endpoint_slice(
             .ports
             .iter()
             .flatten()
-            .filter_map(|p| Some((p.name.clone(), u16::try_from(p.port?).ok()?)))
+            .filter_map(|p| Some((port_name(p.name.as_deref()), u16::try_from(p.port?).ok()?)))
             .collect(),
         ready_addresses,
     }))

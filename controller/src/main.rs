@@ -13,6 +13,7 @@ use anyhow::{Context as _, bail};
 use clap::Parser;
 use fulgur_controller::{
     agents::Agents,
+    backends::EmptyBackends,
     file, kubernetes,
     lease::LeaseSettings,
     metrics::{self, Metrics},
@@ -195,6 +196,19 @@ fn tls(cli: &Cli) -> anyhow::Result<ClientTlsConfig> {
         .domain_name(cli.agent_tls_name.clone()))
 }
 
+/// Whether a file event can change what the folder holds: a create, a write, a rename or a
+/// delete; not an open, a read or an attribute change.
+fn changes_content(kind: &notify::EventKind) -> bool {
+    use notify::event::{AccessKind, AccessMode, EventKind, ModifyKind};
+    match kind {
+        EventKind::Create(_) | EventKind::Remove(_) => true,
+        EventKind::Modify(modify) => !matches!(modify, ModifyKind::Metadata(_)),
+        EventKind::Access(AccessKind::Close(AccessMode::Write)) => true,
+        EventKind::Access(_) => false,
+        EventKind::Any | EventKind::Other => true,
+    }
+}
+
 /// What changes when the folder changes: names, sizes and modification times.
 fn fingerprint(dir: &Path) -> Vec<(PathBuf, u64, Option<SystemTime>)> {
     let mut entries: Vec<_> = std::fs::read_dir(dir)
@@ -229,8 +243,16 @@ async fn standalone(
     // inotify tells about changes at once; the slow poll catches what it cannot see (some
     // network file systems).
     let (changed, mut changes) = tokio::sync::mpsc::unbounded_channel();
-    let mut watcher = notify::recommended_watcher(move |_: notify::Result<notify::Event>| {
-        let _ = changed.send(());
+    let mut watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
+        // Reading the folder makes open and access events: reacting to them would reload for
+        // ever. Errors are passed on, so a lost watch is answered with a read.
+        let relevant = match &event {
+            Ok(event) => changes_content(&event.kind),
+            Err(_) => true,
+        };
+        if relevant {
+            let _ = changed.send(());
+        }
     })
     .context("watching the manifests folder")?;
     watcher
@@ -249,6 +271,7 @@ async fn standalone(
     let mut last_dataplane = None;
     let mut write_failed = false;
     let mut good: Option<file::Loaded> = None;
+    let mut empty_backends = EmptyBackends::default();
     info!(manifests = %manifests.display(), status_file = %status_file.display(), "watching");
     // One listener for the whole run: a signal while reading the folder is not lost.
     let mut shutdown = std::pin::pin!(shutdown::shutdown_signal());
@@ -275,6 +298,7 @@ async fn standalone(
         if reload || good.is_none() {
             last_fingerprint = Some(print);
             // On any error the last good state stays: agents and statuses are left as they are.
+            metrics.manifest_reads.inc();
             match file::load(&manifests, &mut history, &status::now()) {
                 Ok(loaded) => {
                     info!(objects = loaded.keys.len(), "manifests read");
@@ -308,6 +332,7 @@ async fn standalone(
         let out = translate::translate(&config, snapshot);
         metrics.reconciles.inc();
         metrics.desired_services.set(out.services.len() as i64);
+        empty_backends.update(&out, &metrics);
         if last_services.as_ref() != Some(&out.services) {
             let generation = agents.set_desired(out.services.clone());
             info!(

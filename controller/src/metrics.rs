@@ -17,7 +17,7 @@ use prometheus_client::{
 };
 use tracing::{error, info};
 
-use crate::agents::SyncState;
+use crate::{agents::SyncState, translate::BackendRefState};
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ResultLabel {
@@ -37,7 +37,10 @@ pub struct Metrics {
     pub status_writes: Family<ResultLabel, Counter>,
     pub desired_services: Gauge,
     pub events: Counter,
+    /// Times the standalone provider read its manifest folder.
+    pub manifest_reads: Counter,
     agents: Family<StateLabel, Gauge>,
+    backend_refs: Family<StateLabel, Gauge>,
     ready: AtomicBool,
 }
 
@@ -50,6 +53,8 @@ impl Metrics {
         let desired_services = Gauge::default();
         let events = Counter::default();
         let agents = Family::<StateLabel, Gauge>::default();
+        let backend_refs = Family::<StateLabel, Gauge>::default();
+        let manifest_reads = Counter::default();
         registry.register(
             "leader",
             "1 while this replica holds the Lease",
@@ -72,6 +77,17 @@ impl Metrics {
         );
         registry.register("events", "Events recorded", events.clone());
         registry.register("agents", "Agents by sync state", agents.clone());
+        registry.register(
+            "backend_refs",
+            "BackendRefs of the routes that receive traffic, by what they resolve to \
+             (ready, no_endpoints, invalid)",
+            backend_refs.clone(),
+        );
+        registry.register(
+            "manifest_reads",
+            "Reads of the manifest folder (standalone)",
+            manifest_reads.clone(),
+        );
         Arc::new(Metrics {
             registry,
             leader,
@@ -79,7 +95,9 @@ impl Metrics {
             status_writes,
             desired_services,
             events,
+            manifest_reads,
             agents,
+            backend_refs,
             ready: AtomicBool::new(false),
         })
     }
@@ -113,11 +131,35 @@ impl Metrics {
         }
     }
 
+    /// Counts the backendRefs by state; every state is present, 0 included.
+    pub fn set_backend_refs(&self, states: impl IntoIterator<Item = BackendRefState>) {
+        let all = [
+            BackendRefState::Ready,
+            BackendRefState::NoEndpoints,
+            BackendRefState::Invalid,
+        ];
+        let mut counts = [0i64; 3];
+        for state in states {
+            counts[all
+                .iter()
+                .position(|s| *s == state)
+                .expect("every state listed")] += 1;
+        }
+        for (state, count) in all.into_iter().zip(counts) {
+            self.backend_refs
+                .get_or_create(&StateLabel {
+                    state: state.label(),
+                })
+                .set(count);
+        }
+    }
+
     pub fn set_ready(&self) {
         self.ready.store(true, Ordering::Relaxed);
     }
 
-    fn text(&self) -> String {
+    /// The OpenMetrics text that /metrics serves.
+    pub fn encode(&self) -> String {
         let mut text = String::new();
         encode(&mut text, &self.registry).expect("writing to a String cannot fail");
         text
@@ -136,7 +178,7 @@ pub async fn serve(listen: SocketAddr, metrics: Arc<Metrics>) -> std::io::Result
                     "content-type",
                     "application/openmetrics-text; version=1.0.0; charset=utf-8",
                 )],
-                metrics.text(),
+                metrics.encode(),
             )
         }
     };

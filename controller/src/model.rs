@@ -120,7 +120,8 @@ pub struct Listener {
 pub struct GatewayAddress {
     /// IPAddress (the default), Hostname, NamedAddress, or anything else.
     pub kind: String,
-    pub value: String,
+    /// None: any address (from the pools).
+    pub value: Option<String>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]

@@ -95,7 +95,9 @@ pub struct ListenerSpec {
 pub struct AddressSpec {
     #[serde(default, rename = "type", skip_serializing_if = "Option::is_none")]
     pub type_: Option<String>,
-    pub value: String,
+    /// Optional since v1.6: `{type: IPAddress}` asks for any address.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub value: Option<String>,
 }
 
 #[derive(CustomResource, Clone, Debug, Default, Deserialize, Serialize)]

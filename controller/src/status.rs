@@ -11,15 +11,23 @@ use crate::{
     translate::{self, Output},
 };
 
+// Every field the Gateway API status schema leaves optional is optional here, and what the
+// CRDs default (conditions without observedGeneration) or other controllers write (parentRefs
+// without namespace) reads back: one such entry must not make the whole status unreadable.
+
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct ConditionDoc {
     #[serde(rename = "type")]
     pub type_: String,
     pub status: String,
+    #[serde(default)]
     pub reason: String,
+    #[serde(default)]
     pub message: String,
-    pub observed_generation: i64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+    #[serde(default)]
     pub last_transition_time: String,
 }
 
@@ -30,22 +38,29 @@ impl From<&Condition> for ConditionDoc {
             status: if c.status { "True" } else { "False" }.into(),
             reason: c.reason.clone(),
             message: c.message.clone(),
-            observed_generation: c.observed_generation,
+            observed_generation: Some(c.observed_generation),
             last_transition_time: c.last_transition_time.clone(),
         }
     }
 }
 
-impl From<&ConditionDoc> for Condition {
-    fn from(c: &ConditionDoc) -> Self {
-        Condition {
-            type_: c.type_.clone(),
-            status: c.status == "True",
-            reason: c.reason.clone(),
-            message: c.message.clone(),
-            observed_generation: c.observed_generation,
-            last_transition_time: c.last_transition_time.clone(),
-        }
+impl ConditionDoc {
+    /// The condition, unless its status is neither True nor False (the CRDs default
+    /// conditions to `Unknown`, which no condition of ours continues).
+    fn to_condition(&self) -> Option<Condition> {
+        let status = match self.status.as_str() {
+            "True" => true,
+            "False" => false,
+            _ => return None,
+        };
+        Some(Condition {
+            type_: self.type_.clone(),
+            status,
+            reason: self.reason.clone(),
+            message: self.message.clone(),
+            observed_generation: self.observed_generation.unwrap_or_default(),
+            last_transition_time: self.last_transition_time.clone(),
+        })
     }
 }
 
@@ -56,32 +71,47 @@ pub struct Named {
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct AddressDoc {
-    #[serde(rename = "type")]
+    #[serde(rename = "type", default = "ip_address_type")]
     pub type_: String,
     pub value: String,
 }
 
+fn ip_address_type() -> String {
+    "IPAddress".into()
+}
+
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct GroupKindDoc {
+    #[serde(default = "gateway_group")]
     pub group: String,
     pub kind: String,
+}
+
+fn gateway_group() -> String {
+    translate::GATEWAY_GROUP.into()
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct ListenerDoc {
     pub name: String,
+    #[serde(default)]
     pub supported_kinds: Vec<GroupKindDoc>,
+    #[serde(default)]
     pub attached_routes: i32,
+    #[serde(default)]
     pub conditions: Vec<ConditionDoc>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct ParentRefDoc {
-    pub group: String,
-    pub kind: String,
-    pub namespace: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub group: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kind: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub namespace: Option<String>,
     pub name: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub section_name: Option<String>,
@@ -94,10 +124,53 @@ pub struct ParentRefDoc {
 pub struct RouteParentDoc {
     pub parent_ref: ParentRefDoc,
     pub controller_name: String,
+    #[serde(default)]
     pub conditions: Vec<ConditionDoc>,
 }
 
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+/// One `status.parents` entry. It is read on its own, and kept exactly as found: another
+/// controller's entry, or one this controller cannot read, is written back unchanged (the list
+/// is atomic, so a forced apply that dropped it would wipe it).
+#[derive(Clone, Debug, PartialEq)]
+pub struct ParentEntry {
+    /// None: not readable as a route parent status.
+    pub doc: Option<RouteParentDoc>,
+    raw: serde_json::Value,
+}
+
+impl ParentEntry {
+    pub fn new(doc: RouteParentDoc) -> Self {
+        let raw = serde_json::to_value(&doc).expect("status documents serialize");
+        ParentEntry {
+            doc: Some(doc),
+            raw,
+        }
+    }
+
+    /// The entry's controllerName, read or not.
+    pub fn controller_name(&self) -> Option<&str> {
+        match &self.doc {
+            Some(doc) => Some(&doc.controller_name),
+            None => self.raw.get("controllerName")?.as_str(),
+        }
+    }
+}
+
+impl Serialize for ParentEntry {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        self.raw.serialize(serializer)
+    }
+}
+
+impl<'de> Deserialize<'de> for ParentEntry {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let raw = serde_json::Value::deserialize(deserializer)?;
+        let doc = RouteParentDoc::deserialize(&raw).ok();
+        Ok(ParentEntry { doc, raw })
+    }
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct StatusDoc {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
@@ -109,7 +182,7 @@ pub struct StatusDoc {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub listeners: Vec<ListenerDoc>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub parents: Vec<RouteParentDoc>,
+    pub parents: Vec<ParentEntry>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -118,7 +191,7 @@ pub struct MetadataDoc {
     pub namespace: String,
 }
 
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct ObjectStatus {
     pub api_version: String,
@@ -140,12 +213,13 @@ fn conditions(list: &[Condition]) -> Vec<ConditionDoc> {
 
 fn parent_doc(route: &ObjectRef, p: &ParentRef) -> ParentRefDoc {
     ParentRefDoc {
-        group: p.group.clone(),
-        kind: p.kind.clone(),
-        namespace: p
-            .namespace
-            .clone()
-            .unwrap_or_else(|| route.namespace.clone()),
+        group: Some(p.group.clone()),
+        kind: Some(p.kind.clone()),
+        namespace: Some(
+            p.namespace
+                .clone()
+                .unwrap_or_else(|| route.namespace.clone()),
+        ),
         name: p.name.clone(),
         section_name: p.section_name.clone(),
         port: p.port,
@@ -216,10 +290,12 @@ pub fn documents(out: &Output) -> Vec<ObjectStatus> {
             parents: route
                 .parents
                 .iter()
-                .map(|p| RouteParentDoc {
-                    parent_ref: parent_doc(id, &p.parent_ref),
-                    controller_name: p.controller_name.clone(),
-                    conditions: conditions(&p.conditions),
+                .map(|p| {
+                    ParentEntry::new(RouteParentDoc {
+                        parent_ref: parent_doc(id, &p.parent_ref),
+                        controller_name: p.controller_name.clone(),
+                        conditions: conditions(&p.conditions),
+                    })
                 })
                 .collect(),
             ..Default::default()
@@ -268,8 +344,11 @@ impl Previous {
         let mut previous = Previous::default();
         for object in docs {
             let id = ObjectRef::new(&object.metadata.namespace, &object.metadata.name);
-            let conds =
-                |list: &[ConditionDoc]| list.iter().map(Condition::from).collect::<Vec<_>>();
+            let conds = |list: &[ConditionDoc]| {
+                list.iter()
+                    .filter_map(ConditionDoc::to_condition)
+                    .collect::<Vec<_>>()
+            };
             match object.kind.as_str() {
                 "GatewayClass" => {
                     previous.conditions.insert(
@@ -301,11 +380,14 @@ impl Previous {
                     } else {
                         RouteKind::Udp
                     };
-                    for p in &object.status.parents {
+                    for p in object.status.parents.iter().filter_map(|p| p.doc.as_ref()) {
+                        let r = &p.parent_ref;
                         let parent = ParentRef {
-                            group: p.parent_ref.group.clone(),
-                            kind: p.parent_ref.kind.clone(),
-                            namespace: Some(p.parent_ref.namespace.clone()),
+                            group: r.group.clone().unwrap_or_else(gateway_group),
+                            kind: r.kind.clone().unwrap_or_else(|| "Gateway".into()),
+                            namespace: Some(
+                                r.namespace.clone().unwrap_or_else(|| id.namespace.clone()),
+                            ),
                             name: p.parent_ref.name.clone(),
                             section_name: p.parent_ref.section_name.clone(),
                             port: p.parent_ref.port,

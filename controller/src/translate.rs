@@ -67,10 +67,43 @@ pub struct RouteStatus {
     pub parents: Vec<RouteParentStatus>,
 }
 
+/// What a backendRef of a route that carries traffic resolves to in the dataplane.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum BackendRefState {
+    /// At least one ready endpoint in every address family the route serves.
+    Ready,
+    /// A valid Service without ready endpoints (in some family the route serves): legal, but
+    /// its weight is rejected, while ResolvedRefs stays True.
+    NoEndpoints,
+    /// Not resolvable (ResolvedRefs False): its weight is rejected.
+    Invalid,
+}
+
+impl BackendRefState {
+    pub fn label(self) -> &'static str {
+        match self {
+            BackendRefState::Ready => "ready",
+            BackendRefState::NoEndpoints => "no_endpoints",
+            BackendRefState::Invalid => "invalid",
+        }
+    }
+}
+
+/// A backendRef of a route: the route, and the Service it names.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub struct BackendRefKey {
+    pub route_kind: RouteKind,
+    pub route: ObjectRef,
+    pub service: ObjectRef,
+    pub port: Option<u16>,
+}
+
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct Output {
     /// What every node's agent must run.
     pub services: Vec<v1::Service>,
+    /// The backendRefs of the routes that receive traffic, by what they resolve to.
+    pub backend_refs: BTreeMap<BackendRefKey, BackendRefState>,
     pub classes: BTreeMap<String, ClassStatus>,
     pub gateways: BTreeMap<ObjectRef, GatewayStatus>,
     pub routes: BTreeMap<(RouteKind, ObjectRef), RouteStatus>,
@@ -308,35 +341,63 @@ fn selects(parent: &ParentRef, listener: &Listener) -> bool {
         && parent.port.is_none_or(|p| p == listener.port)
 }
 
-/// The pool address a Gateway was given before, if it is still in a pool.
-fn previous_pooled(config: &Config, snapshot: &Snapshot, gateway: &Gateway) -> Option<IpAddr> {
-    let previous = snapshot.previous_addresses.get(&gateway.id)?.first()?;
-    config
-        .address_pools
-        .iter()
-        .any(|p| p.contains(previous))
-        .then_some(*previous)
+impl Gateway {
+    /// How many addresses it asks the pools for: one per `{type: IPAddress}` without a value,
+    /// or one when it lists no address at all.
+    fn pool_requests(&self) -> usize {
+        if self.addresses.is_empty() {
+            return 1;
+        }
+        self.addresses
+            .iter()
+            .filter(|a| a.kind == "IPAddress" && a.value.is_none())
+            .count()
+    }
+
+    /// The addresses it lists.
+    fn static_addresses(&self) -> impl Iterator<Item = IpAddr> + '_ {
+        self.addresses
+            .iter()
+            .filter(|a| a.kind == "IPAddress")
+            .filter_map(|a| a.value.as_deref()?.parse().ok())
+    }
 }
 
-/// Allocates an address from the pools for a Gateway, keeping an earlier assignment.
-fn assign_address(
+/// The pool addresses a Gateway was given before and may keep: still in a pool, not listed
+/// statically, and no more than it asks for.
+fn previous_pooled(config: &Config, snapshot: &Snapshot, gateway: &Gateway) -> Vec<IpAddr> {
+    let listed: BTreeSet<IpAddr> = gateway.static_addresses().collect();
+    snapshot
+        .previous_addresses
+        .get(&gateway.id)
+        .into_iter()
+        .flatten()
+        .filter(|a| !listed.contains(a) && config.address_pools.iter().any(|p| p.contains(*a)))
+        .take(gateway.pool_requests())
+        .copied()
+        .collect()
+}
+
+/// Allocates a Gateway's pool addresses, keeping earlier assignments.
+fn assign_addresses(
     config: &Config,
     snapshot: &Snapshot,
     gateway: &Gateway,
     taken: &mut BTreeSet<IpAddr>,
-) -> Option<IpAddr> {
-    // Earlier assignments were reserved up front (see `translate`), so keeping one is safe.
-    if let Some(previous) = previous_pooled(config, snapshot, gateway) {
-        return Some(previous);
+) -> Vec<IpAddr> {
+    // Earlier assignments were reserved up front (see `translate`), so keeping them is safe.
+    let mut assigned = previous_pooled(config, snapshot, gateway);
+    let mut free = config
+        .address_pools
+        .iter()
+        .flat_map(|pool| pool.hosts())
+        .filter(|a| !taken.contains(a));
+    while assigned.len() < gateway.pool_requests() {
+        let Some(address) = free.next() else { break };
+        assigned.push(address);
     }
-    for pool in config.address_pools {
-        for address in pool.hosts() {
-            if taken.insert(address) {
-                return Some(address);
-            }
-        }
-    }
-    None
+    taken.extend(assigned.iter().copied());
+    assigned
 }
 
 pub fn translate(config: &Config, snapshot: &Snapshot) -> Output {
@@ -378,11 +439,7 @@ pub fn translate(config: &Config, snapshot: &Snapshot) -> Output {
     let mut taken: BTreeSet<IpAddr> = snapshot
         .gateways
         .iter()
-        .flat_map(|g| {
-            g.addresses
-                .iter()
-                .filter_map(|a| a.value.parse::<IpAddr>().ok())
-        })
+        .flat_map(Gateway::static_addresses)
         .collect();
     let mut gateways: Vec<&Gateway> = snapshot
         .gateways
@@ -401,14 +458,12 @@ pub fn translate(config: &Config, snapshot: &Snapshot) -> Output {
     });
     let mut static_owner: BTreeMap<IpAddr, &ObjectRef> = BTreeMap::new();
     for gateway in by_age {
-        for a in gateway.addresses.iter().filter(|a| a.kind == "IPAddress") {
-            if let Ok(address) = a.value.parse::<IpAddr>() {
-                static_owner.entry(address).or_insert(&gateway.id);
-            }
+        for address in gateway.static_addresses() {
+            static_owner.entry(address).or_insert(&gateway.id);
         }
     }
     // Pool addresses handed out before stay with their Gateways.
-    for gateway in gateways.iter().filter(|g| g.addresses.is_empty()) {
+    for gateway in &gateways {
         taken.extend(previous_pooled(config, snapshot, gateway));
     }
 
@@ -503,32 +558,35 @@ pub fn translate(config: &Config, snapshot: &Snapshot) -> Output {
             gateway.meta.generation,
             config.now,
         );
-        let unsupported: Vec<&str> = gateway
+        // A value-less IPAddress asks the pools; any other type, or a value that is not an
+        // address, is not supported.
+        let unsupported: Vec<String> = gateway
             .addresses
             .iter()
-            .filter(|a| a.kind != "IPAddress" || a.value.parse::<IpAddr>().is_err())
-            .map(|a| a.value.as_str())
+            .filter(|a| {
+                a.kind != "IPAddress"
+                    || a.value
+                        .as_deref()
+                        .is_some_and(|v| v.parse::<IpAddr>().is_err())
+            })
+            .map(|a| match &a.value {
+                Some(value) => value.clone(),
+                None => format!("any {}", a.kind),
+            })
             .collect();
         let mut not_usable = Vec::new();
-        let addresses: Vec<IpAddr> = if gateway.addresses.is_empty() {
-            assign_address(config, snapshot, gateway, &mut taken)
-                .into_iter()
-                .collect()
-        } else {
-            let mut addresses = Vec::new();
-            for a in gateway.addresses.iter().filter(|a| a.kind == "IPAddress") {
-                let Ok(address) = a.value.parse::<IpAddr>() else {
-                    continue;
-                };
-                match static_owner.get(&address) {
-                    Some(owner) if **owner != gateway.id => {
-                        not_usable.push(format!("{address} is used by Gateway {owner}"))
-                    }
-                    _ => addresses.push(address),
+        let mut addresses = Vec::new();
+        for address in gateway.static_addresses() {
+            match static_owner.get(&address) {
+                Some(owner) if **owner != gateway.id => {
+                    not_usable.push(format!("{address} is used by Gateway {owner}"))
                 }
+                _ => addresses.push(address),
             }
-            addresses
-        };
+        }
+        let pooled = assign_addresses(config, snapshot, gateway, &mut taken);
+        let pool_short = pooled.len() < gateway.pool_requests();
+        addresses.extend(pooled);
         let listeners_valid = listeners.iter().all(|l| l.usable);
         if !unsupported.is_empty() {
             g.set(
@@ -554,12 +612,16 @@ pub fn translate(config: &Config, snapshot: &Snapshot) -> Output {
                 "AddressNotUsable",
                 not_usable.join(", "),
             );
-        } else if addresses.is_empty() {
+        } else if addresses.is_empty() || pool_short {
             g.set(
                 "Programmed",
                 false,
                 "AddressNotAssigned",
-                "no address given and none free in the pools",
+                if config.address_pools.is_empty() {
+                    "an address is asked for, and no --address-pool is configured"
+                } else {
+                    "an address is asked for, and none is free in the pools"
+                },
             );
         } else if !unsupported.is_empty() {
             g.set("Programmed", false, "Invalid", "");
@@ -725,9 +787,17 @@ pub fn translate(config: &Config, snapshot: &Snapshot) -> Output {
                 v1::Protocol::Udp
             };
             let key = (vip.to_string(), listener.port, protocol as i32);
-            services.entry(key).or_insert_with(|| {
-                dataplane_service(snapshot, &lookup, route, *vip, listener.port, protocol)
-            });
+            if services.contains_key(&key) {
+                continue;
+            }
+            let (service, states) =
+                dataplane_service(snapshot, &lookup, route, *vip, listener.port, protocol);
+            services.insert(key, service);
+            for (key, state) in states {
+                // The worst state over the route's address families counts.
+                let entry = out.backend_refs.entry(key).or_insert(state);
+                *entry = (*entry).max(state);
+            }
         }
     }
     out.services = services.into_values().collect();
@@ -737,6 +807,7 @@ pub fn translate(config: &Config, snapshot: &Snapshot) -> Output {
 
 /// Weights: each backendRef's weight is split evenly over its endpoints; invalid refs and
 /// Services without ready endpoints become the reject weight; all scaled under MAX_WEIGHT.
+/// Also says what each backendRef resolved to.
 fn dataplane_service(
     snapshot: &Snapshot,
     index: &Index,
@@ -744,19 +815,38 @@ fn dataplane_service(
     vip: IpAddr,
     port: u16,
     protocol: v1::Protocol,
-) -> v1::Service {
+) -> (v1::Service, Vec<(BackendRefKey, BackendRefState)>) {
     let mut shares: BTreeMap<(IpAddr, u16), f64> = BTreeMap::new();
     let mut reject = 0.0;
+    let mut states = Vec::new();
     for backend in &route.backend_refs {
         let weight = backend.weight as f64;
-        match resolve(snapshot, index, route, backend, vip.is_ipv6()) {
+        let state = match resolve(snapshot, index, route, backend, vip.is_ipv6()) {
             Ok(endpoints) if !endpoints.is_empty() => {
                 for endpoint in &endpoints {
                     *shares.entry(*endpoint).or_default() += weight / endpoints.len() as f64;
                 }
+                BackendRefState::Ready
             }
-            _ => reject += weight,
-        }
+            Ok(_) => {
+                reject += weight;
+                BackendRefState::NoEndpoints
+            }
+            Err(_) => {
+                reject += weight;
+                BackendRefState::Invalid
+            }
+        };
+        let key = BackendRefKey {
+            route_kind: route.kind,
+            route: route.id.clone(),
+            service: ObjectRef::new(
+                backend.namespace.as_deref().unwrap_or(&route.id.namespace),
+                &backend.name,
+            ),
+            port: backend.port,
+        };
+        states.push((key, state));
     }
     let largest = shares.values().copied().fold(reject, f64::max);
     let scale = if largest > 0.0 {
@@ -771,7 +861,7 @@ fn dataplane_service(
             0
         }
     };
-    v1::Service {
+    let service = v1::Service {
         vip: vip.to_string(),
         port: port.into(),
         protocol: protocol as i32,
@@ -784,5 +874,6 @@ fn dataplane_service(
             })
             .collect(),
         reject_weight: scaled(reject),
-    }
+    };
+    (service, states)
 }

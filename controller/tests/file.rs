@@ -318,3 +318,198 @@ fn what_the_api_server_would_refuse_is_refused() {
     let loaded = file::load(dir.path(), &mut file::History::default(), SEEN).unwrap();
     assert_eq!(loaded.snapshot.routes[0].backend_refs.len(), 2);
 }
+
+/// An unnamed Service port and its EndpointSlice exactly as the EndpointSlice controller writes
+/// it: the slice port's name is an empty string, with protocol, nodeName, zone, targetRef and
+/// all three conditions set.
+const UNNAMED_PORT: &str = r#"
+apiVersion: gateway.networking.k8s.io/v1
+kind: GatewayClass
+metadata: {name: fulgur}
+spec: {controllerName: fulgur.dev/gateway-controller}
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: Gateway
+metadata: {name: gw, namespace: apps}
+spec:
+  gatewayClassName: fulgur
+  addresses: [{type: IPAddress}]
+  listeners: [{name: tcp, port: 80, protocol: TCP}]
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: TCPRoute
+metadata: {name: web, namespace: apps}
+spec:
+  parentRefs: [{name: gw}]
+  rules: [{backendRefs: [{name: web, port: 8080}]}]
+---
+apiVersion: v1
+kind: Service
+metadata: {name: web, namespace: apps}
+spec:
+  type: ClusterIP
+  clusterIP: 198.51.100.200
+  clusterIPs: [198.51.100.200]
+  ipFamilies: [IPv4]
+  ipFamilyPolicy: SingleStack
+  internalTrafficPolicy: Cluster
+  sessionAffinity: None
+  selector: {app: web}
+  ports:
+  - {port: 8080, protocol: TCP, targetPort: 3000}
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata:
+  name: web-x7k2p
+  generateName: web-
+  namespace: apps
+  labels:
+    endpointslice.kubernetes.io/managed-by: endpointslice-controller.k8s.io
+    kubernetes.io/service-name: web
+  ownerReferences:
+  - {apiVersion: v1, kind: Service, name: web, uid: 0b5d2c1e-5b7c-4c1f-9a57-2f1a3e6b7c01, controller: true, blockOwnerDeletion: true}
+addressType: IPv4
+endpoints:
+- addresses: [203.0.113.2]
+  conditions: {ready: true, serving: true, terminating: false}
+  nodeName: kind-worker
+  zone: zone-a
+  targetRef: {kind: Pod, name: web-5d9c7b8f6-abcde, namespace: apps, uid: 6f1c2d3e-1111-2222-3333-444455556666}
+ports:
+- {name: "", port: 3000, protocol: TCP}
+"#;
+
+#[test]
+fn an_unnamed_service_port_reaches_its_endpoints() {
+    let dir = Dir::new(&[("all.yaml", UNNAMED_PORT)]);
+    let snapshot = file::load(dir.path(), &mut file::History::default(), SEEN)
+        .unwrap()
+        .snapshot;
+    let out = translate(
+        &Config {
+            controller_name: "fulgur.dev/gateway-controller",
+            address_pools: &["192.0.2.0/30".parse().unwrap()],
+            now: "T",
+        },
+        &snapshot,
+    );
+    assert_eq!(out.services.len(), 1, "{out:?}");
+    let service = &out.services[0];
+    assert_eq!(
+        service.vip, "192.0.2.1",
+        "{{type: IPAddress}} asks the pool"
+    );
+    let backends: Vec<String> = service
+        .backends
+        .iter()
+        .map(|b| format!("{}:{}", b.address, b.port))
+        .collect();
+    assert_eq!(backends, ["203.0.113.2:3000"]);
+    assert_eq!(service.reject_weight, 0, "nothing is rejected");
+    assert!(
+        out.backend_refs
+            .values()
+            .all(|s| *s == fulgur_controller::translate::BackendRefState::Ready),
+        "{:?}",
+        out.backend_refs
+    );
+}
+
+#[test]
+fn a_service_without_endpoints_is_reported() {
+    // The Deployment scaled to zero: the EndpointSlice controller writes `endpoints: null`.
+    let start = UNNAMED_PORT.find("endpoints:\n").unwrap();
+    let end = UNNAMED_PORT.rfind("ports:\n").unwrap();
+    let manifests = format!(
+        "{}endpoints: null\n{}",
+        &UNNAMED_PORT[..start],
+        &UNNAMED_PORT[end..]
+    );
+    let dir = Dir::new(&[("all.yaml", &manifests)]);
+    let snapshot = file::load(dir.path(), &mut file::History::default(), SEEN)
+        .unwrap()
+        .snapshot;
+    let out = translate(
+        &Config {
+            controller_name: "fulgur.dev/gateway-controller",
+            address_pools: &["192.0.2.0/30".parse().unwrap()],
+            now: "T",
+        },
+        &snapshot,
+    );
+    assert!(out.services[0].backends.is_empty());
+    assert!(out.services[0].reject_weight > 0);
+    let (key, state) = out.backend_refs.iter().next().unwrap();
+    assert_eq!(
+        *state,
+        fulgur_controller::translate::BackendRefState::NoEndpoints
+    );
+    assert_eq!(key.service, ObjectRef::new("apps", "web"));
+    let metrics = fulgur_controller::metrics::Metrics::new();
+    let started = fulgur_controller::backends::EmptyBackends::default().update(&out, &metrics);
+    assert_eq!(started, std::slice::from_ref(key));
+    let text = metrics.encode();
+    assert!(
+        text.contains("fulgur_controller_backend_refs{state=\"no_endpoints\"} 1")
+            && text.contains("fulgur_controller_backend_refs{state=\"ready\"} 0"),
+        "{text}"
+    );
+}
+
+#[test]
+fn statuses_as_the_crds_and_other_controllers_write_them_are_read() {
+    // The v1.6 CRDs default a Gateway's conditions without observedGeneration; another
+    // controller wrote a parents entry with only the required fields.
+    let text = r#"
+apiVersion: gateway.networking.k8s.io/v1
+kind: Gateway
+metadata: {name: gw, namespace: apps}
+status:
+  conditions:
+  - {type: Accepted, status: Unknown, reason: Pending, message: Waiting for controller, lastTransitionTime: "1970-01-01T00:00:00Z"}
+  - {type: Programmed, status: Unknown, reason: Pending, message: Waiting for controller, lastTransitionTime: "1970-01-01T00:00:00Z"}
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: TCPRoute
+metadata: {name: web, namespace: apps}
+status:
+  parents:
+  - parentRef: {name: theirs}
+    controllerName: example.com/other
+    conditions:
+    - {type: Accepted, status: "True", reason: Accepted, message: "", lastTransitionTime: "2026-01-01T00:00:00Z"}
+  - parentRef: {group: gateway.networking.k8s.io, kind: Gateway, namespace: apps, name: gw}
+    controllerName: fulgur.dev/gateway-controller
+    conditions:
+    - {type: Accepted, status: "True", reason: Accepted, message: "", observedGeneration: 1, lastTransitionTime: T1}
+  - {controllerName: example.com/odd, parentRef: "not an object", extra: [1, 2]}
+"#;
+    let docs: Vec<status::ObjectStatus> = serde_yaml::Deserializer::from_str(text)
+        .map(|d| serde::Deserialize::deserialize(d).unwrap())
+        .collect();
+    let gateway = &docs[0].status;
+    assert_eq!(gateway.conditions.len(), 2);
+    assert_eq!(gateway.conditions[0].observed_generation, None);
+    let parents = &docs[1].status.parents;
+    assert_eq!(parents.len(), 3, "every entry is kept");
+    assert!(parents[0].doc.is_some() && parents[1].doc.is_some());
+    assert!(parents[2].doc.is_none(), "unreadable, kept as it was");
+    assert_eq!(parents[2].controller_name(), Some("example.com/odd"));
+    // Written back, each entry is exactly what was read.
+    let original: serde_json::Value =
+        serde_yaml::from_str(text.split("---").nth(1).unwrap()).unwrap();
+    let written = serde_json::to_value(&docs[1].status).unwrap();
+    assert_eq!(written["parents"], original["status"]["parents"]);
+    // Unknown conditions continue nothing; our route entry's time is kept.
+    let previous = status::Previous::from_documents(&docs);
+    let gateway_key = fulgur_controller::translate::gateway_key(&ObjectRef::new("apps", "gw"));
+    assert!(previous.conditions[&gateway_key].is_empty());
+    assert!(
+        previous
+            .conditions
+            .values()
+            .flatten()
+            .any(|c| c.last_transition_time == "T1")
+    );
+}

@@ -45,7 +45,7 @@ fn gateway(name: &str, listeners: Vec<Listener>, address: &str) -> Gateway {
         listeners,
         addresses: vec![GatewayAddress {
             kind: "IPAddress".into(),
-            value: address.into(),
+            value: Some(address.into()),
         }],
     }
 }
@@ -683,7 +683,7 @@ fn addresses_static_pooled_stable_and_unsupported() {
     let mut named = gateway("named", vec![tcp("tcp", 80)], "");
     named.addresses = vec![GatewayAddress {
         kind: "Hostname".into(),
-        value: "lb.example".into(),
+        value: Some("lb.example".into()),
     }];
     let mut s = snapshot(vec![pooled.clone(), named], vec![], vec![]);
     let out = run(&s);
@@ -1027,4 +1027,146 @@ fn a_route_needs_a_service_port_of_its_protocol() {
         "{conditions:?}"
     );
     assert!(out.services[0].backends.is_empty() && out.services[0].reject_weight > 0);
+}
+
+/// A Service and EndpointSlice as the API server returns them: an unnamed port, for which the
+/// EndpointSlice controller writes `name: ""` (parsed, then converted as both providers do).
+fn kubernetes_shaped(endpoints: &str) -> (Service, EndpointSlice) {
+    use k8s_openapi::api::{core::v1 as core, discovery::v1 as discovery};
+    let service: core::Service = serde_json::from_value(serde_json::json!({
+        "apiVersion": "v1", "kind": "Service",
+        "metadata": {"name": "web", "namespace": "gateway-conformance-infra", "uid": "1"},
+        "spec": {
+            "clusterIP": "198.51.100.200", "type": "ClusterIP", "sessionAffinity": "None",
+            "selector": {"app": "web"},
+            "ports": [{"port": 8080, "protocol": "TCP", "targetPort": 3000}],
+        },
+        "status": {"loadBalancer": {}},
+    }))
+    .unwrap();
+    let slice: discovery::EndpointSlice = serde_json::from_value(serde_json::json!({
+        "apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+        "metadata": {
+            "name": "web-x7k2p", "generateName": "web-", "namespace": "gateway-conformance-infra",
+            "labels": {
+                "endpointslice.kubernetes.io/managed-by": "endpointslice-controller.k8s.io",
+                "kubernetes.io/service-name": "web",
+            },
+        },
+        "addressType": "IPv4",
+        "endpoints": serde_json::from_str::<serde_json::Value>(endpoints).unwrap(),
+        "ports": [{"name": "", "port": 3000, "protocol": "TCP"}],
+    }))
+    .unwrap();
+    (
+        fulgur_controller::convert::service(&service),
+        fulgur_controller::convert::endpoint_slice(&slice)
+            .unwrap()
+            .unwrap(),
+    )
+}
+
+#[test]
+fn an_unnamed_service_port_matches_the_slice_port_named_empty() {
+    let endpoints = r#"[
+        {"addresses": ["203.0.113.2"], "nodeName": "kind-worker", "zone": "a",
+         "conditions": {"ready": true, "serving": true, "terminating": false},
+         "targetRef": {"kind": "Pod", "name": "web-1", "namespace": "gateway-conformance-infra"}},
+        {"addresses": ["203.0.113.3"], "nodeName": "kind-worker2",
+         "conditions": {"ready": false, "serving": true, "terminating": true}}
+    ]"#;
+    let s = snapshot(
+        vec![gateway("gw", vec![tcp("tcp", 80)], "192.0.2.10")],
+        vec![route(
+            RouteKind::Tcp,
+            "web",
+            "2026-01-01T00:00:00Z",
+            vec![parent("gw")],
+            vec![backend("web", 8080, 1)],
+        )],
+        vec![kubernetes_shaped(endpoints)],
+    );
+    let out = run(&s);
+    assert_eq!(
+        backends(&out.services[0]),
+        [("203.0.113.2".to_owned(), 3000, 1_000_000)]
+    );
+    assert_eq!(out.services[0].reject_weight, 0);
+    let conditions = route_conditions(&out, RouteKind::Tcp, "web");
+    assert!(has(&conditions, "ResolvedRefs", true, "ResolvedRefs"));
+}
+
+#[test]
+fn a_service_without_ready_endpoints_rejects_and_says_so() {
+    // ResolvedRefs stays True (the reference is valid) while the dataplane rejects: the
+    // backendRef state tells the two apart.
+    let s = snapshot(
+        vec![gateway("gw", vec![tcp("tcp", 80)], "192.0.2.10")],
+        vec![route(
+            RouteKind::Tcp,
+            "web",
+            "2026-01-01T00:00:00Z",
+            vec![parent("gw")],
+            vec![backend("web", 8080, 1), backend("missing", 8080, 1)],
+        )],
+        vec![kubernetes_shaped("[]")],
+    );
+    let out = run(&s);
+    assert!(out.services[0].backends.is_empty());
+    let states: Vec<_> = out
+        .backend_refs
+        .iter()
+        .map(|(k, s)| (k.service.name.as_str(), *s))
+        .collect();
+    use fulgur_controller::translate::BackendRefState;
+    assert_eq!(
+        states,
+        [
+            ("missing", BackendRefState::Invalid),
+            ("web", BackendRefState::NoEndpoints)
+        ]
+    );
+}
+
+#[test]
+fn an_ip_address_without_a_value_asks_the_pool() {
+    // Gateway API v1.6: `{type: IPAddress}` with no value means "any address".
+    let mut gw = gateway("gw", vec![tcp("tcp", 80)], "192.0.2.10");
+    gw.addresses.push(GatewayAddress {
+        kind: "IPAddress".into(),
+        value: None,
+    });
+    let s = snapshot(vec![gw.clone()], vec![], vec![]);
+    let out = run(&s);
+    let status = &out.gateways[&gw.id];
+    let addresses: Vec<String> = status.addresses.iter().map(|a| a.to_string()).collect();
+    assert_eq!(addresses, ["192.0.2.10", "192.0.2.129"]);
+    assert!(
+        status
+            .conditions
+            .iter()
+            .all(|c| c.status && c.reason != "UnsupportedAddress"),
+        "{:?}",
+        status.conditions
+    );
+
+    // Without pools it cannot be given one: AddressNotAssigned, saying why.
+    let out = translate(
+        &Config {
+            controller_name: CONTROLLER,
+            address_pools: &[],
+            now: NOW,
+        },
+        &s,
+    );
+    let programmed = out.gateways[&gw.id]
+        .conditions
+        .iter()
+        .find(|c| c.type_ == "Programmed")
+        .unwrap();
+    assert_eq!(
+        (programmed.status, programmed.reason.as_str()),
+        (false, "AddressNotAssigned")
+    );
+    assert!(programmed.message.contains("--address-pool"));
 }

@@ -40,23 +40,45 @@ spec:
   listeners:
   - {name: tcp, port: 80, protocol: TCP}
   - {name: udp, port: 53, protocol: UDP}
+# What the v1.6 CRD defaults a new Gateway's status to: no observedGeneration.
+status:
+  conditions:
+  - {type: Accepted, status: Unknown, reason: Pending, message: Waiting for controller, lastTransitionTime: "1970-01-01T00:00:00Z"}
+  - {type: Programmed, status: Unknown, reason: Pending, message: Waiting for controller, lastTransitionTime: "1970-01-01T00:00:00Z"}
 ---
+# An unnamed port, as most Services have, and its slice as the EndpointSlice controller writes
+# it: `name: ""`, protocol, nodeName, zone, targetRef and all three conditions.
 apiVersion: v1
 kind: Service
 metadata: {name: web, namespace: apps}
 spec:
-  ports: [{name: http, port: 8080, targetPort: 3000}]
+  type: ClusterIP
+  clusterIP: 198.51.100.200
+  selector: {app: web}
+  ports: [{port: 8080, protocol: TCP, targetPort: 3000}]
 ---
 apiVersion: discovery.k8s.io/v1
 kind: EndpointSlice
-metadata: {name: web-1, namespace: apps, labels: {kubernetes.io/service-name: web}}
+metadata:
+  name: web-1
+  generateName: web-
+  namespace: apps
+  labels:
+    endpointslice.kubernetes.io/managed-by: endpointslice-controller.k8s.io
+    kubernetes.io/service-name: web
 addressType: IPv4
-ports: [{name: http, port: 3000}]
+ports: [{name: "", port: 3000, protocol: TCP}]
 endpoints:
 - addresses: [203.0.113.2]
-  conditions: {ready: true}
+  conditions: {ready: true, serving: true, terminating: false}
+  nodeName: node-1
+  zone: zone-a
+  targetRef: {kind: Pod, name: web-5d9c7b8f6-aaaaa, namespace: apps}
 - addresses: [203.0.113.3]
-  conditions: {ready: true}
+  conditions: {ready: true, serving: true, terminating: false}
+  nodeName: node-2
+  zone: zone-b
+  targetRef: {kind: Pod, name: web-5d9c7b8f6-bbbbb, namespace: apps}
 "#;
 
 fn tcp_route(version: &str, service: &str) -> Value {
@@ -127,10 +149,19 @@ fn settings(identity: &str, pool: &str) -> Settings {
 
 /// Runs a controller in this process until the handle is aborted.
 fn controller(fake: &FakeKube, identity: &str, pool: &str) -> tokio::task::JoinHandle<()> {
+    controller_with_metrics(fake, identity, pool, Metrics::new())
+}
+
+fn controller_with_metrics(
+    fake: &FakeKube,
+    identity: &str,
+    pool: &str,
+    metrics: std::sync::Arc<Metrics>,
+) -> tokio::task::JoinHandle<()> {
     let client = fake.client();
     let settings = settings(identity, pool);
     tokio::spawn(async move {
-        if let Err(e) = kubernetes::run(client, settings, Metrics::new()).await {
+        if let Err(e) = kubernetes::run(client, settings, metrics).await {
             panic!("controller stopped: {e:#}");
         }
     })
@@ -273,7 +304,8 @@ spec:
     let agent = start_agent(&fake, "node-1").await;
     let _controller = controller(&fake, "replica-a", "198.51.100.0/28");
 
-    // The Gateway alone: listeners programmed, no backends yet (no route).
+    // The Gateway alone: listeners programmed, no backends yet (no route). Its CRD-defaulted
+    // Unknown conditions are replaced, with a transition time of now, not 1970's.
     eventually("Gateway Programmed", || async {
         let gw = fake.get(GW, "Gateway", "apps", "gw").unwrap();
         condition(&gw["status"]["conditions"], "Programmed")["status"] == "True"
@@ -289,6 +321,10 @@ spec:
         gw["status"]["addresses"],
         json!([{"type": "IPAddress", "value": "192.0.2.10"}])
     );
+    for c in gw["status"]["conditions"].as_array().unwrap() {
+        assert_ne!(c["lastTransitionTime"], "1970-01-01T00:00:00Z", "{c}");
+        assert_eq!(c["observedGeneration"], 1, "{c}");
+    }
 
     // A route arrives through the watch: the agent gets its backends, the route its status.
     fake.apply(tcp_route("v1", "web"));
@@ -346,10 +382,14 @@ spec:
 
     // Another controller's entry on the route survives our patches.
     let mut route = fake.get(GW, "TCPRoute", "apps", "web").unwrap();
+    // It has only the required fields (no namespace, group, kind or observedGeneration).
     let foreign = json!({
-        "parentRef": {"group": "gateway.networking.k8s.io", "kind": "Gateway", "namespace": "other", "name": "theirs"},
+        "parentRef": {"name": "theirs"},
         "controllerName": "example.com/other",
-        "conditions": [],
+        "conditions": [{
+            "type": "Accepted", "status": "True", "reason": "Accepted", "message": "",
+            "lastTransitionTime": "2026-01-01T00:00:00Z",
+        }],
     });
     route["status"]["parents"]
         .as_array_mut()
@@ -408,6 +448,85 @@ spec:
     assert!(status_patches(&fake, "/gatewayclasses/theirs/status").is_empty());
     assert!(status_patches(&fake, "/gateways/theirs/status").is_empty());
     assert_least_privilege_suffices(&fake);
+}
+
+#[tokio::test]
+async fn a_service_without_endpoints_rejects_and_is_reported() {
+    let fake = cluster("v1", "v1").await;
+    // Scaled to zero: the EndpointSlice controller writes `endpoints: null`.
+    fake.apply_yaml(
+        r#"
+apiVersion: v1
+kind: Service
+metadata: {name: idle, namespace: apps}
+spec:
+  ports: [{port: 8080, protocol: TCP, targetPort: 3000}]
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {name: idle-1, namespace: apps, labels: {kubernetes.io/service-name: idle}}
+addressType: IPv4
+ports: [{name: "", port: 3000, protocol: TCP}]
+endpoints: null
+"#,
+    );
+    fake.apply(tcp_route("v1", "idle"));
+    let agent = start_agent(&fake, "node-1").await;
+    let metrics = Metrics::new();
+    let _controller =
+        controller_with_metrics(&fake, "replica-a", "198.51.100.0/28", metrics.clone());
+    eventually("all traffic rejected", || async {
+        agent_services(agent)
+            .await
+            .iter()
+            .any(|s| s.backends.is_empty() && s.reject_weight > 0)
+    })
+    .await;
+    eventually("a Warning event naming the Service", || async {
+        events(&fake).iter().any(|e| {
+            e["type"] == "Warning"
+                && e["reason"] == "NoEndpoints"
+                && e["regarding"]["kind"] == "TCPRoute"
+                && e["regarding"]["name"] == "web"
+                && e["note"].as_str().is_some_and(|n| n.contains("apps/idle"))
+        })
+    })
+    .await;
+    // The reference itself is valid: ResolvedRefs stays True; the metric tells.
+    let route = fake.get(GW, "TCPRoute", "apps", "web").unwrap();
+    assert_eq!(
+        condition(&route["status"]["parents"][0]["conditions"], "ResolvedRefs")["status"],
+        "True"
+    );
+    let text = metrics.encode();
+    assert!(
+        text.contains("fulgur_controller_backend_refs{state=\"no_endpoints\"} 1"),
+        "{text}"
+    );
+
+    // A pod becomes ready: traffic flows and the metric follows.
+    let mut slice = fake
+        .get("discovery.k8s.io/v1", "EndpointSlice", "apps", "idle-1")
+        .unwrap();
+    slice["endpoints"] = json!([{"addresses": ["203.0.113.9"], "conditions": {"ready": true}}]);
+    fake.apply(slice);
+    wait_for_service(
+        agent,
+        "the new endpoint",
+        "192.0.2.10:80",
+        &["203.0.113.9:3000*1000000"],
+    )
+    .await;
+    assert!(
+        metrics
+            .encode()
+            .contains("fulgur_controller_backend_refs{state=\"ready\"} 1")
+    );
+    let warnings = events(&fake)
+        .iter()
+        .filter(|e| e["reason"] == "NoEndpoints")
+        .count();
+    assert_eq!(warnings, 1, "reported once");
 }
 
 #[tokio::test]

@@ -22,11 +22,18 @@ const GRPC: &str = "127.0.0.1:50061";
 const CONTROLLER_METRICS: &str = "127.0.0.1:9191";
 
 /// The demo namespace's objects; echo-a's EndpointSlice holds `slice_a`, echo-b's `backend_1`.
+/// echo-a's port is unnamed, so its slice port is named `""`, as the EndpointSlice controller
+/// writes it.
 fn manifests(backend_1: &str, weights: (u32, u32), slice_a: &[&str]) -> String {
     let endpoints = |addresses: &[&str]| {
         addresses
             .iter()
-            .map(|a| format!("- addresses: [{a}]\n  conditions: {{ready: true}}\n"))
+            .map(|a| {
+                format!(
+                    "- addresses: [{a}]\n  conditions: {{ready: true, serving: true, terminating: false}}\n  \
+                     nodeName: lb\n  zone: zone-a\n"
+                )
+            })
             .collect::<String>()
     };
     format!(
@@ -55,7 +62,7 @@ spec:
 apiVersion: v1
 kind: Service
 metadata: {{name: echo-a, namespace: demo}}
-spec: {{ports: [{{name: echo, port: 8080}}]}}
+spec: {{ports: [{{port: 8080, protocol: TCP, targetPort: 8080}}]}}
 ---
 apiVersion: v1
 kind: Service
@@ -66,7 +73,7 @@ apiVersion: discovery.k8s.io/v1
 kind: EndpointSlice
 metadata: {{name: echo-a, namespace: demo, labels: {{kubernetes.io/service-name: echo-a}}}}
 addressType: IPv4
-ports: [{{name: echo, port: 8080}}]
+ports: [{{name: "", port: 8080, protocol: TCP}}]
 endpoints:
 {}---
 apiVersion: discovery.k8s.io/v1
@@ -240,6 +247,11 @@ fn standalone_controller_and_agent_follow_the_manifests() {
         "fulgur_controller_agents{state=\"synced\"} 1",
         "fulgur_controller_desired_services 2",
         "fulgur_controller_leader 1",
+        // web's two backendRefs and dns's one reach ready endpoints.
+        "fulgur_controller_backend_refs{state=\"ready\"} 3",
+        "fulgur_controller_backend_refs{state=\"no_endpoints\"} 0",
+        // Read once at start; reading made no event that read again.
+        "fulgur_controller_manifest_reads_total 1",
     ] {
         assert!(metrics.contains(line), "{line} in\n{metrics}");
     }

@@ -20,6 +20,7 @@ use super::{
 };
 use crate::{
     agents::{Agents, AgentsError, SyncState},
+    backends::{EmptyBackends, no_endpoints_message},
     metrics::Metrics,
     model::{Dataplane, ObjectRef},
     status::{self, ObjectStatus, StatusDoc},
@@ -52,6 +53,7 @@ pub(super) struct Leader {
     agent_states: BTreeMap<String, SyncState>,
     /// What the last reconcile was told about the dataplane.
     dataplane: Option<Dataplane>,
+    empty_backends: EmptyBackends,
     metrics: Arc<Metrics>,
 }
 
@@ -60,7 +62,12 @@ fn false_conditions(doc: &StatusDoc) -> BTreeSet<(String, String, String)> {
         .conditions
         .iter()
         .chain(doc.listeners.iter().flat_map(|l| &l.conditions))
-        .chain(doc.parents.iter().flat_map(|p| &p.conditions));
+        .chain(
+            doc.parents
+                .iter()
+                .filter_map(|p| p.doc.as_ref())
+                .flat_map(|p| &p.conditions),
+        );
     all.filter(|c| c.status == "False")
         .map(|c| (c.type_.clone(), c.reason.clone(), c.message.clone()))
         .collect()
@@ -87,6 +94,7 @@ impl Leader {
             agent_pods: BTreeMap::new(),
             agent_states: BTreeMap::new(),
             dataplane: None,
+            empty_backends: EmptyBackends::default(),
             metrics,
         })
     }
@@ -142,6 +150,25 @@ impl Leader {
         let out = translate::translate(&config, &snapshot);
         self.metrics.reconciles.inc();
         self.metrics.desired_services.set(out.services.len() as i64);
+        for key in self.empty_backends.update(&out, &self.metrics) {
+            let id = (key.route_kind.kind(), key.route.clone());
+            let route = stores
+                .gateway_api
+                .served
+                .get(id.0)
+                .and_then(|(resource, _)| {
+                    stores
+                        .gateway_api
+                        .objects(id.0)
+                        .into_iter()
+                        .find(|o| status_id(id.0, o) == id.1)
+                        .map(|o| reference(&o, resource))
+                });
+            if let Some(route) = route {
+                self.event(&route, "NoEndpoints", no_endpoints_message(&key))
+                    .await;
+            }
+        }
         if self.last_services.as_ref() != Some(&out.services) {
             let generation = self.agents.set_desired(out.services.clone());
             info!(
@@ -191,14 +218,15 @@ impl Leader {
                     None => continue,
                 };
                 if route {
-                    let ours = |p: &&status::RouteParentDoc| {
-                        p.controller_name == self.settings.controller_name
+                    let ours = |p: &&status::ParentEntry| {
+                        p.controller_name() == Some(self.settings.controller_name.as_str())
                     };
                     if observed
                         .parents
                         .iter()
                         .filter(ours)
-                        .eq(desired.parents.iter())
+                        .map(|p| &p.doc)
+                        .eq(desired.parents.iter().map(|p| &p.doc))
                     {
                         continue;
                     }

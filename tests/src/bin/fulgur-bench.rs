@@ -348,7 +348,7 @@ mod translate {
                     .collect(),
                 addresses: vec![GatewayAddress {
                     kind: "IPAddress".into(),
-                    value: format!("10.{}.{}.1", g / 256, g % 256),
+                    value: Some(format!("10.{}.{}.1", g / 256, g % 256)),
                 }],
             });
         }
