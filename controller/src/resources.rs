@@ -120,7 +120,8 @@ pub struct GatewaySpec {
     pub infrastructure: Option<serde_json::Value>,
 }
 
-#[derive(Clone, Debug, Default, Deserialize, Serialize)]
+/// A route's parentRef; status `parents[].parentRef` has the same shape.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(rename_all = "camelCase")]
 pub struct ParentReference {
     #[serde(default, skip_serializing_if = "Option::is_none")]

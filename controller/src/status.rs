@@ -8,6 +8,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::{
     model::{Condition, ObjectRef, ParentRef, RouteGroupKind, RouteKind},
+    resources::ParentReference,
     translate::{self, Output},
 };
 
@@ -105,24 +106,8 @@ pub struct ListenerDoc {
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
-pub struct ParentRefDoc {
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub group: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub kind: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub namespace: Option<String>,
-    pub name: String,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub section_name: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub port: Option<u16>,
-}
-
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase")]
 pub struct RouteParentDoc {
-    pub parent_ref: ParentRefDoc,
+    pub parent_ref: ParentReference,
     pub controller_name: String,
     #[serde(default)]
     pub conditions: Vec<ConditionDoc>,
@@ -211,8 +196,8 @@ fn conditions(list: &[Condition]) -> Vec<ConditionDoc> {
     list.iter().map(ConditionDoc::from).collect()
 }
 
-fn parent_doc(route: &ObjectRef, p: &ParentRef) -> ParentRefDoc {
-    ParentRefDoc {
+fn parent_doc(route: &ObjectRef, p: &ParentRef) -> ParentReference {
+    ParentReference {
         group: Some(p.group.clone()),
         kind: Some(p.kind.clone()),
         namespace: Some(

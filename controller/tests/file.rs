@@ -380,20 +380,27 @@ ports:
 - {name: "", port: 3000, protocol: TCP}
 "#;
 
+/// translate with a pool of two addresses.
+fn translate_with_pool(
+    snapshot: &fulgur_controller::model::Snapshot,
+) -> fulgur_controller::translate::Output {
+    translate(
+        &Config {
+            controller_name: "fulgur.dev/gateway-controller",
+            address_pools: &["192.0.2.0/30".parse().unwrap()],
+            now: "T",
+        },
+        snapshot,
+    )
+}
+
 #[test]
 fn an_unnamed_service_port_reaches_its_endpoints() {
     let dir = Dir::new(&[("all.yaml", UNNAMED_PORT)]);
     let snapshot = file::load(dir.path(), &mut file::History::default(), SEEN)
         .unwrap()
         .snapshot;
-    let out = translate(
-        &Config {
-            controller_name: "fulgur.dev/gateway-controller",
-            address_pools: &["192.0.2.0/30".parse().unwrap()],
-            now: "T",
-        },
-        &snapshot,
-    );
+    let out = translate_with_pool(&snapshot);
     assert_eq!(out.services.len(), 1, "{out:?}");
     let service = &out.services[0];
     assert_eq!(
@@ -430,14 +437,7 @@ fn a_service_without_endpoints_is_reported() {
     let snapshot = file::load(dir.path(), &mut file::History::default(), SEEN)
         .unwrap()
         .snapshot;
-    let out = translate(
-        &Config {
-            controller_name: "fulgur.dev/gateway-controller",
-            address_pools: &["192.0.2.0/30".parse().unwrap()],
-            now: "T",
-        },
-        &snapshot,
-    );
+    let out = translate_with_pool(&snapshot);
     assert!(out.services[0].backends.is_empty());
     assert!(out.services[0].reject_weight > 0);
     let (key, state) = out.backend_refs.iter().next().unwrap();
