@@ -24,11 +24,27 @@ use fulgur_common::{defaults, map_names, program_names};
 use crate::{EBPF_OBJECT, writer::Layout};
 
 const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
+/// Where bpffs is mounted by convention; the agent mounts it here when it is missing.
+pub const BPFFS_MOUNT_POINT: &str = "/sys/fs/bpf";
 
 #[derive(Debug, thiserror::Error)]
 pub enum DataplaneError {
-    #[error("{path} is not on a bpffs mount (mount one with `mount -t bpf bpf /sys/fs/bpf`)")]
-    NotBpffs { path: PathBuf },
+    #[error(
+        "{path} is on {fs}, not on a bpffs mount: use a folder under {BPFFS_MOUNT_POINT} (the agent \
+         mounts bpffs there when it is missing), or mount one first: mount -t bpf bpf DIR"
+    )]
+    NotBpffs { path: PathBuf, fs: String },
+    #[error(
+        "{BPFFS_MOUNT_POINT} is not a bpffs mount (is this 'ip netns exec'?) and mounting one \
+         failed ({source}): mount -t bpf bpf {BPFFS_MOUNT_POINT}, or use nsenter --net instead of \
+         ip netns exec"
+    )]
+    MountBpffs { source: io::Error },
+    #[error(
+        "{BPFFS_MOUNT_POINT} is not a bpffs mount (is this 'ip netns exec'?), so no pins are \
+         visible here: use nsenter --net instead of ip netns exec"
+    )]
+    NoBpffs,
     #[error("{action} {path}: {source}")]
     Io {
         action: &'static str,
@@ -147,8 +163,12 @@ impl Pins {
         self.links().join(format!("tc-egress-{iface}"))
     }
 
-    /// Creates the folders, refusing anything that is not on bpffs.
+    /// Creates the folders, refusing anything that is not on bpffs. A folder under
+    /// [`BPFFS_MOUNT_POINT`] with no bpffs there gets one mounted, as other eBPF agents do:
+    /// `ip netns exec` gives its command a fresh /sys without one.
     pub fn create(&self) -> Result<(), DataplaneError> {
+        // Checked before anything is created, so a wrong folder leaves nothing behind.
+        self.ensure_bpffs(true)?;
         for dir in [self.maps(), self.links(), self.progs()] {
             fs::create_dir_all(&dir).map_err(|source| DataplaneError::Io {
                 action: "creating",
@@ -156,23 +176,101 @@ impl Pins {
                 source,
             })?;
         }
-        if !is_bpffs(&self.root) {
+        Ok(())
+    }
+
+    /// Fails with advice when the folder is not on bpffs (for readers: `inspect`, `detach`).
+    pub fn check(&self) -> Result<(), DataplaneError> {
+        self.ensure_bpffs(false)
+    }
+
+    fn ensure_bpffs(&self, may_mount: bool) -> Result<(), DataplaneError> {
+        // The folder itself, or the closest parent that exists yet.
+        let existing = self
+            .root
+            .ancestors()
+            .find(|p| p.exists())
+            .unwrap_or(Path::new("/"));
+        let fs_type = fs_type(existing);
+        if fs_type == Some(BPF_FS_MAGIC) {
+            return Ok(());
+        }
+        let mount_point = Path::new(BPFFS_MOUNT_POINT);
+        if !self.root.starts_with(mount_point) {
             return Err(DataplaneError::NotBpffs {
                 path: self.root.clone(),
+                fs: fs_name(fs_type),
             });
+        }
+        if !may_mount {
+            return Err(DataplaneError::NoBpffs);
+        }
+        mount_bpffs(mount_point).map_err(|source| DataplaneError::MountBpffs { source })?;
+        if own_mount_namespace() {
+            tracing::warn!(
+                "mounted bpffs at {BPFFS_MOUNT_POINT} in this process's own mount namespace \
+                 (ip netns exec, or a container without the host's): the pins die with it, so the dataplane is detached when the \
+                 agent exits and a restart starts afresh; use nsenter --net to keep the host's \
+                 {BPFFS_MOUNT_POINT}"
+            );
+        } else {
+            tracing::info!("mounted bpffs at {BPFFS_MOUNT_POINT}");
         }
         Ok(())
     }
 }
 
-fn is_bpffs(path: &Path) -> bool {
-    let Ok(c_path) = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()) else {
-        return false;
-    };
+/// The file system magic of `path`, if statfs works.
+fn fs_type(path: &Path) -> Option<i64> {
+    let c_path = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()).ok()?;
     // SAFETY: statfs writes into a zeroed struct we own.
     unsafe {
         let mut stat: libc::statfs = std::mem::zeroed();
-        libc::statfs(c_path.as_ptr(), &mut stat) == 0 && stat.f_type as i64 == BPF_FS_MAGIC
+        (libc::statfs(c_path.as_ptr(), &mut stat) == 0).then_some(stat.f_type as i64)
+    }
+}
+
+fn fs_name(magic: Option<i64>) -> String {
+    match magic {
+        Some(0x0102_1994) => "tmpfs".into(),
+        Some(0x6265_6572) => "sysfs".into(),
+        Some(0xef53) => "ext2/3/4".into(),
+        Some(0x794c_7630) => "overlayfs".into(),
+        Some(0x9123_683e) => "btrfs".into(),
+        Some(0x5846_5342) => "xfs".into(),
+        Some(0x9fa0) => "proc".into(),
+        Some(magic) => format!("a file system of type {magic:#x}"),
+        None => "an unreadable file system".into(),
+    }
+}
+
+fn mount_bpffs(target: &Path) -> io::Result<()> {
+    let target = std::ffi::CString::new(target.as_os_str().as_encoded_bytes())?;
+    // SAFETY: valid NUL-terminated strings; mount does not keep them.
+    let rc = unsafe {
+        libc::mount(
+            c"bpf".as_ptr(),
+            target.as_ptr(),
+            c"bpf".as_ptr(),
+            0,
+            c"mode=0700".as_ptr().cast(),
+        )
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
+/// Whether this process has a mount namespace other than init's (as `ip netns exec` makes).
+fn own_mount_namespace() -> bool {
+    match (
+        fs::read_link("/proc/self/ns/mnt"),
+        fs::read_link("/proc/1/ns/mnt"),
+    ) {
+        (Ok(own), Ok(init)) => own != init,
+        _ => false,
     }
 }
 

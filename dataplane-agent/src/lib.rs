@@ -9,5 +9,5 @@ pub mod metrics;
 pub mod mmap;
 pub mod writer;
 
-/// The eBPF object built by build.rs (aya-build) from `dataplane-ebpf`.
+/// The eBPF object built by build.rs (the nightly toolchain) from `dataplane-ebpf`.
 pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/fulgur"));

@@ -114,7 +114,9 @@ fn main() -> anyhow::Result<()> {
             flows,
             json,
         }) => {
-            let report = inspect::read(&Pins::new(bpffs_dir), flows)?;
+            let pins = Pins::new(bpffs_dir);
+            pins.check()?;
+            let report = inspect::read(&pins, flows)?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&report)?);
             } else {
@@ -123,7 +125,9 @@ fn main() -> anyhow::Result<()> {
             Ok(())
         }
         Some(Command::Detach { bpffs_dir }) => {
-            let removed = dataplane::detach(&Pins::new(&bpffs_dir))?;
+            let pins = Pins::new(&bpffs_dir);
+            pins.check()?;
+            let removed = dataplane::detach(&pins)?;
             println!(
                 "detached: removed {} pins under {}",
                 removed.len(),
@@ -305,16 +309,21 @@ async fn serve_grpc(
     health
         .set_serving::<DataplaneServer<DataplaneService<MapProgrammer>>>()
         .await;
-    let reflection = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(fulgur_proto::FILE_DESCRIPTOR_SET)
-        .build_v1()?;
+    // Both reflection versions: grpcurl speaks v1, many other generic clients only v1alpha.
+    let reflection = || {
+        tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(fulgur_proto::FILE_DESCRIPTOR_SET)
+    };
+    let reflection_v1 = reflection().build_v1()?;
+    let reflection_v1alpha = reflection().build_v1alpha()?;
     let mut server = tonic::transport::Server::builder();
     if let Some(tls) = tls {
         server = server.tls_config(tls)?;
     }
     server
         .add_service(health_service)
-        .add_service(reflection)
+        .add_service(reflection_v1)
+        .add_service(reflection_v1alpha)
         .add_service(
             DataplaneServer::new(DataplaneService::new(programmer, metrics))
                 .max_decoding_message_size(MAX_STATE_BYTES),

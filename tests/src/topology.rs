@@ -301,6 +301,91 @@ pub enum Source<'a> {
         tls: Option<&'a crate::pki::PkiFiles>,
         metrics: Option<SocketAddr>,
     },
+    /// These arguments as they are (after `--iface`, `--xdp-mode`, `--bpffs-dir` and sizes).
+    Args(&'a [&'a str]),
+}
+
+/// How a test starts the agent process inside its namespace.
+#[derive(Clone, Debug, Default)]
+pub struct Launch {
+    /// `ip netns exec NAME` instead of `nsenter --net`: the agent gets its own mount namespace
+    /// and a fresh /sys, without bpffs.
+    pub ip_netns_exec: bool,
+    /// Exactly these capabilities (pod-spec names: `BPF`, `NET_ADMIN`), as uid 0 with
+    /// no_new_privs: what a container runtime gives a container with `drop: [ALL]`.
+    pub capabilities: Option<Vec<String>>,
+}
+
+impl Launch {
+    /// The agent as `manifests/deploy/agent.yaml` runs it: its capability set.
+    pub fn deployed() -> Self {
+        Launch {
+            ip_netns_exec: false,
+            capabilities: Some(deployed_capabilities().expect("manifests/deploy/agent.yaml")),
+        }
+    }
+
+    fn command(&self, ns: &NetNs) -> std::process::Command {
+        let mut command = if self.ip_netns_exec {
+            let mut command = std::process::Command::new("ip");
+            command.args(["netns", "exec", ns.name()]);
+            command
+        } else {
+            let mut command = std::process::Command::new("nsenter");
+            command.arg(format!("--net={}", ns.path()));
+            command
+        };
+        if let Some(capabilities) = &self.capabilities {
+            // setpriv execs the agent, so the child's pid stays the agent's.
+            let mut bounding = String::from("-all");
+            for capability in capabilities {
+                bounding += &format!(",+{}", capability.to_lowercase());
+            }
+            command.args([
+                "setpriv",
+                "--no-new-privs",
+                "--inh-caps=-all",
+                "--ambient-caps=-all",
+                &format!("--bounding-set={bounding}"),
+                "--",
+            ]);
+        }
+        command.arg(crate::agent_binary());
+        command
+    }
+}
+
+/// The capabilities the agent container gets in `manifests/deploy/agent.yaml`, read from the
+/// file so the tests and the manifest cannot drift apart. Also checks what makes them effective:
+/// `drop: [ALL]` and uid 0 (capabilities in a pod are effective for uid 0 only).
+pub fn deployed_capabilities() -> anyhow::Result<Vec<String>> {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../manifests/deploy/agent.yaml");
+    let text = fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
+    let daemonset: serde_yaml::Value = serde_yaml::from_str(&text)?;
+    let pod = &daemonset["spec"]["template"]["spec"];
+    let container = pod["containers"]
+        .as_sequence()
+        .and_then(|c| c.iter().find(|c| c["name"] == "agent"))
+        .context("no container named agent")?;
+    let context = &container["securityContext"];
+    let run_as = context["runAsUser"]
+        .as_u64()
+        .or(pod["securityContext"]["runAsUser"].as_u64());
+    anyhow::ensure!(
+        run_as == Some(0),
+        "the agent must run as uid 0 for its capabilities to be effective, not {run_as:?}"
+    );
+    let capabilities = &context["capabilities"];
+    anyhow::ensure!(
+        capabilities["drop"] == serde_yaml::Value::from(vec!["ALL"]),
+        "capabilities.drop must be [ALL]"
+    );
+    capabilities["add"]
+        .as_sequence()
+        .context("capabilities.add")?
+        .iter()
+        .map(|c| c.as_str().map(str::to_owned).context("a capability name"))
+        .collect()
 }
 
 impl AgentProcess {
@@ -343,8 +428,29 @@ impl AgentProcess {
         bpffs_dir: PathBuf,
         size_flags: &[&str],
     ) -> anyhow::Result<Self> {
+        Self::start_launched(
+            ns,
+            iface,
+            mode,
+            source,
+            bpffs_dir,
+            size_flags,
+            &Launch::default(),
+        )
+    }
+
+    /// Starts an agent the way `launch` says (another namespace tool, fewer capabilities).
+    pub fn start_launched(
+        ns: &NetNs,
+        iface: &str,
+        mode: XdpAttachMode,
+        source: Source<'_>,
+        bpffs_dir: PathBuf,
+        size_flags: &[&str],
+        launch: &Launch,
+    ) -> anyhow::Result<Self> {
         let log = std::env::temp_dir().join(format!("{}.log", unique_token("fulgur-agent-")));
-        let mut command = ns.command(crate::agent_binary());
+        let mut command = launch.command(ns);
         command
             .args(["--iface", iface, "--xdp-mode", mode.name(), "--bpffs-dir"])
             .arg(&bpffs_dir)
@@ -376,6 +482,9 @@ impl AgentProcess {
                 if let Some(metrics) = metrics {
                     command.arg("--metrics-listen").arg(metrics.to_string());
                 }
+            }
+            Source::Args(args) => {
+                command.args(args);
             }
         }
         let child = command

@@ -187,40 +187,27 @@ fn a_controller_programs_the_agent_over_mutual_tls() {
                 service: "fulgur.dataplane.v1.Dataplane".into(),
             };
             let status = health.check(request).await?.into_inner().status;
-            // Server reflection lists the service, so generic clients (grpcurl) can call it.
-            use tonic_reflection::pb::v1::{
-                ServerReflectionRequest, server_reflection_client::ServerReflectionClient,
-                server_reflection_request::MessageRequest,
-                server_reflection_response::MessageResponse,
-            };
-            let mut reflection = ServerReflectionClient::new(channel);
-            let request = ServerReflectionRequest {
-                host: String::new(),
-                message_request: Some(MessageRequest::ListServices(String::new())),
-            };
-            let mut responses = reflection
-                .server_reflection_info(tokio_stream_once(request))
-                .await?
-                .into_inner();
-            let listed = match responses.message().await?.and_then(|r| r.message_response) {
-                Some(MessageResponse::ListServicesResponse(list)) => {
-                    list.service.into_iter().map(|s| s.name).collect()
-                }
-                other => anyhow::bail!("unexpected reflection answer {other:?}"),
-            };
+            // Server reflection lists the service in both versions, so generic clients (grpcurl
+            // speaks v1, many others only v1alpha) can call it.
+            let listed = (
+                reflection_v1(channel.clone()).await?,
+                reflection_v1alpha(channel).await?,
+            );
             anyhow::Ok((status, listed))
         })
     })
     .unwrap();
-    let (status, listed): (i32, Vec<String>) = status;
+    let (status, (listed_v1, listed_v1alpha)) = status;
     assert_eq!(
         status,
         tonic_health::pb::health_check_response::ServingStatus::Serving as i32
     );
-    assert!(
-        listed.iter().any(|s| s == "fulgur.dataplane.v1.Dataplane"),
-        "reflection lists {listed:?}"
-    );
+    for (version, listed) in [("v1", listed_v1), ("v1alpha", listed_v1alpha)] {
+        assert!(
+            listed.iter().any(|s| s == "fulgur.dataplane.v1.Dataplane"),
+            "reflection {version} lists {listed:?}"
+        );
+    }
 
     // Removal: the service stops answering.
     apply(&controller, vec![]);
@@ -230,6 +217,50 @@ fn a_controller_programs_the_agent_over_mutual_tls() {
     .unwrap();
     assert!(refused, "the removed service still answered");
     let _ = std::fs::remove_dir_all(dir);
+}
+
+/// The services grpc.reflection.v1 lists.
+async fn reflection_v1(channel: tonic::transport::Channel) -> anyhow::Result<Vec<String>> {
+    use tonic_reflection::pb::v1::{
+        ServerReflectionRequest, server_reflection_client::ServerReflectionClient,
+        server_reflection_request::MessageRequest, server_reflection_response::MessageResponse,
+    };
+    let request = ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(MessageRequest::ListServices(String::new())),
+    };
+    let mut responses = ServerReflectionClient::new(channel)
+        .server_reflection_info(tokio_stream_once(request))
+        .await?
+        .into_inner();
+    match responses.message().await?.and_then(|r| r.message_response) {
+        Some(MessageResponse::ListServicesResponse(list)) => {
+            Ok(list.service.into_iter().map(|s| s.name).collect())
+        }
+        other => anyhow::bail!("unexpected reflection v1 answer {other:?}"),
+    }
+}
+
+/// The services grpc.reflection.v1alpha lists.
+async fn reflection_v1alpha(channel: tonic::transport::Channel) -> anyhow::Result<Vec<String>> {
+    use tonic_reflection::pb::v1alpha::{
+        ServerReflectionRequest, server_reflection_client::ServerReflectionClient,
+        server_reflection_request::MessageRequest, server_reflection_response::MessageResponse,
+    };
+    let request = ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(MessageRequest::ListServices(String::new())),
+    };
+    let mut responses = ServerReflectionClient::new(channel)
+        .server_reflection_info(tokio_stream_once(request))
+        .await?
+        .into_inner();
+    match responses.message().await?.and_then(|r| r.message_response) {
+        Some(MessageResponse::ListServicesResponse(list)) => {
+            Ok(list.service.into_iter().map(|s| s.name).collect())
+        }
+        other => anyhow::bail!("unexpected reflection v1alpha answer {other:?}"),
+    }
 }
 
 /// A request stream of one message.
