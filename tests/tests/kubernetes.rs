@@ -6,8 +6,7 @@
 use std::{future::Future, net::SocketAddr, time::Duration};
 
 use fulgur_controller::{
-    kubernetes::{self, AgentDiscovery, FIELD_MANAGER, Settings},
-    lease::LeaseSettings,
+    kubernetes::{self, AgentDiscovery, FIELD_MANAGER, Settings, lease::LeaseSettings},
     metrics::Metrics,
 };
 use fulgur_proto::v1::{self, GetRequest, dataplane_client::DataplaneClient};

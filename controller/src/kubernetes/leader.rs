@@ -20,11 +20,11 @@ use super::{
 };
 use crate::{
     agents::{Agents, AgentsError, SyncState},
-    backends::{EmptyBackends, no_endpoints_message},
+    backends::no_endpoints_message,
     metrics::Metrics,
     model::{Dataplane, ObjectRef},
+    reconcile::Reconciler,
     status::{self, ObjectStatus, StatusDoc},
-    translate::{self, Config},
 };
 
 /// What is left to do for one object's status.
@@ -45,7 +45,7 @@ pub(super) struct Leader {
     agents: Agents,
     recorder: Recorder,
     client: Client,
-    last_services: Option<Vec<fulgur_proto::v1::Service>>,
+    reconciler: Reconciler,
     patched: Patched,
     /// Invalid objects already reported, by uid and resourceVersion.
     reported: BTreeSet<(String, String)>,
@@ -53,7 +53,6 @@ pub(super) struct Leader {
     agent_states: BTreeMap<String, SyncState>,
     /// What the last reconcile was told about the dataplane.
     dataplane: Option<Dataplane>,
-    empty_backends: EmptyBackends,
     metrics: Arc<Metrics>,
 }
 
@@ -83,18 +82,22 @@ impl Leader {
             controller: FIELD_MANAGER.into(),
             instance: Some(settings.lease.identity.clone()),
         };
+        let reconciler = Reconciler::new(
+            settings.controller_name.clone(),
+            settings.address_pools.clone(),
+            metrics.clone(),
+        );
         Ok(Leader {
             agents: Agents::spawn(&[], settings.agents.tls.clone())?,
             recorder: Recorder::new(client.clone(), reporter),
             client,
             settings,
-            last_services: None,
+            reconciler,
             patched: BTreeMap::new(),
             reported: BTreeSet::new(),
             agent_pods: BTreeMap::new(),
             agent_states: BTreeMap::new(),
             dataplane: None,
-            empty_backends: EmptyBackends::default(),
             metrics,
         })
     }
@@ -141,27 +144,19 @@ impl Leader {
         }
         snapshot.dataplane = self.agents.dataplane();
         self.dataplane = Some(snapshot.dataplane.clone());
-        let now = status::now();
-        let config = Config {
-            controller_name: &self.settings.controller_name,
-            address_pools: &self.settings.address_pools,
-            now: &now,
-        };
-        let out = translate::translate(&config, &snapshot);
-        self.metrics.reconciles.inc();
-        self.metrics.desired_services.set(out.services.len() as i64);
-        for key in self.empty_backends.update(&out, &self.metrics) {
-            let id = (key.route_kind.kind(), key.route.clone());
+        let reconciled = self.reconciler.reconcile(&snapshot, &self.agents);
+        for key in reconciled.no_endpoints {
+            let kind = key.route_kind.kind();
             let route = stores
                 .gateway_api
                 .served
-                .get(id.0)
+                .get(kind)
                 .and_then(|(resource, _)| {
                     stores
                         .gateway_api
-                        .objects(id.0)
+                        .objects(kind)
                         .into_iter()
-                        .find(|o| status_id(id.0, o) == id.1)
+                        .find(|o| status_id(kind, o) == key.route)
                         .map(|o| reference(&o, resource))
                 });
             if let Some(route) = route {
@@ -169,15 +164,7 @@ impl Leader {
                     .await;
             }
         }
-        if self.last_services.as_ref() != Some(&out.services) {
-            let generation = self.agents.set_desired(out.services.clone());
-            info!(
-                services = out.services.len(),
-                generation, "desired state changed"
-            );
-            self.last_services = Some(out.services.clone());
-        }
-        let (patches, present) = self.status_patches(stores, &status::documents(&out));
+        let (patches, present) = self.status_patches(stores, &reconciled.documents);
         // Patches of deleted objects are forgotten, so the map does not grow with churn.
         self.patched.retain(|key, _| present.contains(key));
         for patch in patches {

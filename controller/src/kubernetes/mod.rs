@@ -10,6 +10,7 @@
 //! Lease holder does with it.
 
 mod leader;
+pub mod lease;
 mod stores;
 
 use std::{fmt::Debug, sync::Arc, time::Duration};
@@ -21,12 +22,8 @@ use tokio::sync::Notify;
 use tonic::transport::ClientTlsConfig;
 use tracing::{info, warn};
 
-use self::{leader::Leader, stores::Stores};
-use crate::{
-    lease::{self, LeaseSettings},
-    metrics::Metrics,
-    shutdown::shutdown_signal,
-};
+use self::{leader::Leader, lease::LeaseSettings, stores::Stores};
+use crate::{metrics::Metrics, shutdown::shutdown_signal};
 
 /// The field manager of every status patch.
 pub const FIELD_MANAGER: &str = "fulgur-controller";
