@@ -10,12 +10,12 @@ use k8s_openapi::{
 };
 
 use crate::{
+    gateway_api::GROUP,
     model::{
         self, BackendRef, FromNamespaces, GatewayAddress, LabelRequirement, Listener, Meta,
         ObjectRef, ParentRef, RouteGroupKind, RouteKind, ServicePort,
     },
     resources,
-    translate::GATEWAY_GROUP as GROUP,
 };
 
 /// The label that ties an EndpointSlice to its Service.

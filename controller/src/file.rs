@@ -13,7 +13,8 @@ use serde::Deserialize;
 
 use crate::{
     convert,
-    model::{Meta, ObjectRef, RouteKind, Snapshot},
+    gateway_api::Kind,
+    model::{Meta, ObjectRef, Snapshot},
     resources,
 };
 
@@ -276,12 +277,6 @@ fn line_of(doc: &str, path: &str) -> Option<usize> {
         .map(|i| i + 1)
 }
 
-fn gateway_api(api_version: &str, versions: &[&str]) -> bool {
-    api_version
-        .strip_prefix("gateway.networking.k8s.io/")
-        .is_some_and(|v| versions.contains(&v))
-}
-
 /// Adds one document; `Ok(false)` for kinds this controller does not read.
 fn add(
     snapshot: &mut Snapshot,
@@ -291,27 +286,23 @@ fn add(
     meta: Meta,
 ) -> Result<bool, AddError> {
     let version = head.api_version.as_str();
+    let gateway_api = Kind::from_name(&head.kind).filter(|k| k.read_at(version));
     match head.kind.as_str() {
-        "GatewayClass" if gateway_api(version, &["v1", "v1beta1"]) => {
+        "GatewayClass" if gateway_api.is_some() => {
             let class: resources::GatewayClass = strict(doc)?;
             snapshot
                 .classes
                 .push(convert::gateway_class(&id.name, meta, &class.spec));
         }
-        "Gateway" if gateway_api(version, &["v1", "v1beta1"]) => {
+        "Gateway" if gateway_api.is_some() => {
             let gateway: resources::Gateway = strict(doc)?;
             snapshot
                 .gateways
                 .push(convert::gateway(id, meta, &gateway.spec)?);
         }
-        "TCPRoute" | "UDPRoute" if gateway_api(version, &["v1", "v1alpha2"]) => {
+        _ if let Some(kind) = gateway_api.and_then(Kind::route) => {
             // The two kinds share one spec; the derived root type does not check `kind`.
             let route: resources::TCPRoute = strict(doc)?;
-            let kind = if head.kind == "TCPRoute" {
-                RouteKind::Tcp
-            } else {
-                RouteKind::Udp
-            };
             snapshot.routes.push(convert::route(
                 kind,
                 id,
@@ -321,7 +312,7 @@ fn add(
                 version.ends_with("/v1"),
             )?);
         }
-        "ReferenceGrant" if gateway_api(version, &["v1", "v1beta1", "v1alpha2"]) => {
+        "ReferenceGrant" if gateway_api.is_some() => {
             let grant: resources::ReferenceGrant = strict(doc)?;
             snapshot
                 .grants

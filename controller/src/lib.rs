@@ -7,6 +7,7 @@ pub mod agents;
 pub mod backends;
 pub mod convert;
 pub mod file;
+pub mod gateway_api;
 pub mod kubernetes;
 pub mod metrics;
 pub mod model;

@@ -51,11 +51,9 @@ pub enum RouteKind {
 }
 
 impl RouteKind {
+    /// The Gateway API kind's name.
     pub fn kind(self) -> &'static str {
-        match self {
-            RouteKind::Tcp => "TCPRoute",
-            RouteKind::Udp => "UDPRoute",
-        }
+        self.api_kind().name()
     }
 }
 

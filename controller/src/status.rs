@@ -7,7 +7,8 @@ use std::{collections::BTreeMap, net::IpAddr, path::Path};
 use serde::{Deserialize, Serialize};
 
 use crate::{
-    model::{Condition, ObjectRef, ParentRef, RouteGroupKind, RouteKind},
+    gateway_api::{GROUP, Kind, STATUS_API_VERSION},
+    model::{Condition, ObjectRef, ParentRef, RouteGroupKind},
     resources::ParentReference,
     translate::{self, Output},
 };
@@ -89,7 +90,7 @@ pub struct GroupKindDoc {
 }
 
 fn gateway_group() -> String {
-    translate::GATEWAY_GROUP.into()
+    GROUP.into()
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -190,8 +191,6 @@ pub fn now() -> String {
     humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string()
 }
 
-const API_VERSION: &str = "gateway.networking.k8s.io/v1";
-
 fn conditions(list: &[Condition]) -> Vec<ConditionDoc> {
     list.iter().map(ConditionDoc::from).collect()
 }
@@ -213,7 +212,7 @@ fn parent_doc(route: &ObjectRef, p: &ParentRef) -> ParentReference {
 
 fn doc(kind: &str, id: &ObjectRef, status: StatusDoc) -> ObjectStatus {
     ObjectStatus {
-        api_version: API_VERSION.into(),
+        api_version: STATUS_API_VERSION.into(),
         kind: kind.into(),
         metadata: MetadataDoc {
             name: id.name.clone(),
@@ -359,12 +358,7 @@ impl Previous {
                         .collect();
                     previous.addresses.insert(id, addresses);
                 }
-                "TCPRoute" | "UDPRoute" => {
-                    let kind = if object.kind == "TCPRoute" {
-                        RouteKind::Tcp
-                    } else {
-                        RouteKind::Udp
-                    };
+                _ if let Some(kind) = Kind::from_name(&object.kind).and_then(Kind::route) => {
                     for p in object.status.parents.iter().filter_map(|p| p.doc.as_ref()) {
                         let r = &p.parent_ref;
                         let parent = ParentRef {

@@ -9,12 +9,14 @@ use std::{
 
 use fulgur_proto::v1;
 
-use crate::model::{
-    BackendRef, Condition, Dataplane, EndpointSlice, FromNamespaces, Gateway, Listener, ObjectRef,
-    ParentRef, Route, RouteGroupKind, RouteKind, Service, Snapshot,
+use crate::{
+    gateway_api::GROUP,
+    model::{
+        BackendRef, Condition, Dataplane, EndpointSlice, FromNamespaces, Gateway, Listener,
+        ObjectRef, ParentRef, Route, RouteGroupKind, RouteKind, Service, Snapshot,
+    },
 };
 
-pub const GATEWAY_GROUP: &str = "gateway.networking.k8s.io";
 /// Features this implementation supports, sorted (GatewayClass `status.supportedFeatures`).
 pub const SUPPORTED_FEATURES: [&str; 5] = [
     "Gateway",
@@ -183,16 +185,12 @@ struct ValidListener<'a> {
 }
 
 fn supported_kinds(listener: &Listener) -> (Vec<RouteGroupKind>, bool) {
-    let derived = match listener.protocol.as_str() {
-        "TCP" => Some(RouteKind::Tcp),
-        "UDP" => Some(RouteKind::Udp),
-        _ => None,
-    };
+    let derived = RouteKind::for_protocol(&listener.protocol);
     if listener.kinds.is_empty() {
         let kinds = derived
             .map(|k| {
                 vec![RouteGroupKind {
-                    group: GATEWAY_GROUP.into(),
+                    group: GROUP.into(),
                     kind: k.kind().into(),
                 }]
             })
@@ -202,10 +200,10 @@ fn supported_kinds(listener: &Listener) -> (Vec<RouteGroupKind>, bool) {
     let mut all_valid = true;
     let mut kinds = Vec::new();
     for k in &listener.kinds {
-        let group_ok = k.group.is_empty() || k.group == GATEWAY_GROUP;
+        let group_ok = k.group.is_empty() || k.group == GROUP;
         if group_ok && derived.is_some_and(|d| d.kind() == k.kind) {
             kinds.push(RouteGroupKind {
-                group: GATEWAY_GROUP.into(),
+                group: GROUP.into(),
                 kind: k.kind.clone(),
             });
         } else {
@@ -237,7 +235,7 @@ fn granted(snapshot: &Snapshot, route: &Route, backend: &BackendRef, namespace: 
         || snapshot.grants.iter().any(|g| {
             g.namespace == namespace
                 && g.from.iter().any(|(group, kind, ns)| {
-                    group == GATEWAY_GROUP && kind == route.kind.kind() && *ns == route.id.namespace
+                    group == GROUP && kind == route.kind.kind() && *ns == route.id.namespace
                 })
                 && g.to.iter().any(|(group, kind, name)| {
                     group.is_empty()
@@ -303,10 +301,7 @@ fn resolve(
         return Err(Unresolved::NotFound);
     };
     // A Service may carry one port number for TCP and for UDP (DNS does): take the route's.
-    let route_protocol = match route.kind {
-        RouteKind::Tcp => "TCP",
-        RouteKind::Udp => "UDP",
-    };
+    let route_protocol = route.kind.protocol();
     let mut numbered = service.ports.iter().filter(|p| p.port == port).peekable();
     if numbered.peek().is_none() {
         return Err(Unresolved::NotFound);
@@ -485,11 +480,7 @@ pub fn translate(config: &Config, snapshot: &Snapshot) -> Output {
                 config.now,
             );
             let (kinds, kinds_valid) = supported_kinds(listener);
-            let kind = match listener.protocol.as_str() {
-                "TCP" => Some(RouteKind::Tcp),
-                "UDP" => Some(RouteKind::Udp),
-                _ => None,
-            };
+            let kind = RouteKind::for_protocol(&listener.protocol);
             let same_port = |pred: &dyn Fn(&Listener) -> bool| {
                 gateway
                     .listeners
@@ -664,7 +655,7 @@ pub fn translate(config: &Config, snapshot: &Snapshot) -> Output {
     for route in &routes {
         let mut parents = Vec::new();
         for parent in &route.parent_refs {
-            if !(parent.group == GATEWAY_GROUP && parent.kind == "Gateway") {
+            if !(parent.group == GROUP && parent.kind == "Gateway") {
                 continue; // Not a parent we handle.
             }
             let gateway_id = ObjectRef::new(
@@ -748,11 +739,7 @@ pub fn translate(config: &Config, snapshot: &Snapshot) -> Output {
                     "UnsupportedProtocol",
                     format!(
                         "a backendRef's Service port does not speak {}",
-                        if route.kind == RouteKind::Tcp {
-                            "TCP"
-                        } else {
-                            "UDP"
-                        }
+                        route.kind.protocol()
                     ),
                 ),
             }

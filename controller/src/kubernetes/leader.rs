@@ -21,6 +21,7 @@ use super::{
 use crate::{
     agents::{Agents, AgentsError, SyncState},
     backends::no_endpoints_message,
+    gateway_api::Kind,
     metrics::Metrics,
     model::{Dataplane, ObjectRef},
     reconcile::Reconciler,
@@ -228,7 +229,7 @@ impl Leader {
                     patch_status = serde_json::json!({ "parents": [] });
                 }
                 let mut metadata = serde_json::json!({ "name": id.name });
-                if *kind != "GatewayClass" {
+                if Kind::from_name(kind).is_some_and(Kind::namespaced) {
                     metadata["namespace"] = id.namespace.clone().into();
                 }
                 let body = serde_json::json!({
@@ -266,10 +267,10 @@ impl Leader {
         let Some((resource, _)) = stores.gateway_api.served.get(patch.kind) else {
             return true;
         };
-        let api: Api<DynamicObject> = if patch.kind == "GatewayClass" {
-            Api::all_with(self.client.clone(), resource)
-        } else {
+        let api: Api<DynamicObject> = if Kind::from_name(patch.kind).is_some_and(Kind::namespaced) {
             Api::namespaced_with(self.client.clone(), &patch.id.namespace, resource)
+        } else {
+            Api::all_with(self.client.clone(), resource)
         };
         let params = PatchParams::apply(FIELD_MANAGER).force();
         match api

@@ -23,39 +23,26 @@ use tracing::{info, warn};
 use super::{AgentDiscovery, Settings};
 use crate::{
     convert,
-    model::{ObjectRef, RouteKind, Snapshot},
+    gateway_api::{GROUP, Kind, STATUS_API_VERSION},
+    model::{ObjectRef, Snapshot},
     resources,
     status::{self, ObjectStatus, StatusDoc},
-    translate::GATEWAY_GROUP as GROUP,
 };
 
-/// The Gateway API kinds, with the versions read, most preferred first.
-const GATEWAY_API: [(&str, &[&str]); 5] = [
-    ("GatewayClass", &["v1"]),
-    ("Gateway", &["v1"]),
-    ("TCPRoute", &["v1", "v1alpha2"]),
-    ("UDPRoute", &["v1", "v1alpha2"]),
-    ("ReferenceGrant", &["v1", "v1beta1"]),
-];
-
-fn api_resource(kind: &str) -> ApiResource {
+fn api_resource(kind: Kind) -> ApiResource {
     match kind {
-        "GatewayClass" => ApiResource::erase::<resources::GatewayClass>(&()),
-        "Gateway" => ApiResource::erase::<resources::Gateway>(&()),
-        "TCPRoute" => ApiResource::erase::<resources::TCPRoute>(&()),
-        "UDPRoute" => ApiResource::erase::<resources::UDPRoute>(&()),
-        _ => ApiResource::erase::<resources::ReferenceGrant>(&()),
+        Kind::GatewayClass => ApiResource::erase::<resources::GatewayClass>(&()),
+        Kind::Gateway => ApiResource::erase::<resources::Gateway>(&()),
+        Kind::TcpRoute => ApiResource::erase::<resources::TCPRoute>(&()),
+        Kind::UdpRoute => ApiResource::erase::<resources::UDPRoute>(&()),
+        Kind::ReferenceGrant => ApiResource::erase::<resources::ReferenceGrant>(&()),
     }
 }
 
-/// The first of `versions` at which the cluster serves `kind`, if any.
-async fn discover(
-    client: &Client,
-    kind: &str,
-    versions: &[&str],
-) -> anyhow::Result<Option<ApiResource>> {
+/// The first of the kind's versions that the cluster serves, if any.
+async fn discover(client: &Client, kind: Kind) -> anyhow::Result<Option<ApiResource>> {
     let mut resource = api_resource(kind);
-    for version in versions {
+    for version in kind.versions() {
         let api_version = format!("{GROUP}/{version}");
         match client.list_api_group_resources(&api_version).await {
             Ok(list) if list.resources.iter().any(|r| r.name == resource.plural) => {
@@ -118,11 +105,11 @@ impl GatewayApi {
     ) -> anyhow::Result<bool> {
         // Discover everything first: an error then leaves no reflector half started.
         let mut found = Vec::new();
-        for (kind, versions) in GATEWAY_API {
-            if !self.served.contains_key(kind)
-                && let Some(resource) = discover(client, kind, versions).await?
+        for kind in Kind::ALL {
+            if !self.served.contains_key(kind.name())
+                && let Some(resource) = discover(client, kind).await?
             {
-                found.push((kind, resource));
+                found.push((kind.name(), resource));
             }
         }
         let started = !found.is_empty();
@@ -141,7 +128,7 @@ impl GatewayApi {
     }
 
     pub(super) fn complete(&self) -> bool {
-        self.served.len() == GATEWAY_API.len()
+        self.served.len() == Kind::ALL.len()
     }
 
     pub(super) fn objects(&self, kind: &str) -> Vec<Arc<DynamicObject>> {
@@ -196,10 +183,10 @@ impl Stores {
             served: BTreeMap::new(),
         };
         gateway_api.discover_missing(client, changed).await?;
-        for (kind, _) in GATEWAY_API {
-            if !gateway_api.served.contains_key(kind) {
+        for kind in Kind::ALL {
+            if !gateway_api.served.contains_key(kind.name()) {
                 warn!(
-                    kind,
+                    kind = kind.name(),
                     every = ?settings.rediscover_every,
                     "not served by this cluster (yet?): read as empty, discovery repeated"
                 );
@@ -265,12 +252,7 @@ impl Stores {
                     "Gateway" => spec(&object)
                         .and_then(|s| convert::gateway(id.clone(), meta, &s))
                         .map(|g| snapshot.gateways.push(g)),
-                    "TCPRoute" | "UDPRoute" => {
-                        let route_kind = if *kind == "TCPRoute" {
-                            RouteKind::Tcp
-                        } else {
-                            RouteKind::Udp
-                        };
+                    _ if let Some(route_kind) = Kind::from_name(kind).and_then(Kind::route) => {
                         spec::<resources::TCPRouteSpec>(&object)
                             .and_then(|s| {
                                 convert::route(
@@ -376,7 +358,7 @@ pub(super) type Patched = BTreeMap<(String, ObjectRef), (serde_json::Value, Opti
 /// How statuses name an object: GatewayClasses have no namespace.
 pub(super) fn status_id(kind: &str, object: &DynamicObject) -> ObjectRef {
     let mut id = convert::object_ref(&object.metadata);
-    if kind == "GatewayClass" {
+    if !Kind::from_name(kind).is_some_and(Kind::namespaced) {
         id.namespace = String::new();
     }
     id
@@ -384,15 +366,12 @@ pub(super) fn status_id(kind: &str, object: &DynamicObject) -> ObjectRef {
 
 fn status_doc(kind: &str, id: &ObjectRef, status: StatusDoc) -> ObjectStatus {
     ObjectStatus {
-        api_version: format!("{GROUP}/v1"),
+        api_version: STATUS_API_VERSION.into(),
         kind: kind.to_owned(),
+        // `id` comes from `status_id`: no namespace for cluster-scoped kinds.
         metadata: status::MetadataDoc {
             name: id.name.clone(),
-            namespace: if kind == "GatewayClass" {
-                String::new()
-            } else {
-                id.namespace.clone()
-            },
+            namespace: id.namespace.clone(),
         },
         status,
     }
