@@ -333,7 +333,8 @@ impl Dataplane {
     }
 
     /// Attaches ingress and egress to `iface`, replacing a pinned attachment in place if there is
-    /// one (no packet sees a gap), and pins the links and programs.
+    /// one (no packet sees a gap), and pins the links and programs. A pinned XDP attachment in
+    /// the other mode is detached first: the kernel holds one mode per interface at a time.
     pub fn attach(&mut self, iface: &str, mode: XdpAttachMode) -> Result<(), DataplaneError> {
         let if_index = if_index(iface)?;
         let xdp_pin = self.pins.xdp_link(iface);
@@ -342,18 +343,90 @@ impl Dataplane {
             name: program_names::XDP_INGRESS,
             source,
         };
-        let replaced = match PinnedLink::from_pin(&xdp_pin) {
-            Ok(pinned) => XdpLink::try_from(FdLink::from(pinned))
-                .ok()
-                .and_then(|link| program.attach_to_link(link).ok()),
-            Err(_) => None,
+        let mut pinned = match PinnedLink::from_pin(&xdp_pin) {
+            Ok(pinned) => Some(pinned),
+            Err(e) => {
+                if xdp_pin.exists() {
+                    tracing::warn!(iface, "cannot open the pinned XDP link: {e}");
+                }
+                None
+            }
         };
+        let mut switched_from = None;
+        if pinned.is_some() {
+            match attached_xdp_mode(if_index) {
+                Ok(Some(current)) if current != mode => switched_from = Some(current),
+                Ok(_) => {}
+                Err(e) => tracing::warn!(
+                    iface,
+                    "cannot read the attached XDP mode ({e}); assuming it is {}",
+                    mode.name()
+                ),
+            }
+        }
+        let mut gap = None;
+        if let Some(old) = switched_from
+            && let Some(link) = pinned.take()
+        {
+            tracing::warn!(
+                iface,
+                "XDP mode changes from {} to {}: the kernel cannot hold both on one interface, \
+                 so the old attachment is removed first and packets arriving in between are \
+                 not translated",
+                old.name(),
+                mode.name()
+            );
+            gap = Some(std::time::Instant::now());
+            // Dropping the last reference to the link detaches it.
+            drop(link.unpin().map_err(|source| DataplaneError::Io {
+                action: "unpinning",
+                path: xdp_pin.clone(),
+                source,
+            })?);
+        }
+        let replaced = pinned.and_then(|pinned| {
+            let replaced = XdpLink::try_from(FdLink::from(pinned))
+                .map_err(|e| e.to_string())
+                .and_then(|link| program.attach_to_link(link).map_err(|e| e.to_string()));
+            replaced
+                .inspect_err(|e| {
+                    tracing::warn!(iface, "cannot update the pinned XDP link in place: {e}");
+                })
+                .ok()
+        });
         let link_id = match replaced {
             Some(id) => id,
-            None => program
-                .attach_to_if_index(if_index, mode.flags())
-                .map_err(err)?,
+            None => match program.attach_to_if_index(if_index, mode.flags()) {
+                Ok(id) => id,
+                Err(e) => {
+                    if let Some(old) = switched_from {
+                        // Better the old mode than no dataplane at all.
+                        let restored = program
+                            .attach_to_if_index(if_index, old.flags())
+                            .ok()
+                            .and_then(|id| program.take_link(id).ok())
+                            .and_then(|link| FdLink::try_from(link).ok())
+                            .map(|link| pin_link(link, &xdp_pin));
+                        tracing::error!(
+                            iface,
+                            restored = matches!(restored, Some(Ok(()))),
+                            "attaching in {} mode failed ({e}); put back the {} attachment",
+                            mode.name(),
+                            old.name()
+                        );
+                    }
+                    return Err(err(e));
+                }
+            },
         };
+        if let Some(started) = gap {
+            tracing::warn!(
+                iface,
+                gap_us = started.elapsed().as_micros() as u64,
+                "XDP mode switched to {}",
+                mode.name()
+            );
+        }
         let link: FdLink = program
             .take_link(link_id)
             .map_err(err)?
@@ -450,6 +523,132 @@ fn tc_program(ebpf: &mut Ebpf) -> Result<&mut SchedClassifier, DataplaneError> {
         .ok_or(DataplaneError::MissingProgram { name })?
         .try_into()
         .map_err(|source| DataplaneError::Program { name, source })
+}
+
+/// The XDP mode the kernel has attached on `if_index`, if any (RTM_GETLINK, IFLA_XDP): the
+/// pinned link does not say which mode it was made with.
+pub fn attached_xdp_mode(if_index: u32) -> io::Result<Option<XdpAttachMode>> {
+    use std::os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd};
+    const IFLA_XDP: u16 = 43;
+    const IFLA_XDP_ATTACHED: u16 = 2;
+    const IFLA_XDP_DRV_PROG_ID: u16 = 5;
+    const IFLA_XDP_SKB_PROG_ID: u16 = 6;
+    const XDP_ATTACHED_DRV: u8 = 1;
+    const XDP_ATTACHED_SKB: u8 = 2;
+    const XDP_ATTACHED_MULTI: u8 = 4;
+    const HEADER: usize = 16; // struct nlmsghdr
+    const IFINFO: usize = 16; // struct ifinfomsg
+
+    // SAFETY: plain socket(2); the fd is owned right away.
+    let fd = unsafe {
+        libc::socket(
+            libc::AF_NETLINK,
+            libc::SOCK_RAW | libc::SOCK_CLOEXEC,
+            libc::NETLINK_ROUTE,
+        )
+    };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: a fresh fd nothing else owns.
+    let socket = unsafe { OwnedFd::from_raw_fd(fd) };
+    let mut request = [0u8; HEADER + IFINFO];
+    request[0..4].copy_from_slice(&((HEADER + IFINFO) as u32).to_ne_bytes());
+    request[4..6].copy_from_slice(&libc::RTM_GETLINK.to_ne_bytes());
+    request[6..8].copy_from_slice(&(libc::NLM_F_REQUEST as u16).to_ne_bytes());
+    request[8..12].copy_from_slice(&1u32.to_ne_bytes()); // sequence number
+    request[HEADER + 4..HEADER + 8].copy_from_slice(&(if_index as i32).to_ne_bytes());
+    // SAFETY: the buffer is valid for its length; the kernel is the peer (no address needed).
+    let sent = unsafe {
+        libc::send(
+            socket.as_raw_fd(),
+            request.as_ptr().cast(),
+            request.len(),
+            0,
+        )
+    };
+    if sent < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let mut buffer = vec![0u8; 64 << 10];
+    // SAFETY: the buffer is valid for writes of its length.
+    let received = unsafe {
+        libc::recv(
+            socket.as_raw_fd(),
+            buffer.as_mut_ptr().cast(),
+            buffer.len(),
+            0,
+        )
+    };
+    if received < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let message = &buffer[..received as usize];
+    let short = || io::Error::new(io::ErrorKind::InvalidData, "short netlink answer");
+    if message.len() < HEADER {
+        return Err(short());
+    }
+    let length = (u32::from_ne_bytes(message[0..4].try_into().expect("4 bytes")) as usize)
+        .min(message.len());
+    match u16_at(message, 4) {
+        t if t == libc::NLMSG_ERROR as u16 => {
+            let code = message
+                .get(HEADER..HEADER + 4)
+                .map(|b| i32::from_ne_bytes(b.try_into().expect("4 bytes")))
+                .ok_or_else(short)?;
+            return Err(io::Error::from_raw_os_error(-code));
+        }
+        t if t == libc::RTM_NEWLINK => {}
+        other => {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!("unexpected netlink message type {other}"),
+            ));
+        }
+    }
+    let Some((_, xdp)) = attributes(message.get(HEADER + IFINFO..length).ok_or_else(short)?)
+        .find(|(kind, _)| *kind == IFLA_XDP)
+    else {
+        return Ok(None);
+    };
+    let mut attached = 0;
+    let (mut driver, mut skb) = (false, false);
+    for (kind, value) in attributes(xdp) {
+        match kind {
+            IFLA_XDP_ATTACHED => attached = value.first().copied().unwrap_or(0),
+            IFLA_XDP_DRV_PROG_ID => driver = true,
+            IFLA_XDP_SKB_PROG_ID => skb = true,
+            _ => {}
+        }
+    }
+    Ok(match attached {
+        XDP_ATTACHED_DRV => Some(XdpAttachMode::Native),
+        XDP_ATTACHED_SKB => Some(XdpAttachMode::Generic),
+        XDP_ATTACHED_MULTI if driver => Some(XdpAttachMode::Native),
+        XDP_ATTACHED_MULTI if skb => Some(XdpAttachMode::Generic),
+        _ => None,
+    })
+}
+
+fn u16_at(b: &[u8], at: usize) -> u16 {
+    u16::from_ne_bytes([b[at], b[at + 1]])
+}
+
+/// Walks one level of netlink attributes (struct rtattr, 4-byte aligned): (type, payload).
+fn attributes(mut b: &[u8]) -> impl Iterator<Item = (u16, &[u8])> {
+    std::iter::from_fn(move || {
+        if b.len() < 4 {
+            return None;
+        }
+        let len = u16_at(b, 0) as usize;
+        if len < 4 || len > b.len() {
+            return None;
+        }
+        // The top bits are the nested and byte-order flags.
+        let item = (u16_at(b, 2) & 0x3fff, &b[4..len]);
+        b = &b[len.next_multiple_of(4).min(b.len())..];
+        Some(item)
+    })
 }
 
 pub fn if_index(iface: &str) -> Result<u32, DataplaneError> {

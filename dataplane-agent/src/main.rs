@@ -69,7 +69,8 @@ struct RunArgs {
     #[arg(long, conflicts_with = "grpc_listen")]
     services: Option<PathBuf>,
     /// Serve fulgur.dataplane.v1 (plus grpc.health.v1 and reflection) for the controller.
-    #[arg(long)]
+    /// ADDR:PORT; IPv6 as [ADDR]:PORT or ADDR:PORT (the last field is the port).
+    #[arg(long, value_parser = parse_listen)]
     grpc_listen: Option<SocketAddr>,
     /// Plaintext gRPC. Without it, mutual TLS is required.
     #[arg(long, conflicts_with_all = ["tls_cert", "tls_key", "client_ca"])]
@@ -83,8 +84,9 @@ struct RunArgs {
     /// PEM CA that client (controller) certificates must chain to.
     #[arg(long)]
     client_ca: Option<PathBuf>,
-    /// Serve Prometheus metrics on /metrics and readiness on /ready.
-    #[arg(long)]
+    /// Serve Prometheus metrics on /metrics, readiness on /ready and liveness on /healthz.
+    /// Same address forms as --grpc-listen.
+    #[arg(long, value_parser = parse_listen)]
     metrics_listen: Option<SocketAddr>,
     /// Capacity of the services map.
     #[arg(long, default_value_t = defaults::MAX_SERVICES)]
@@ -98,6 +100,23 @@ struct RunArgs {
     /// Flows tracked (LRU); replies need their flow tracked.
     #[arg(long, default_value_t = defaults::CONNTRACK_ENTRIES)]
     conntrack_size: u32,
+}
+
+/// A listen address: `ADDR:PORT`, `[V6]:PORT`, or a bare IPv6 address and `:PORT`, which is what
+/// `$(POD_IP):50051` gives in a pod whose IP is IPv6. A listen address always has a port, so the
+/// last field is the port even where the whole text would also read as an IPv6 address.
+fn parse_listen(text: &str) -> Result<SocketAddr, String> {
+    if let Ok(addr) = text.parse::<SocketAddr>() {
+        return Ok(addr);
+    }
+    if let Some((ip, port)) = text.rsplit_once(':')
+        && let (Ok(ip), Ok(port)) = (ip.parse::<std::net::Ipv6Addr>(), port.parse::<u16>())
+    {
+        return Ok(SocketAddr::from((ip, port)));
+    }
+    Err(format!(
+        "{text:?} is not ADDR:PORT (IPv6: [ADDR]:PORT or ADDR:PORT, e.g. [2001:db8::5]:50051)"
+    ))
 }
 
 fn main() -> anyhow::Result<()> {
@@ -355,10 +374,48 @@ async fn serve_metrics(listener: tokio::net::TcpListener, metrics: Arc<Metrics>,
             (StatusCode::SERVICE_UNAVAILABLE, "not ready\n")
         }
     };
+    // Liveness: the process answers (its runtime is not wedged), attached or not.
+    let alive = || async { "ok\n" };
     let app = axum::Router::new()
         .route("/metrics", get(scrape))
-        .route("/ready", get(ready));
+        .route("/ready", get(ready))
+        .route("/healthz", get(alive));
     if let Err(e) = axum::serve(listener, app).await {
         error!("metrics server stopped: {e}");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_listen;
+
+    #[test]
+    fn listen_addresses() {
+        for (text, expected) in [
+            ("192.0.2.5:50051", "192.0.2.5:50051"),
+            ("[2001:db8::5]:50051", "[2001:db8::5]:50051"),
+            // What $(POD_IP):50051 gives for an IPv6 pod.
+            ("2001:db8::5:50051", "[2001:db8::5]:50051"),
+            // The last field is the port even where it could be an address group.
+            ("2001:db8::5:8080", "[2001:db8::5]:8080"),
+            ("::1:9464", "[::1]:9464"),
+            ("::", ""),
+        ] {
+            let parsed = parse_listen(text).map(|a| a.to_string());
+            if expected.is_empty() {
+                assert!(parsed.is_err(), "{text}: {parsed:?}");
+            } else {
+                assert_eq!(parsed.as_deref(), Ok(expected), "{text}");
+            }
+        }
+        for bad in [
+            "192.0.2.5",
+            "2001:db8::5",
+            "[2001:db8::5]",
+            "host:80",
+            "192.0.2.5:70000",
+        ] {
+            assert!(parse_listen(bad).is_err(), "{bad}");
+        }
     }
 }

@@ -248,6 +248,24 @@ impl Topology {
     pub fn start_agent(&self, services_file: &Path) -> anyhow::Result<AgentProcess> {
         AgentProcess::start(&self.lb, LB_IFACE, self.mode, Source::File(services_file))
     }
+
+    /// As [`Topology::start_agent`], started the way `launch` says.
+    pub fn start_agent_launched(
+        &self,
+        services_file: &Path,
+        launch: &Launch,
+    ) -> anyhow::Result<AgentProcess> {
+        let bpffs_dir = PathBuf::from(format!("/sys/fs/bpf/{}", unique_token("fgag")));
+        AgentProcess::start_launched(
+            &self.lb,
+            LB_IFACE,
+            self.mode,
+            Source::File(services_file),
+            bpffs_dir,
+            &SMALL_MAPS,
+            launch,
+        )
+    }
 }
 
 /// Attaches the trivial pass program to `iface` inside `ns`; the link lives as long as the
@@ -279,6 +297,16 @@ fn attach_pass(ns: &NetNs, iface: &'static str) -> anyhow::Result<FdLink> {
         loaded
     })
 }
+
+/// Map sizes for test agents: small, so that loading is quick.
+const SMALL_MAPS: [&str; 6] = [
+    "--max-services",
+    "64",
+    "--max-backends",
+    "1024",
+    "--table-size",
+    "1021",
+];
 
 /// A running `fulgur-agent`, killed and detached on drop.
 pub struct AgentProcess {
@@ -408,15 +436,7 @@ impl AgentProcess {
         source: Source<'_>,
         bpffs_dir: PathBuf,
     ) -> anyhow::Result<Self> {
-        const SMALL: [&str; 6] = [
-            "--max-services",
-            "64",
-            "--max-backends",
-            "1024",
-            "--table-size",
-            "1021",
-        ];
-        Self::start_sized(ns, iface, mode, source, bpffs_dir, &SMALL)
+        Self::start_sized(ns, iface, mode, source, bpffs_dir, &SMALL_MAPS)
     }
 
     /// Starts an agent with these map-size flags.

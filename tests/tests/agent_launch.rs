@@ -1,16 +1,19 @@
 //! How the agent binary is started: under `ip netns exec` (a fresh /sys without bpffs), with a
-//! --bpffs-dir off bpffs, without the right to mount one.
+//! --bpffs-dir off bpffs, without the right to mount one; on a bare IPv6 listen address; with
+//! another --xdp-mode than the pinned attachment's.
 
 use std::{
-    net::SocketAddr,
+    io::{Read as _, Write as _},
+    net::{SocketAddr, TcpStream},
     path::{Path, PathBuf},
+    time::Duration,
 };
 
 use fulgur_agent::dataplane::XdpAttachMode;
 use fulgur_tests::{
     echo::{UdpFlow, tcp_exchange},
     netns::{NetNs, in_netns, unique_token},
-    topology::{AgentProcess, CLIENT, LB_IFACE, Launch, Source, Topology},
+    topology::{AgentProcess, CLIENT, LB_CLIENT_SIDE6, LB_IFACE, Launch, Source, Topology},
 };
 
 const SMALL: [&str; 6] = [
@@ -138,7 +141,7 @@ fn the_agent_runs_under_ip_netns_exec() {
     // That bpffs dies with the agent's mount namespace, and the dataplane with it (the log
     // warned): nothing stays attached behind the test's back.
     agent.kill();
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
     loop {
         let link = topology
             .lb
@@ -152,7 +155,7 @@ fn the_agent_runs_under_ip_netns_exec() {
             std::time::Instant::now() < deadline,
             "still attached: {link}"
         );
-        std::thread::sleep(std::time::Duration::from_millis(100));
+        std::thread::sleep(Duration::from_millis(100));
     }
 }
 
@@ -197,4 +200,162 @@ fn ip_netns_exec_without_mount_rights_says_what_to_do() {
             && error.contains("nsenter --net"),
         "{error}"
     );
+}
+
+/// `--grpc-listen=$(POD_IP):50051` with an IPv6 pod IP: a bare IPv6 address, then the port.
+#[test]
+fn listens_on_a_bare_ipv6_address_and_port() {
+    let topology = Topology::new(1, XdpAttachMode::Generic).expect("topology");
+    let grpc = format!("{LB_CLIENT_SIDE6}:50051");
+    let metrics = format!("{LB_CLIENT_SIDE6}:9464");
+    let args = [
+        "--grpc-listen",
+        &grpc,
+        "--insecure",
+        "--metrics-listen",
+        &metrics,
+    ];
+    let agent = start(
+        &topology.lb,
+        LB_IFACE,
+        fresh_bpffs_dir(),
+        &args,
+        &Launch::default(),
+    )
+    .unwrap_or_else(|e| panic!("{e:#}"));
+    // From the client's namespace, over the wire, to the address in brackets.
+    let grpc_url = format!("http://[{LB_CLIENT_SIDE6}]:50051");
+    let metrics_addr = SocketAddr::from((LB_CLIENT_SIDE6, 9464));
+    let (status, healthz) = in_netns(&topology.client, move || {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
+        let status = runtime.block_on(async move {
+            let channel = tonic::transport::Endpoint::from_shared(grpc_url)?
+                .connect()
+                .await?;
+            let request = tonic_health::pb::HealthCheckRequest {
+                service: "fulgur.dataplane.v1.Dataplane".into(),
+            };
+            let status = tonic_health::pb::health_client::HealthClient::new(channel)
+                .check(request)
+                .await?
+                .into_inner()
+                .status;
+            anyhow::Ok(status)
+        })?;
+        let mut stream = TcpStream::connect_timeout(&metrics_addr, Duration::from_secs(3))?;
+        stream.set_read_timeout(Some(Duration::from_secs(3)))?;
+        write!(
+            stream,
+            "GET /healthz HTTP/1.1\r\nHost: fulgur\r\nConnection: close\r\n\r\n"
+        )?;
+        let mut response = String::new();
+        stream.read_to_string(&mut response)?;
+        Ok((status, response))
+    })
+    .unwrap_or_else(|e| panic!("{e:#}\nagent log:\n{}", agent.log_text()));
+    assert_eq!(
+        status,
+        tonic_health::pb::health_check_response::ServingStatus::Serving as i32
+    );
+    assert!(healthz.starts_with("HTTP/1.1 200"), "{healthz}");
+}
+
+/// The XDP mode the kernel shows for the load balancer's interface: `xdp` (native) or
+/// `xdpgeneric`, from `ip -d link`.
+fn shown_xdp_mode(topology: &Topology) -> Option<&'static str> {
+    let out = topology
+        .lb
+        .ip(&["-d", "link", "show", "dev", LB_IFACE])
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    let words: Vec<&str> = text.split_whitespace().collect();
+    if words.contains(&"xdpgeneric") {
+        Some("generic")
+    } else if words.contains(&"xdp") {
+        Some("native")
+    } else {
+        None
+    }
+}
+
+fn traffic_flows(topology: &Topology, agent: &AgentProcess) {
+    let vip = topology.vip(80);
+    let served = in_netns(&topology.client, move || {
+        let mut names = Vec::new();
+        for i in 0..10 {
+            names.push(tcp_exchange(vip, format!("hello {i}").as_bytes())?);
+        }
+        for port in 0..5 {
+            let flow = UdpFlow::new(SocketAddr::from((CLIENT, 33000 + port)), vip)?;
+            names.push(flow.exchange(b"datagram")?);
+        }
+        Ok(names)
+    })
+    .unwrap_or_else(|e| panic!("{e:#}\nagent log:\n{}", agent.log_text()));
+    assert_eq!(served.len(), 15);
+}
+
+/// A restart with another --xdp-mode replaces the pinned attachment instead of keeping the old
+/// mode, both ways, and forwarding goes on.
+#[test]
+fn a_restart_with_another_xdp_mode_switches_the_attachment() {
+    // Native topology: the peers carry XDP programs, so native redirects are delivered.
+    let topology = Topology::new(2, XdpAttachMode::Native).expect("topology");
+    let _servers = topology.start_echo_servers(8080, false).unwrap();
+    let services = TempFile::services(&topology);
+    let launch = Launch::deployed();
+    let start_in = |mode: XdpAttachMode, bpffs_dir: PathBuf| {
+        AgentProcess::start_launched(
+            &topology.lb,
+            LB_IFACE,
+            mode,
+            Source::File(&services.0),
+            bpffs_dir,
+            &SMALL,
+            &launch,
+        )
+        .unwrap_or_else(|e| panic!("{e:#}"))
+    };
+    let agent = start_in(XdpAttachMode::Native, fresh_bpffs_dir());
+    assert_eq!(shown_xdp_mode(&topology), Some("native"));
+    traffic_flows(&topology, &agent);
+
+    let bpffs_dir = agent.kill_and_keep_pins();
+    let agent = start_in(XdpAttachMode::Generic, bpffs_dir);
+    assert_eq!(
+        shown_xdp_mode(&topology),
+        Some("generic"),
+        "{}",
+        agent.log_text()
+    );
+    assert!(
+        agent
+            .log_text()
+            .contains("XDP mode changes from native to generic"),
+        "{}",
+        agent.log_text()
+    );
+    traffic_flows(&topology, &agent);
+
+    let bpffs_dir = agent.kill_and_keep_pins();
+    let agent = start_in(XdpAttachMode::Native, bpffs_dir);
+    assert_eq!(
+        shown_xdp_mode(&topology),
+        Some("native"),
+        "{}",
+        agent.log_text()
+    );
+    traffic_flows(&topology, &agent);
+
+    // The same mode again is the usual seamless in-place replacement: no switch.
+    let bpffs_dir = agent.kill_and_keep_pins();
+    let agent = start_in(XdpAttachMode::Native, bpffs_dir);
+    assert!(
+        !agent.log_text().contains("XDP mode changes"),
+        "{}",
+        agent.log_text()
+    );
+    assert_eq!(shown_xdp_mode(&topology), Some("native"));
 }

@@ -18,7 +18,7 @@ use fulgur_agent::dataplane::XdpAttachMode;
 use fulgur_tests::{
     echo::{EchoServer, IO_TIMEOUT, TcpSession, UdpFlow, tcp_exchange},
     netns::{in_netns, unique_token},
-    topology::{AgentProcess, CLIENT, CLIENT6, LB_IFACE, Source, Topology},
+    topology::{AgentProcess, CLIENT, CLIENT6, LB_IFACE, Launch, Source, Topology},
 };
 
 const BACKEND_PORT: u16 = 8080;
@@ -103,7 +103,10 @@ fn through_the_service(mode: XdpAttachMode) {
     let topology = Topology::new(3, mode).expect("topology");
     let _servers = start_backends(&topology);
     let services = ServicesFile::new(&topology);
-    let agent = topology.start_agent(&services.0).expect("agent");
+    // With exactly the capabilities manifests/deploy/agent.yaml grants, as a pod would run it.
+    let agent = topology
+        .start_agent_launched(&services.0, &Launch::deployed())
+        .unwrap_or_else(|e| panic!("agent: {e:#}"));
 
     for vip in [topology.vip(SERVICE_PORT), topology.vip6(SERVICE_PORT)] {
         // TCP connections: the socket is connected to the service address, so a reply from

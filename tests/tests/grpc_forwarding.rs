@@ -20,7 +20,7 @@ use fulgur_tests::{
 };
 
 const GRPC: &str = "127.0.0.1:50051";
-const METRICS: &str = "127.0.0.1:9100";
+const METRICS: &str = "127.0.0.1:9464";
 
 /// A desired state for the controller thread, and where it answers once the agents run it.
 type Command = (Vec<v1::Service>, mpsc::Sender<Result<u64, String>>);
@@ -153,6 +153,11 @@ fn a_controller_programs_the_agent_over_mutual_tls() {
     // Metrics and readiness, scraped inside the namespace.
     let (status, _) = http_get(&topology.lb, METRICS, "/ready");
     assert!(status.contains("200"), "{status}");
+    let (status, body) = http_get(&topology.lb, METRICS, "/healthz");
+    assert!(
+        status.contains("200") && body == "ok\n",
+        "{status} {body:?}"
+    );
     let (status, metrics) = http_get(&topology.lb, METRICS, "/metrics");
     assert!(status.contains("200"), "{status}");
     for expected in [
