@@ -99,6 +99,63 @@ impl RouteKind {
     }
 }
 
+/// Names written as they are spelled in the API.
+macro_rules! api_names {
+    ($(#[$doc:meta])* $name:ident { $($variant:ident),+ $(,)? }) => {
+        $(#[$doc])*
+        #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+        pub enum $name {
+            $($variant),+
+        }
+
+        impl $name {
+            pub fn as_str(self) -> &'static str {
+                match self {
+                    $($name::$variant => stringify!($variant)),+
+                }
+            }
+        }
+    };
+}
+
+api_names!(
+    /// Condition types of GatewayClasses, Gateways, listeners and route parents.
+    ConditionType {
+        Accepted,
+        Programmed,
+        ResolvedRefs,
+        Conflicted,
+    }
+);
+
+api_names!(
+    /// Condition reasons this controller sets.
+    Reason {
+        Accepted,
+        Programmed,
+        ResolvedRefs,
+        NoConflicts,
+        // Listeners
+        ProtocolConflict,
+        UnsupportedProtocol,
+        InvalidRouteKinds,
+        Invalid,
+        // Gateways
+        ListenersNotValid,
+        UnsupportedAddress,
+        AddressNotAssigned,
+        AddressNotUsable,
+        Pending,
+        NoResources,
+        // Routes
+        NoMatchingParent,
+        NotAllowedByListeners,
+        BackendNotFound,
+        RefNotPermitted,
+        InvalidKind,
+    }
+);
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -10,7 +10,7 @@ use std::{
 use fulgur_proto::v1;
 
 use crate::{
-    gateway_api::GROUP,
+    gateway_api::{ConditionType, GROUP, Reason},
     model::{
         BackendRef, Condition, Dataplane, EndpointSlice, FromNamespaces, Gateway, Listener,
         ObjectRef, ParentRef, Route, RouteGroupKind, RouteKind, Service, Snapshot,
@@ -133,7 +133,14 @@ impl<'a> Conditions<'a> {
         }
     }
 
-    fn set(&mut self, type_: &str, status: bool, reason: &str, message: impl Into<String>) {
+    fn set(
+        &mut self,
+        type_: ConditionType,
+        status: bool,
+        reason: Reason,
+        message: impl Into<String>,
+    ) {
+        let (type_, reason) = (type_.as_str(), reason.as_str());
         let last_transition_time = self
             .previous
             .iter()
@@ -396,13 +403,59 @@ fn assign_addresses(
 }
 
 pub fn translate(config: &Config, snapshot: &Snapshot) -> Output {
-    let mut out = Output::default();
-    let ours: BTreeSet<&str> = snapshot
+    let ours = our_classes(config, snapshot);
+    let gateways = our_gateways(snapshot, &ours);
+    let lookup = Index::new(snapshot);
+    // Routes, oldest first: the oldest attached to a listener receives its traffic.
+    let routes = oldest_first(&snapshot.routes);
+
+    let addresses = gateway_addresses(config, snapshot, &gateways);
+    let mut listeners: BTreeMap<ObjectRef, GatewayListeners> = gateways
+        .iter()
+        .map(|g| (g.id.clone(), validate_listeners(config, snapshot, g)))
+        .collect();
+    let (routes, winners) = attach_routes(
+        config,
+        snapshot,
+        &lookup,
+        &gateways,
+        &mut listeners,
+        &routes,
+    );
+    let gateway_statuses = gateways
+        .iter()
+        .map(|g| {
+            let status = gateway_status(config, snapshot, g, &addresses[&g.id], &listeners[&g.id]);
+            (g.id.clone(), status)
+        })
+        .collect();
+    let (services, backend_refs) =
+        dataplane_services(snapshot, &lookup, &listeners, &addresses, &winners);
+    Output {
+        services,
+        backend_refs,
+        classes: class_statuses(config, snapshot, &ours),
+        gateways: gateway_statuses,
+        routes,
+    }
+}
+
+/// The GatewayClasses this controller handles.
+fn our_classes<'a>(config: &Config, snapshot: &'a Snapshot) -> BTreeSet<&'a str> {
+    snapshot
         .classes
         .iter()
         .filter(|c| c.controller_name == config.controller_name)
         .map(|c| c.name.as_str())
-        .collect();
+        .collect()
+}
+
+fn class_statuses(
+    config: &Config,
+    snapshot: &Snapshot,
+    ours: &BTreeSet<&str>,
+) -> BTreeMap<String, ClassStatus> {
+    let mut statuses = BTreeMap::new();
     for class in snapshot
         .classes
         .iter()
@@ -414,8 +467,13 @@ pub fn translate(config: &Config, snapshot: &Snapshot) -> Output {
             class.meta.generation,
             config.now,
         );
-        conditions.set("Accepted", true, "Accepted", "handled by fulgur");
-        out.classes.insert(
+        conditions.set(
+            ConditionType::Accepted,
+            true,
+            Reason::Accepted,
+            "handled by fulgur",
+        );
+        statuses.insert(
             class.name.clone(),
             ClassStatus {
                 conditions: conditions.done(),
@@ -423,132 +481,91 @@ pub fn translate(config: &Config, snapshot: &Snapshot) -> Output {
             },
         );
     }
+    statuses
+}
 
-    // Routes, oldest first: the oldest attached to a listener receives its traffic.
-    let mut routes: Vec<&Route> = snapshot.routes.iter().collect();
-    routes.sort_by(|a, b| {
-        (&a.meta.creation_timestamp, &a.id).cmp(&(&b.meta.creation_timestamp, &b.id))
-    });
-
-    // Static addresses first, so pools never hand out one of them.
-    let mut taken: BTreeSet<IpAddr> = snapshot
-        .gateways
-        .iter()
-        .flat_map(Gateway::static_addresses)
-        .collect();
+/// Gateways of our classes, by namespace/name.
+fn our_gateways<'a>(snapshot: &'a Snapshot, ours: &BTreeSet<&str>) -> Vec<&'a Gateway> {
     let mut gateways: Vec<&Gateway> = snapshot
         .gateways
         .iter()
         .filter(|g| ours.contains(g.class_name.as_str()))
         .collect();
     gateways.sort_by(|a, b| a.id.cmp(&b.id));
-    let gateway_by_id: BTreeMap<&ObjectRef, &Gateway> =
-        gateways.iter().map(|g| (&g.id, *g)).collect();
-    let lookup = Index::new(snapshot);
+    gateways
+}
+
+/// Objects by age: creationTimestamp, then namespace/name.
+fn oldest_first<'a, T: Aged>(items: impl IntoIterator<Item = &'a T>) -> Vec<&'a T> {
+    let mut items: Vec<&T> = items.into_iter().collect();
+    items.sort_by(|a, b| a.age().cmp(&b.age()));
+    items
+}
+
+trait Aged {
+    fn age(&self) -> (&str, &ObjectRef);
+}
+
+impl Aged for Route {
+    fn age(&self) -> (&str, &ObjectRef) {
+        (&self.meta.creation_timestamp, &self.id)
+    }
+}
+
+impl Aged for Gateway {
+    fn age(&self) -> (&str, &ObjectRef) {
+        (&self.meta.creation_timestamp, &self.id)
+    }
+}
+
+/// A Gateway's addresses, and what kept others from it.
+struct Addresses {
+    /// Listed statically and owned, then from the pools.
+    assigned: Vec<IpAddr>,
+    /// Types other than IPAddress, and values that are not addresses.
+    unsupported: Vec<String>,
+    /// Static addresses an older Gateway owns.
+    not_usable: Vec<String>,
+    /// The pools could not give every address asked for.
+    pool_short: bool,
+}
+
+impl Addresses {
+    /// What the dataplane serves: nothing while any address is unsupported.
+    fn served(&self) -> &[IpAddr] {
+        if self.unsupported.is_empty() {
+            &self.assigned
+        } else {
+            &[]
+        }
+    }
+}
+
+fn gateway_addresses(
+    config: &Config,
+    snapshot: &Snapshot,
+    gateways: &[&Gateway],
+) -> BTreeMap<ObjectRef, Addresses> {
+    // Static addresses first, so pools never hand out one of them.
+    let mut taken: BTreeSet<IpAddr> = snapshot
+        .gateways
+        .iter()
+        .flat_map(Gateway::static_addresses)
+        .collect();
     // A static address belongs to the oldest of our Gateways that lists it; for the others it
     // is not usable (two Gateways on one address would program the same VIP twice).
-    let mut by_age = gateways.clone();
-    by_age.sort_by(|a, b| {
-        (&a.meta.creation_timestamp, &a.id).cmp(&(&b.meta.creation_timestamp, &b.id))
-    });
     let mut static_owner: BTreeMap<IpAddr, &ObjectRef> = BTreeMap::new();
-    for gateway in by_age {
+    for gateway in oldest_first(gateways.iter().copied()) {
         for address in gateway.static_addresses() {
             static_owner.entry(address).or_insert(&gateway.id);
         }
     }
     // Pool addresses handed out before stay with their Gateways.
-    for gateway in &gateways {
+    for gateway in gateways {
         taken.extend(previous_pooled(config, snapshot, gateway));
     }
-
-    // Per gateway: valid listeners; per (gateway, listener index): winning route.
-    let mut listener_state: BTreeMap<ObjectRef, Vec<ValidListener>> = BTreeMap::new();
-    let mut gateway_addresses: BTreeMap<ObjectRef, Vec<IpAddr>> = BTreeMap::new();
-    let mut gateway_status: BTreeMap<ObjectRef, GatewayStatus> = BTreeMap::new();
-    for gateway in &gateways {
-        let mut status = GatewayStatus::default();
-        let mut listeners = Vec::new();
-        let mut listener_conditions = Vec::new();
-        // Port use by protocol family: TCP/UDP listeners conflict with others of the same layer-4
-        // protocol on the port, and TCP with HTTP, HTTPS and TLS.
-        for listener in &gateway.listeners {
-            let mut c = Conditions::new(
-                snapshot,
-                &listener_key(&gateway.id, &listener.name),
-                gateway.meta.generation,
-                config.now,
-            );
-            let (kinds, kinds_valid) = supported_kinds(listener);
-            let kind = RouteKind::for_protocol(&listener.protocol);
-            let same_port = |pred: &dyn Fn(&Listener) -> bool| {
-                gateway
-                    .listeners
-                    .iter()
-                    .any(|o| !std::ptr::eq(o, listener) && o.port == listener.port && pred(o))
-            };
-            let conflicted = match listener.protocol.as_str() {
-                "TCP" => {
-                    same_port(&|o| matches!(o.protocol.as_str(), "TCP" | "HTTP" | "HTTPS" | "TLS"))
-                }
-                "UDP" => same_port(&|o| o.protocol == "UDP"),
-                "HTTP" | "HTTPS" | "TLS" => same_port(&|o| o.protocol == "TCP"),
-                _ => false,
-            };
-            let accepted = kind.is_some();
-            if accepted {
-                c.set("Accepted", true, "Accepted", "");
-            } else {
-                c.set(
-                    "Accepted",
-                    false,
-                    "UnsupportedProtocol",
-                    format!("protocol {} is not supported", listener.protocol),
-                );
-            }
-            if conflicted {
-                c.set(
-                    "Conflicted",
-                    true,
-                    "ProtocolConflict",
-                    format!("port {} is used by another listener", listener.port),
-                );
-            } else {
-                c.set("Conflicted", false, "NoConflicts", "");
-            }
-            if kinds_valid {
-                c.set("ResolvedRefs", true, "ResolvedRefs", "");
-            } else {
-                c.set(
-                    "ResolvedRefs",
-                    false,
-                    "InvalidRouteKinds",
-                    "only TCPRoute for TCP and UDPRoute for UDP listeners",
-                );
-            }
-            let usable = accepted && !conflicted;
-            c.set(
-                "Programmed",
-                usable,
-                if usable { "Programmed" } else { "Invalid" },
-                "",
-            );
-            listeners.push(ValidListener {
-                listener,
-                kind,
-                usable,
-                attached: 0,
-            });
-            listener_conditions.push((kinds, c.done()));
-        }
-
-        // Addresses.
-        let mut g = Conditions::new(
-            snapshot,
-            &gateway_key(&gateway.id),
-            gateway.meta.generation,
-            config.now,
-        );
+    let mut all = BTreeMap::new();
+    for gateway in gateways {
         // A value-less IPAddress asks the pools; any other type, or a value that is not an
         // address, is not supported.
         let unsupported: Vec<String> = gateway
@@ -566,93 +583,236 @@ pub fn translate(config: &Config, snapshot: &Snapshot) -> Output {
             })
             .collect();
         let mut not_usable = Vec::new();
-        let mut addresses = Vec::new();
+        let mut assigned = Vec::new();
         for address in gateway.static_addresses() {
             match static_owner.get(&address) {
                 Some(owner) if **owner != gateway.id => {
                     not_usable.push(format!("{address} is used by Gateway {owner}"))
                 }
-                _ => addresses.push(address),
+                _ => assigned.push(address),
             }
         }
         let pooled = assign_addresses(config, snapshot, gateway, &mut taken);
         let pool_short = pooled.len() < gateway.pool_requests();
-        addresses.extend(pooled);
-        let listeners_valid = listeners.iter().all(|l| l.usable);
-        if !unsupported.is_empty() {
-            g.set(
-                "Accepted",
-                false,
-                "UnsupportedAddress",
-                format!("unsupported addresses: {}", unsupported.join(", ")),
-            );
-        } else if listeners_valid {
-            g.set("Accepted", true, "Accepted", "");
-        } else {
-            g.set(
-                "Accepted",
-                true,
-                "ListenersNotValid",
-                "some listeners are not valid",
-            );
-        }
-        if !not_usable.is_empty() {
-            g.set(
-                "Programmed",
-                false,
-                "AddressNotUsable",
-                not_usable.join(", "),
-            );
-        } else if addresses.is_empty() || pool_short {
-            g.set(
-                "Programmed",
-                false,
-                "AddressNotAssigned",
-                if config.address_pools.is_empty() {
-                    "an address is asked for, and no --address-pool is configured"
-                } else {
-                    "an address is asked for, and none is free in the pools"
-                },
-            );
-        } else if !unsupported.is_empty() {
-            g.set("Programmed", false, "Invalid", "");
-        } else {
-            match &snapshot.dataplane {
-                Dataplane::Programmed => g.set("Programmed", true, "Programmed", ""),
-                Dataplane::Pending(why) => g.set("Programmed", false, "Pending", why.clone()),
-                Dataplane::NoResources(why) => {
-                    g.set("Programmed", false, "NoResources", why.clone())
-                }
-                Dataplane::Invalid(why) => g.set("Programmed", false, "Invalid", why.clone()),
-            }
-        }
-        status.conditions = g.done();
-        status.addresses = addresses.clone();
-        status.listeners = listener_conditions
-            .into_iter()
-            .zip(&gateway.listeners)
-            .map(|((kinds, conditions), l)| ListenerStatus {
-                name: l.name.clone(),
-                supported_kinds: kinds,
-                attached_routes: 0,
-                conditions,
-            })
-            .collect();
-        gateway_addresses.insert(
+        assigned.extend(pooled);
+        all.insert(
             gateway.id.clone(),
-            if unsupported.is_empty() {
-                addresses
-            } else {
-                Vec::new()
+            Addresses {
+                assigned,
+                unsupported,
+                not_usable,
+                pool_short,
             },
         );
-        listener_state.insert(gateway.id.clone(), listeners);
-        gateway_status.insert(gateway.id.clone(), status);
+    }
+    all
+}
+
+/// A Gateway's listeners after validation, and their statuses (attachedRoutes filled in
+/// after attachment).
+struct GatewayListeners<'a> {
+    valid: Vec<ValidListener<'a>>,
+    statuses: Vec<ListenerStatus>,
+}
+
+/// Listener conditions. Port use by protocol family: TCP/UDP listeners conflict with others of
+/// the same layer-4 protocol on the port, and TCP with HTTP, HTTPS and TLS.
+fn validate_listeners<'a>(
+    config: &Config,
+    snapshot: &Snapshot,
+    gateway: &'a Gateway,
+) -> GatewayListeners<'a> {
+    let mut listeners = Vec::new();
+    let mut statuses = Vec::new();
+    for listener in &gateway.listeners {
+        let mut c = Conditions::new(
+            snapshot,
+            &listener_key(&gateway.id, &listener.name),
+            gateway.meta.generation,
+            config.now,
+        );
+        let (kinds, kinds_valid) = supported_kinds(listener);
+        let kind = RouteKind::for_protocol(&listener.protocol);
+        let same_port = |pred: &dyn Fn(&Listener) -> bool| {
+            gateway
+                .listeners
+                .iter()
+                .any(|o| !std::ptr::eq(o, listener) && o.port == listener.port && pred(o))
+        };
+        let conflicted = match listener.protocol.as_str() {
+            "TCP" => {
+                same_port(&|o| matches!(o.protocol.as_str(), "TCP" | "HTTP" | "HTTPS" | "TLS"))
+            }
+            "UDP" => same_port(&|o| o.protocol == "UDP"),
+            "HTTP" | "HTTPS" | "TLS" => same_port(&|o| o.protocol == "TCP"),
+            _ => false,
+        };
+        let accepted = kind.is_some();
+        if accepted {
+            c.set(ConditionType::Accepted, true, Reason::Accepted, "");
+        } else {
+            c.set(
+                ConditionType::Accepted,
+                false,
+                Reason::UnsupportedProtocol,
+                format!("protocol {} is not supported", listener.protocol),
+            );
+        }
+        if conflicted {
+            c.set(
+                ConditionType::Conflicted,
+                true,
+                Reason::ProtocolConflict,
+                format!("port {} is used by another listener", listener.port),
+            );
+        } else {
+            c.set(ConditionType::Conflicted, false, Reason::NoConflicts, "");
+        }
+        if kinds_valid {
+            c.set(ConditionType::ResolvedRefs, true, Reason::ResolvedRefs, "");
+        } else {
+            c.set(
+                ConditionType::ResolvedRefs,
+                false,
+                Reason::InvalidRouteKinds,
+                "only TCPRoute for TCP and UDPRoute for UDP listeners",
+            );
+        }
+        let usable = accepted && !conflicted;
+        c.set(
+            ConditionType::Programmed,
+            usable,
+            if usable {
+                Reason::Programmed
+            } else {
+                Reason::Invalid
+            },
+            "",
+        );
+        listeners.push(ValidListener {
+            listener,
+            kind,
+            usable,
+            attached: 0,
+        });
+        statuses.push(ListenerStatus {
+            name: listener.name.clone(),
+            supported_kinds: kinds,
+            attached_routes: 0,
+            conditions: c.done(),
+        });
     }
 
-    // Routes: attachment, status, and the winning route per listener.
-    let mut winners: BTreeMap<(ObjectRef, usize), &Route> = BTreeMap::new();
-    for route in &routes {
+    GatewayListeners {
+        valid: listeners,
+        statuses,
+    }
+}
+
+fn gateway_status(
+    config: &Config,
+    snapshot: &Snapshot,
+    gateway: &Gateway,
+    addresses: &Addresses,
+    listeners: &GatewayListeners,
+) -> GatewayStatus {
+    let mut g = Conditions::new(
+        snapshot,
+        &gateway_key(&gateway.id),
+        gateway.meta.generation,
+        config.now,
+    );
+    let listeners_valid = listeners.valid.iter().all(|l| l.usable);
+    if !addresses.unsupported.is_empty() {
+        g.set(
+            ConditionType::Accepted,
+            false,
+            Reason::UnsupportedAddress,
+            format!(
+                "unsupported addresses: {}",
+                addresses.unsupported.join(", ")
+            ),
+        );
+    } else if listeners_valid {
+        g.set(ConditionType::Accepted, true, Reason::Accepted, "");
+    } else {
+        g.set(
+            ConditionType::Accepted,
+            true,
+            Reason::ListenersNotValid,
+            "some listeners are not valid",
+        );
+    }
+    if !addresses.not_usable.is_empty() {
+        g.set(
+            ConditionType::Programmed,
+            false,
+            Reason::AddressNotUsable,
+            addresses.not_usable.join(", "),
+        );
+    } else if addresses.assigned.is_empty() || addresses.pool_short {
+        g.set(
+            ConditionType::Programmed,
+            false,
+            Reason::AddressNotAssigned,
+            if config.address_pools.is_empty() {
+                "an address is asked for, and no --address-pool is configured"
+            } else {
+                "an address is asked for, and none is free in the pools"
+            },
+        );
+    } else if !addresses.unsupported.is_empty() {
+        g.set(ConditionType::Programmed, false, Reason::Invalid, "");
+    } else {
+        match &snapshot.dataplane {
+            Dataplane::Programmed => g.set(ConditionType::Programmed, true, Reason::Programmed, ""),
+            Dataplane::Pending(why) => g.set(
+                ConditionType::Programmed,
+                false,
+                Reason::Pending,
+                why.clone(),
+            ),
+            Dataplane::NoResources(why) => g.set(
+                ConditionType::Programmed,
+                false,
+                Reason::NoResources,
+                why.clone(),
+            ),
+            Dataplane::Invalid(why) => g.set(
+                ConditionType::Programmed,
+                false,
+                Reason::Invalid,
+                why.clone(),
+            ),
+        }
+    }
+    let mut statuses = listeners.statuses.clone();
+    for (status, listener) in statuses.iter_mut().zip(&listeners.valid) {
+        status.attached_routes = listener.attached;
+    }
+    GatewayStatus {
+        addresses: addresses.assigned.clone(),
+        conditions: g.done(),
+        listeners: statuses,
+    }
+}
+
+/// Route statuses per parent, and the winning (oldest attached) route of each listener.
+type Winners<'a> = BTreeMap<(ObjectRef, usize), &'a Route>;
+
+fn attach_routes<'a>(
+    config: &Config,
+    snapshot: &Snapshot,
+    lookup: &Index,
+    gateways: &[&Gateway],
+    listener_state: &mut BTreeMap<ObjectRef, GatewayListeners<'a>>,
+    routes: &[&'a Route],
+) -> (BTreeMap<(RouteKind, ObjectRef), RouteStatus>, Winners<'a>) {
+    let gateway_by_id: BTreeMap<&ObjectRef, &Gateway> =
+        gateways.iter().map(|g| (&g.id, *g)).collect();
+    let mut statuses = BTreeMap::new();
+    let mut winners: Winners = BTreeMap::new();
+    for route in routes {
         let mut parents = Vec::new();
         for parent in &route.parent_refs {
             if !(parent.group == GROUP && parent.kind == "Gateway") {
@@ -671,9 +831,10 @@ pub fn translate(config: &Config, snapshot: &Snapshot) -> Output {
                 route.meta.generation,
                 config.now,
             );
-            let listeners = listener_state
+            let listeners = &mut listener_state
                 .get_mut(&gateway_id)
-                .expect("every gateway has listeners");
+                .expect("every gateway has listeners")
+                .valid;
             let selected: Vec<usize> = (0..listeners.len())
                 .filter(|i| selects(parent, listeners[*i].listener))
                 .collect();
@@ -689,60 +850,26 @@ pub fn translate(config: &Config, snapshot: &Snapshot) -> Output {
             }
             if selected.is_empty() {
                 c.set(
-                    "Accepted",
+                    ConditionType::Accepted,
                     false,
-                    "NoMatchingParent",
+                    Reason::NoMatchingParent,
                     "no listener matches the sectionName or port",
                 );
             } else if attached_to.is_empty() {
                 c.set(
-                    "Accepted",
+                    ConditionType::Accepted,
                     false,
-                    "NotAllowedByListeners",
+                    Reason::NotAllowedByListeners,
                     "no matching listener allows this route",
                 );
             } else {
-                c.set("Accepted", true, "Accepted", "");
+                c.set(ConditionType::Accepted, true, Reason::Accepted, "");
             }
             for i in &attached_to {
                 listeners[*i].attached += 1;
                 winners.entry((gateway_id.clone(), *i)).or_insert(route);
             }
-            // ResolvedRefs: the first problem among the backendRefs, in order.
-            let problem = route
-                .backend_refs
-                .iter()
-                .find_map(|b| resolve(snapshot, &lookup, route, b, false).err());
-            match problem {
-                None => c.set("ResolvedRefs", true, "ResolvedRefs", ""),
-                Some(Unresolved::NotFound) => c.set(
-                    "ResolvedRefs",
-                    false,
-                    "BackendNotFound",
-                    "a backendRef names no Service port",
-                ),
-                Some(Unresolved::NotPermitted) => c.set(
-                    "ResolvedRefs",
-                    false,
-                    "RefNotPermitted",
-                    "a cross-namespace backendRef has no ReferenceGrant",
-                ),
-                Some(Unresolved::InvalidKind) => c.set(
-                    "ResolvedRefs",
-                    false,
-                    "InvalidKind",
-                    "backendRefs must be core Services",
-                ),
-                Some(Unresolved::UnsupportedProtocol) => c.set(
-                    "ResolvedRefs",
-                    false,
-                    "UnsupportedProtocol",
-                    format!(
-                        "a backendRef's Service port does not speak {}",
-                        route.kind.protocol()
-                    ),
-                ),
-            }
+            set_resolved_refs(&mut c, snapshot, lookup, route);
             parents.push(RouteParentStatus {
                 parent_ref: parent.clone(),
                 controller_name: config.controller_name.into(),
@@ -750,46 +877,83 @@ pub fn translate(config: &Config, snapshot: &Snapshot) -> Output {
             });
         }
         if !parents.is_empty() {
-            out.routes
-                .insert((route.kind, route.id.clone()), RouteStatus { parents });
+            statuses.insert((route.kind, route.id.clone()), RouteStatus { parents });
         }
     }
 
-    // Attached route counts.
-    for (id, listeners) in &listener_state {
-        let status = gateway_status.get_mut(id).expect("status per gateway");
-        for (ls, l) in status.listeners.iter_mut().zip(listeners) {
-            ls.attached_routes = l.attached;
-        }
-    }
+    (statuses, winners)
+}
 
-    // Dataplane services: every address × listener with a winning route.
+/// ResolvedRefs: the first problem among the backendRefs, in order.
+fn set_resolved_refs(c: &mut Conditions, snapshot: &Snapshot, lookup: &Index, route: &Route) {
+    let problem = route
+        .backend_refs
+        .iter()
+        .find_map(|b| resolve(snapshot, lookup, route, b, false).err());
+    match problem {
+        None => c.set(ConditionType::ResolvedRefs, true, Reason::ResolvedRefs, ""),
+        Some(Unresolved::NotFound) => c.set(
+            ConditionType::ResolvedRefs,
+            false,
+            Reason::BackendNotFound,
+            "a backendRef names no Service port",
+        ),
+        Some(Unresolved::NotPermitted) => c.set(
+            ConditionType::ResolvedRefs,
+            false,
+            Reason::RefNotPermitted,
+            "a cross-namespace backendRef has no ReferenceGrant",
+        ),
+        Some(Unresolved::InvalidKind) => c.set(
+            ConditionType::ResolvedRefs,
+            false,
+            Reason::InvalidKind,
+            "backendRefs must be core Services",
+        ),
+        Some(Unresolved::UnsupportedProtocol) => c.set(
+            ConditionType::ResolvedRefs,
+            false,
+            Reason::UnsupportedProtocol,
+            format!(
+                "a backendRef's Service port does not speak {}",
+                route.kind.protocol()
+            ),
+        ),
+    }
+}
+
+/// Every address × listener with a winning route, and what each backendRef resolved to.
+fn dataplane_services(
+    snapshot: &Snapshot,
+    lookup: &Index,
+    listeners: &BTreeMap<ObjectRef, GatewayListeners>,
+    addresses: &BTreeMap<ObjectRef, Addresses>,
+    winners: &Winners,
+) -> (Vec<v1::Service>, BTreeMap<BackendRefKey, BackendRefState>) {
     let mut services = BTreeMap::new();
-    for ((gateway_id, index), route) in &winners {
-        let listener = listener_state[gateway_id][*index].listener;
-        for vip in &gateway_addresses[gateway_id] {
-            let protocol = if route.kind == RouteKind::Tcp {
-                v1::Protocol::Tcp
-            } else {
-                v1::Protocol::Udp
+    let mut backend_refs = BTreeMap::new();
+    for ((gateway_id, index), route) in winners {
+        let listener = listeners[gateway_id].valid[*index].listener;
+        for vip in addresses[gateway_id].served() {
+            let protocol = match route.kind {
+                RouteKind::Tcp => v1::Protocol::Tcp,
+                RouteKind::Udp => v1::Protocol::Udp,
             };
             let key = (vip.to_string(), listener.port, protocol as i32);
             if services.contains_key(&key) {
                 continue;
             }
             let (service, states) =
-                dataplane_service(snapshot, &lookup, route, *vip, listener.port, protocol);
+                dataplane_service(snapshot, lookup, route, *vip, listener.port, protocol);
             services.insert(key, service);
             for (key, state) in states {
                 // The worst state over the route's address families counts.
-                let entry = out.backend_refs.entry(key).or_insert(state);
+                let entry = backend_refs.entry(key).or_insert(state);
                 *entry = (*entry).max(state);
             }
         }
     }
-    out.services = services.into_values().collect();
-    out.gateways = gateway_status;
-    out
+    (services.into_values().collect(), backend_refs)
 }
 
 /// Weights: each backendRef's weight is split evenly over its endpoints; invalid refs and
