@@ -1,4 +1,4 @@
-//! Project tasks: `cargo xtask setup | test | demo | lint`.
+//! Project tasks: `cargo xtask setup | test | demo | lint | bench | fuzz | certs | image | kind`.
 //!
 //! This crate must build on a fresh machine before setup has run, so it depends on nothing that
 //! needs the eBPF toolchain.
@@ -12,6 +12,7 @@ use std::{
 
 use anyhow::{Context as _, bail};
 use clap::{Parser, Subcommand};
+use xtask::{cargo, certs, have, image, is_root, kind, output, run, workspace_root};
 
 #[derive(Parser)]
 #[command(about = "fulgur project tasks")]
@@ -23,7 +24,12 @@ struct Cli {
 #[derive(Subcommand)]
 enum Task {
     /// Install what the build and tests need (idempotent).
-    Setup,
+    Setup {
+        /// Only what a build needs (rust-src, bpf-linker): no apt packages, no bpffs mount, no
+        /// Python tools. For container builds (the Containerfile's builder stage).
+        #[arg(long)]
+        toolchain_only: bool,
+    },
     /// Setup, lint, build, then run every test, the privileged ones included (needs root).
     Test {
         /// Extra arguments for `cargo test` (e.g. a test name filter).
@@ -47,6 +53,50 @@ enum Task {
         #[arg(long, default_value_t = 1)]
         seed: u64,
     },
+    /// Write a CA, the agent's (serverAuth, DNS fulgur-agent) and the controller's (clientAuth)
+    /// certificates and keys, and the two Secrets (secrets.yaml) the manifests mount.
+    Certs {
+        #[arg(long)]
+        out: PathBuf,
+        /// Validity of the certificates.
+        #[arg(long, default_value_t = 365)]
+        days: u32,
+        /// More DNS names for the agent's certificate (repeat).
+        #[arg(long = "dns-name")]
+        dns_names: Vec<String>,
+    },
+    /// Build the image fulgur:VERSION with podman, buildah or docker, and write
+    /// target/image/fulgur-VERSION.tar (docker-archive, for `kind load image-archive`).
+    Image {
+        /// `containerfile` builds ./Containerfile (pulls base images); `host` packages the
+        /// host's release binaries and their libraries FROM scratch (no registry needed);
+        /// `auto` uses the Containerfile when its base image can be pulled.
+        #[arg(long, value_enum, default_value = "auto")]
+        from: image::Source,
+    },
+    /// A kind cluster running fulgur, an example Gateway and traffic through it (needs docker or
+    /// podman, kind and kubectl; --conformance needs go and git).
+    Kind {
+        /// kind cluster name.
+        #[arg(long, default_value = "fulgur")]
+        name: String,
+        /// Worker nodes beside the control plane.
+        #[arg(long, default_value_t = 0)]
+        workers: u32,
+        /// Then run the Gateway API conformance suite (GATEWAY-TCP, GATEWAY-UDP); report in
+        /// target/conformance/.
+        #[arg(long)]
+        conformance: bool,
+        /// Delete the cluster (and the host routes to its address pool).
+        #[arg(long)]
+        delete: bool,
+        /// Print the steps and their commands without running anything.
+        #[arg(long)]
+        dry_run: bool,
+        /// As `cargo xtask image --from`.
+        #[arg(long, value_enum, default_value = "auto")]
+        image_from: image::Source,
+    },
 }
 
 #[derive(Clone, Copy, clap::ValueEnum)]
@@ -67,10 +117,71 @@ const APT_PACKAGES: &[(&str, &str)] = &[
     ("sysctl", "procps"),
 ];
 const BPF_LINKER_VERSION: &str = "0.13.0";
+/// Pinned so that the schemas the tests validate against do not change under them.
+const KUBERNETES_VALIDATE: &str = "kubernetes-validate==1.37.0";
 
 fn main() -> anyhow::Result<()> {
     match Cli::parse().task {
-        Task::Setup => setup(),
+        Task::Setup { toolchain_only } => {
+            if toolchain_only {
+                setup_toolchain()
+            } else {
+                setup()
+            }
+        }
+        Task::Certs {
+            out,
+            days,
+            dns_names,
+        } => {
+            let written = certs::write(&out, &certs::Options { days, dns_names })?;
+            for path in [
+                &written.ca,
+                &written.ca_key,
+                &written.agent_cert,
+                &written.agent_key,
+                &written.controller_cert,
+                &written.controller_key,
+                &written.secrets,
+            ] {
+                println!("{}", path.display());
+            }
+            eprintln!(
+                "[certs] apply the Secrets with `kubectl apply -f {}` (after manifests/deploy/namespace.yaml)",
+                written.secrets.display()
+            );
+            Ok(())
+        }
+        Task::Image { from } => image::build(from).map(drop),
+        Task::Kind {
+            name,
+            workers,
+            conformance,
+            delete,
+            dry_run,
+            image_from,
+        } => {
+            let options = kind::Options {
+                name,
+                workers,
+                conformance,
+                delete,
+                image_from,
+            };
+            let (env, missing) = kind::detect(&options)?;
+            let steps = kind::plan(&options, &env);
+            if dry_run {
+                print!("{}", kind::describe(&steps));
+                if !missing.is_empty() {
+                    eprintln!("[kind] note: {}", kind::missing_message(&missing));
+                }
+                return Ok(());
+            }
+            if !missing.is_empty() {
+                bail!("{}", kind::missing_message(&missing));
+            }
+            kind::execute(&options, &steps)
+        }
         Task::Test { args } => {
             setup()?;
             lint()?;
@@ -114,43 +225,8 @@ fn main() -> anyhow::Result<()> {
     }
 }
 
-fn workspace_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .expect("workspace root")
-        .to_path_buf()
-}
-
-fn cargo() -> Command {
-    let mut command = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
-    command.current_dir(workspace_root());
-    command
-}
-
-fn run(command: &mut Command) -> anyhow::Result<()> {
-    let shown = format!("{command:?}");
-    let status = command
-        .status()
-        .with_context(|| format!("starting {shown}"))?;
-    if !status.success() {
-        bail!("{shown} failed ({status})");
-    }
-    Ok(())
-}
-
-fn output(command: &mut Command) -> Option<String> {
-    let out = command.output().ok()?;
-    out.status
-        .success()
-        .then(|| String::from_utf8_lossy(&out.stdout).trim().to_owned())
-}
-
 fn step(message: &str) {
     eprintln!("[setup] {message}");
-}
-
-fn is_root() -> bool {
-    output(Command::new("id").arg("-u")).as_deref() == Some("0")
 }
 
 fn require_root(task: &str) -> anyhow::Result<()> {
@@ -162,10 +238,6 @@ fn require_root(task: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn have(command: &str) -> bool {
-    output(Command::new("sh").args(["-c", &format!("command -v {command}")])).is_some()
-}
-
 fn setup() -> anyhow::Result<()> {
     require_root("setup")?;
     setup_apt()?;
@@ -173,8 +245,45 @@ fn setup() -> anyhow::Result<()> {
     setup_rust_src(&sysroot)?;
     setup_bpf_linker(&sysroot)?;
     setup_bpffs()?;
+    setup_kubernetes_validate()?;
     step("done");
     Ok(())
+}
+
+/// What a build alone needs (the Containerfile's builder stage).
+fn setup_toolchain() -> anyhow::Result<()> {
+    let sysroot = setup_nightly()?;
+    setup_rust_src(&sysroot)?;
+    setup_bpf_linker(&sysroot)?;
+    step("done (toolchain only)");
+    Ok(())
+}
+
+/// kubernetes-validate (PyPI) ships the Kubernetes schemas: the manifest tests validate every
+/// rendered object offline with it.
+fn setup_kubernetes_validate() -> anyhow::Result<()> {
+    if let Some(version) = output(Command::new("kubernetes-validate").arg("--version")) {
+        step(&format!("kubernetes-validate: {version}"));
+        return Ok(());
+    }
+    let python = ["python3", "python"]
+        .into_iter()
+        .find(|p| have(p))
+        .context("kubernetes-validate needs Python 3 (`apt-get install python3-pip`)")?;
+    step(&format!(
+        "kubernetes-validate: installing {KUBERNETES_VALIDATE} with {python} -m pip"
+    ));
+    run(Command::new(python).args([
+        "-m",
+        "pip",
+        "install",
+        "--quiet",
+        "--disable-pip-version-check",
+        KUBERNETES_VALIDATE,
+    ]))
+    .context(
+        "installing kubernetes-validate failed (Debian's system Python may need python3-pip, or --break-system-packages)",
+    )
 }
 
 fn setup_apt() -> anyhow::Result<()> {
