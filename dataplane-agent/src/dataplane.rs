@@ -407,13 +407,22 @@ impl Dataplane {
                             .and_then(|id| program.take_link(id).ok())
                             .and_then(|link| FdLink::try_from(link).ok())
                             .map(|link| pin_link(link, &xdp_pin));
-                        tracing::error!(
-                            iface,
-                            restored = matches!(restored, Some(Ok(()))),
-                            "attaching in {} mode failed ({e}); put back the {} attachment",
-                            mode.name(),
-                            old.name()
-                        );
+                        if matches!(restored, Some(Ok(()))) {
+                            tracing::error!(
+                                iface,
+                                "attaching in {} mode failed ({e}); put back the {} attachment",
+                                mode.name(),
+                                old.name()
+                            );
+                        } else {
+                            tracing::error!(
+                                iface,
+                                "attaching in {} mode failed ({e}), and putting back the {} \
+                                 attachment failed too: the interface has no XDP program",
+                                mode.name(),
+                                old.name()
+                            );
+                        }
                     }
                     return Err(err(e));
                 }

@@ -359,3 +359,64 @@ fn a_restart_with_another_xdp_mode_switches_the_attachment() {
     );
     assert_eq!(shown_xdp_mode(&topology), Some("native"));
 }
+
+/// A mode the interface cannot take (native XDP on loopback) fails the restart loudly and puts
+/// the old attachment back, rather than leaving the interface without a dataplane.
+#[test]
+fn a_mode_switch_that_fails_keeps_the_old_attachment() {
+    let ns = NetNs::new("fgmd").unwrap();
+    let shown = || {
+        let out = ns.ip(&["-d", "link", "show", "dev", "lo"]).unwrap();
+        String::from_utf8_lossy(&out.stdout)
+            .split_whitespace()
+            .any(|w| w == "xdpgeneric")
+    };
+    let agent = AgentProcess::start_launched(
+        &ns,
+        "lo",
+        XdpAttachMode::Generic,
+        Source::Args(&[]),
+        fresh_bpffs_dir(),
+        &SMALL,
+        &Launch::default(),
+    )
+    .unwrap_or_else(|e| panic!("{e:#}"));
+    assert!(shown());
+    let bpffs_dir = agent.kill_and_keep_pins();
+    // Not through AgentProcess: its handle would detach the pins when the start fails.
+    // `timeout`: an agent that wrongly succeeds would serve forever.
+    let failed = std::process::Command::new("timeout")
+        .args(["20", "nsenter", &format!("--net={}", ns.path())])
+        .arg(fulgur_tests::agent_binary())
+        .args(["--iface", "lo", "--xdp-mode", "native", "--bpffs-dir"])
+        .arg(&bpffs_dir)
+        .args(SMALL)
+        .env("NO_COLOR", "1")
+        .env("RUST_BACKTRACE", "0")
+        .output()
+        .unwrap();
+    let log = String::from_utf8_lossy(&failed.stderr);
+    assert!(
+        !failed.status.success(),
+        "loopback has no native XDP:\n{log}"
+    );
+    assert!(
+        log.contains("XDP mode changes from generic to native")
+            && log.contains("; put back the generic attachment"),
+        "{log}"
+    );
+    assert!(shown(), "the generic attachment was not put back:\n{log}");
+    // The pins still name it: the next agent in generic mode adopts it in place.
+    let agent = AgentProcess::start_launched(
+        &ns,
+        "lo",
+        XdpAttachMode::Generic,
+        Source::Args(&[]),
+        bpffs_dir,
+        &SMALL,
+        &Launch::default(),
+    )
+    .unwrap_or_else(|e| panic!("{e:#}"));
+    assert!(!agent.log_text().contains("XDP mode changes"));
+    assert!(shown());
+}

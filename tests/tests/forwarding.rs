@@ -223,7 +223,10 @@ fn restart_keeps_every_flow(mode: XdpAttachMode) {
     let topology = Topology::new(3, mode).expect("topology");
     let _servers = start_backends(&topology);
     let services = ServicesFile::new(&topology);
-    let agent = topology.start_agent(&services.0).expect("agent");
+    // Restarts happen in a pod: with exactly the capabilities agent.yaml grants.
+    let agent = topology
+        .start_agent_launched(&services.0, &Launch::deployed())
+        .unwrap_or_else(|e| panic!("agent: {e:#}"));
     let vips = [topology.vip(SERVICE_PORT), topology.vip6(SERVICE_PORT)];
 
     let stop = Arc::new(AtomicBool::new(false));
@@ -293,14 +296,23 @@ fn restart_keeps_every_flow(mode: XdpAttachMode) {
     wait_rounds(3); // Forwarding continues with no agent at all.
     // The successor gets new weights: most Maglev slots change, yet tracked flows must stay.
     services.write(&topology, &[5, 1, 1]);
-    let successor = AgentProcess::start_with(
+    let successor = AgentProcess::start_launched(
         &topology.lb,
         LB_IFACE,
         mode,
         Source::File(&services.0),
         bpffs_dir,
+        &[
+            "--max-services",
+            "64",
+            "--max-backends",
+            "1024",
+            "--table-size",
+            "1021",
+        ],
+        &Launch::deployed(),
     )
-    .expect("restarted agent");
+    .unwrap_or_else(|e| panic!("restarted agent: {e:#}"));
     wait_rounds(3);
     stop.store(true, Ordering::Relaxed);
     let (rounds, flows) = traffic.join().unwrap().unwrap_or_else(|e| {
