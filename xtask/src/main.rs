@@ -38,6 +38,13 @@ enum Task {
     },
     /// Setup, build, then run the demo: a client, a load balancer and 3 backends in namespaces.
     Demo,
+    /// Setup, build, then the Gateway API v1.6.1 GATEWAY-TCP/GATEWAY-UDP tests standalone with
+    /// real traffic (needs root); writes target/conformance/standard-v1.6.1-standalone-report.yaml.
+    /// Arguments: [--only NAME[,NAME]] [--xdp-mode native|generic] [--report PATH] [--markdown].
+    Conformance {
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
     /// `cargo fmt --check` and `cargo clippy -D warnings`.
     Lint,
     /// Benchmarks (needs root, as setup does): `dataplane` (ns per packet), `apply` (10k services
@@ -190,6 +197,19 @@ fn main() -> anyhow::Result<()> {
         Task::Demo => {
             setup()?;
             demo()
+        }
+        Task::Conformance { args } => {
+            setup()?;
+            require_root("conformance")?;
+            run(cargo().args(["build", "--bins"]))?;
+            // Where `cargo build` put the binaries (CARGO_TARGET_DIR, else the workspace's).
+            let bin = std::env::var_os("CARGO_TARGET_DIR")
+                .map_or_else(|| workspace_root().join("target"), PathBuf::from)
+                .join("debug");
+            run(Command::new(bin.join("fulgur-conformance"))
+                .args(&args)
+                .env("FULGUR_AGENT_BIN", bin.join("fulgur-agent"))
+                .env("FULGUR_CONTROLLER_BIN", bin.join("fulgur-controller")))
         }
         Task::Lint => lint(),
         Task::Bench { target } => {

@@ -53,8 +53,10 @@ fn main() -> anyhow::Result<()> {
         }
     }
     let report_path = report_path.unwrap_or_else(|| {
-        PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-            .join("../target/conformance")
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .parent()
+            .expect("the workspace")
+            .join("target/conformance")
             .join(report::file_name())
     });
     conformance::select(&only)?;

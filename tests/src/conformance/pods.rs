@@ -207,28 +207,43 @@ pub struct UdpEchoResponse {
     pub pod: String,
 }
 
+/// Waits up to `POLL` for `listener` to have a connection (so a new connection is accepted at
+/// once, and `stop` is still looked at every `POLL`).
+fn wait_readable(listener: &TcpListener) {
+    use std::os::fd::AsRawFd as _;
+    let mut fd = libc::pollfd {
+        fd: listener.as_raw_fd(),
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    // SAFETY: one valid pollfd for the duration of the call.
+    unsafe { libc::poll(&mut fd, 1, POLL.as_millis() as libc::c_int) };
+}
+
 fn serve_tcp(listener: TcpListener, identity: &Identity, stop: &AtomicBool) {
     while !stop.load(Ordering::Relaxed) {
-        match listener.accept() {
-            Ok((stream, _)) => {
-                let identity = identity.clone();
-                std::thread::spawn(move || {
-                    let _ = tcp_session(stream, &identity);
-                });
-            }
-            Err(_) => std::thread::sleep(POLL),
+        wait_readable(&listener);
+        while let Ok((stream, _)) = listener.accept() {
+            let identity = identity.clone();
+            std::thread::spawn(move || {
+                let _ = tcp_session(stream, &identity);
+            });
         }
     }
 }
 
 fn tcp_session(stream: TcpStream, identity: &Identity) -> std::io::Result<()> {
     stream.set_nonblocking(false)?;
+    stream.set_nodelay(true)?;
     stream.set_read_timeout(Some(SERVER_IDLE))?;
     let mut writer = stream.try_clone()?;
-    writeln!(
-        writer,
-        "Welcome to the TCP echo server, pod {} in namespace {}",
-        identity.pod, identity.namespace
+    // Each line in one write: no Nagle wait behind the peer's delayed ACK.
+    writer.write_all(
+        format!(
+            "Welcome to the TCP echo server, pod {} in namespace {}\n",
+            identity.pod, identity.namespace
+        )
+        .as_bytes(),
     )?;
     let mut reader = BufReader::new(stream);
     let mut line = String::new();
@@ -248,7 +263,7 @@ fn tcp_session(stream: TcpStream, identity: &Identity) -> std::io::Result<()> {
             .expect("serializes"),
             other => other.to_owned(),
         };
-        writeln!(writer, "{reply}")?;
+        writer.write_all(format!("{reply}\n").as_bytes())?;
     }
 }
 
@@ -327,6 +342,7 @@ impl Answer {
 pub fn tcp_probe(to: SocketAddr, timeout: Duration) -> anyhow::Result<Answer> {
     let stream =
         TcpStream::connect_timeout(&to, timeout).with_context(|| format!("connect {to}"))?;
+    stream.set_nodelay(true)?;
     stream.set_read_timeout(Some(timeout))?;
     stream.set_write_timeout(Some(timeout))?;
     let mut writer = stream.try_clone()?;
