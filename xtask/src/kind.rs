@@ -51,6 +51,8 @@ pub struct Step {
     pub actions: Vec<Action>,
     /// Where to look when the step fails.
     pub look_at: String,
+    /// A failure is reported and the run goes on (cleanups).
+    pub optional: bool,
 }
 
 #[derive(Debug)]
@@ -137,6 +139,7 @@ fn step(name: &str, look_at: &str, actions: Vec<Action>) -> Step {
         name: name.to_owned(),
         actions,
         look_at: look_at.to_owned(),
+        optional: false,
     }
 }
 
@@ -200,24 +203,28 @@ pub fn plan(options: &Options, env: &Env) -> Vec<Step> {
     };
     if options.delete {
         return vec![
-            step(
-                "host routes",
-                "`ip route` on this host",
-                vec![
-                    subnets(),
-                    Action::Xtask(Internal::CarvePools),
-                    Action::Run(
-                        sudo(cmd(&["ip", "route", "del", "{POOL4}"]))
-                            .needs("POOL4")
-                            .may_fail(),
-                    ),
-                    Action::Run(
-                        sudo(cmd(&["ip", "-6", "route", "del", "{POOL6}"]))
-                            .needs("POOL6")
-                            .may_fail(),
-                    ),
-                ],
-            ),
+            // Optional: the network (and so the routes) may be gone already.
+            Step {
+                optional: true,
+                ..step(
+                    "host routes",
+                    "`ip route` on this host",
+                    vec![
+                        subnets(),
+                        Action::Xtask(Internal::CarvePools),
+                        Action::Run(
+                            sudo(cmd(&["ip", "route", "del", "{POOL4}"]))
+                                .needs("POOL4")
+                                .may_fail(),
+                        ),
+                        Action::Run(
+                            sudo(cmd(&["ip", "-6", "route", "del", "{POOL6}"]))
+                                .needs("POOL6")
+                                .may_fail(),
+                        ),
+                    ],
+                )
+            },
             step(
                 "delete cluster",
                 "`kind get clusters`",
@@ -713,6 +720,10 @@ pub fn execute(options: &Options, steps: &[Step]) -> anyhow::Result<()> {
         for action in &step.actions {
             if let Err(error) = act(options, action, &mut vars) {
                 let look = substitute(&step.look_at, &vars);
+                if step.optional {
+                    eprintln!("    step `{}` failed ({error:#}); going on", step.name);
+                    break;
+                }
                 bail!(
                     "step `{}` failed: {error:#}\n  look at: {look}\n  (re-run `cargo xtask kind` once fixed: it reuses the cluster)",
                     step.name
@@ -1034,7 +1045,51 @@ mod tests {
         let text = describe(&plan(&delete, &env(true)));
         assert!(text.contains("ip route del {POOL4}"), "{text}");
         assert!(text.contains("kind delete cluster --name fulgur"));
+        assert!(
+            plan(&delete, &env(true))[0].optional,
+            "a gone network does not stop the delete"
+        );
         assert!(!text.contains("kind load"));
+    }
+
+    #[test]
+    fn a_failed_step_is_named_with_where_to_look_unless_optional() {
+        let steps = vec![
+            Step {
+                optional: true,
+                ..step("cleanup", "nothing", vec![Action::Run(cmd(&["false"]))])
+            },
+            step(
+                "capture",
+                "{X}",
+                vec![Action::Capture("X", cmd(&["echo", "captured"]))],
+            ),
+            step(
+                "breaks",
+                "look at `{X}` here",
+                vec![Action::Run(cmd(&["false"]))],
+            ),
+            step(
+                "never",
+                "-",
+                vec![Action::Run(cmd(&["/nonexistent/never-run"]))],
+            ),
+        ];
+        let error = execute(&options(false), &steps).unwrap_err().to_string();
+        assert!(error.contains("step `breaks` failed"), "{error}");
+        assert!(
+            error.contains("look at: look at `captured` here"),
+            "{error}"
+        );
+        assert!(!error.contains("never"), "{error}");
+        let steps = vec![
+            Step {
+                optional: true,
+                ..step("cleanup", "nothing", vec![Action::Run(cmd(&["false"]))])
+            },
+            step("next", "-", vec![Action::Run(cmd(&["true"]))]),
+        ];
+        execute(&options(false), &steps).expect("an optional step's failure goes on");
     }
 
     #[test]
