@@ -365,12 +365,16 @@ fn services_file_changes_take_effect() {
     .unwrap();
     assert!(served.iter().all(|b| b == "backend-1"), "{served:?}");
 
-    // A broken edit is refused and the last good set keeps serving.
+    // A broken edit is refused and the last good set keeps serving. Written as editors save
+    // (a new file renamed over the old): a truncate-then-write can be read half way, and an
+    // empty services file is a valid, empty set.
+    let saved = services.0.with_extension("new");
     std::fs::write(
-        &services.0,
+        &saved,
         "services:\n- {vip: 192.0.2.10, port: 0, protocol: TCP}\n",
     )
     .unwrap();
+    std::fs::rename(&saved, &services.0).unwrap();
     agent
         .wait_for_log("keeping the last good services", Duration::from_secs(10))
         .unwrap();
