@@ -6,6 +6,7 @@ pub mod corpus;
 pub mod echo;
 pub mod fake_agent;
 pub mod fake_kube;
+pub mod kind_node;
 pub mod lab;
 pub mod netns;
 pub mod packets;
