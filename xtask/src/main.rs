@@ -122,6 +122,8 @@ const APT_PACKAGES: &[(&str, &str)] = &[
     ("ethtool", "ethtool"),
     ("nsenter", "util-linux"),
     ("sysctl", "procps"),
+    // kube-proxy's iptables rules on the kind-node test bed (tests/src/kind_node.rs).
+    ("iptables", "iptables"),
 ];
 const BPF_LINKER_VERSION: &str = "0.13.0";
 /// Pinned so that the schemas the tests validate against do not change under them.
@@ -313,7 +315,7 @@ fn setup_apt() -> anyhow::Result<()> {
         .map(|(_, pkg)| *pkg)
         .collect();
     if missing.is_empty() {
-        step("system packages: present (iproute2, ethtool, util-linux, procps)");
+        step("system packages: present (iproute2, ethtool, util-linux, procps, iptables)");
         return Ok(());
     }
     step(&format!(
