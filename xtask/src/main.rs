@@ -48,7 +48,8 @@ enum Task {
     /// `cargo fmt --check` and `cargo clippy -D warnings`.
     Lint,
     /// Benchmarks (needs root, as setup does): `dataplane` (ns per packet), `apply` (10k services
-    /// over gRPC) or `translate` (the controller at 1k and 10k routes).
+    /// over gRPC), `translate` (the controller at 1k and 10k routes) or `forward` (end to end
+    /// against routing, nftables and HAProxy).
     Bench {
         #[arg(value_enum, default_value = "dataplane")]
         target: BenchTarget,
@@ -114,6 +115,9 @@ enum BenchTarget {
     Apply,
     /// translate + status documents at 1,000 and 10,000 routes; writes target/bench/translate.json
     Translate,
+    /// End to end through namespaces: fulgur next to routing, nftables DNAT and HAProxy (about
+    /// 3 minutes); writes target/bench/forward.json and forward.svg
+    Forward,
 }
 
 const APT_PACKAGES: &[(&str, &str)] = &[
@@ -122,8 +126,9 @@ const APT_PACKAGES: &[(&str, &str)] = &[
     ("ethtool", "ethtool"),
     ("nsenter", "util-linux"),
     ("sysctl", "procps"),
-    // kube-proxy's iptables rules on the kind-node test bed (tests/src/kind_node.rs).
-    ("iptables", "iptables"),
+    // The peers of `bench forward`.
+    ("nft", "nftables"),
+    ("haproxy", "haproxy"),
 ];
 const BPF_LINKER_VERSION: &str = "0.13.0";
 /// Pinned so that the schemas the tests validate against do not change under them.
@@ -220,13 +225,17 @@ fn main() -> anyhow::Result<()> {
                 BenchTarget::Dataplane => "dataplane",
                 BenchTarget::Apply => "apply",
                 BenchTarget::Translate => "translate",
+                BenchTarget::Forward => "forward",
             };
             require_root("bench")?;
             run(cargo().args(["build", "--release", "--bins"]))?;
-            let root = workspace_root();
-            run(Command::new(root.join("target/release/fulgur-bench"))
+            // Where `cargo build` put the binaries (CARGO_TARGET_DIR, else the workspace's).
+            let bin = std::env::var_os("CARGO_TARGET_DIR")
+                .map_or_else(|| workspace_root().join("target"), PathBuf::from)
+                .join("release");
+            run(Command::new(bin.join("fulgur-bench"))
                 .arg(name)
-                .env("FULGUR_AGENT_BIN", root.join("target/release/fulgur-agent")))
+                .env("FULGUR_AGENT_BIN", bin.join("fulgur-agent")))
         }
         Task::Fuzz { iterations, seed } => {
             setup()?;
@@ -315,7 +324,7 @@ fn setup_apt() -> anyhow::Result<()> {
         .map(|(_, pkg)| *pkg)
         .collect();
     if missing.is_empty() {
-        step("system packages: present (iproute2, ethtool, util-linux, procps, iptables)");
+        step("system packages: present (iproute2, ethtool, util-linux, procps, nftables, haproxy)");
         return Ok(());
     }
     step(&format!(

@@ -8,10 +8,13 @@
 //! cluster of 1,000 and of 10,000 routes, side by side; the ratio shows whether the cost grows
 //! linearly with the cluster (10×) or worse.
 //!
-//! Method: single-packet calls (repeat = 1), so every measured run sees the intended packet
-//! (with `repeat > 1` the kernel reuses one buffer, and a DNAT program would meet its own
+//! Method (dataplane): single-packet calls (repeat = 1), so every measured run sees the intended
+//! packet (with `repeat > 1` the kernel reuses one buffer, and a DNAT program would meet its own
 //! output from the second iteration on). The kernel's own per-run time is used; each figure is
 //! the trimmed mean of many calls, interleaved round-robin across cases so drift hits all alike.
+//!
+//! `cargo xtask bench forward`: end to end through namespaces, fulgur next to plain routing,
+//! nftables DNAT and HAProxy (see `fulgur_tests::forward_bench`).
 
 use std::{collections::BTreeMap, net::IpAddr};
 
@@ -49,11 +52,27 @@ fn main() -> anyhow::Result<()> {
     match std::env::args().nth(1).as_deref() {
         Some("apply") => apply::run(),
         Some("translate") => translate::run(),
+        Some("forward") => forward(),
         Some("dataplane") | None => dataplane(),
         Some(other) => {
-            anyhow::bail!("unknown benchmark {other:?} (dataplane, apply or translate)")
+            anyhow::bail!("unknown benchmark {other:?} (dataplane, apply, translate or forward)")
         }
     }
+}
+
+fn forward() -> anyhow::Result<()> {
+    use fulgur_tests::forward_bench::{self, Config};
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/bench");
+    let report = forward_bench::run(&Config::full(dir.clone()))?;
+    println!("{}", forward_bench::markdown(&report));
+    println!(
+        "{} rounds in {:.0} s; wrote {} and {}",
+        report.rounds,
+        report.duration_seconds,
+        dir.join("forward.json").display(),
+        dir.join("forward.svg").display()
+    );
+    Ok(())
 }
 
 fn dataplane() -> anyhow::Result<()> {
