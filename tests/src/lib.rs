@@ -7,6 +7,7 @@ pub mod echo;
 pub mod fake_agent;
 pub mod fake_kube;
 pub mod forward_bench;
+pub mod kind_node;
 pub mod lab;
 pub mod loadgen;
 pub mod netns;

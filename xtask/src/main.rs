@@ -126,6 +126,8 @@ const APT_PACKAGES: &[(&str, &str)] = &[
     ("ethtool", "ethtool"),
     ("nsenter", "util-linux"),
     ("sysctl", "procps"),
+    // kube-proxy's iptables rules on the kind-node test bed (tests/src/kind_node.rs).
+    ("iptables", "iptables"),
     // The peers of `bench forward`.
     ("nft", "nftables"),
     ("haproxy", "haproxy"),
@@ -324,7 +326,9 @@ fn setup_apt() -> anyhow::Result<()> {
         .map(|(_, pkg)| *pkg)
         .collect();
     if missing.is_empty() {
-        step("system packages: present (iproute2, ethtool, util-linux, procps, nftables, haproxy)");
+        step(
+            "system packages: present (iproute2, ethtool, util-linux, procps, iptables, nftables, haproxy)",
+        );
         return Ok(());
     }
     step(&format!(
