@@ -13,15 +13,18 @@ use aya::{
     Ebpf, EbpfLoader,
     maps::Map,
     programs::{
-        LinkOrder, SchedClassifier, TcAttachType, Xdp, XdpMode,
+        SchedClassifier, Xdp, XdpMode,
         links::{FdLink, PinnedLink},
-        tc::{SchedClassifierLink, TcAttachOptions},
         xdp::XdpLink,
     },
 };
 use fulgur_common::{defaults, map_names, program_names};
 
-use crate::{EBPF_OBJECT, writer::Layout};
+use crate::{
+    EBPF_OBJECT,
+    tc_hook::{self, TcAttach, TcHook},
+    writer::Layout,
+};
 
 const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
 /// Where bpffs is mounted by convention; the agent mounts it here when it is missing.
@@ -81,6 +84,8 @@ pub enum DataplaneError {
     },
     #[error("interface {iface} does not exist")]
     UnknownInterface { iface: String },
+    #[error("TC egress hook on {iface}: {message}")]
+    TcHook { iface: String, message: String },
 }
 
 /// How the XDP program is attached.
@@ -150,7 +155,7 @@ impl Pins {
     pub fn map(&self, name: &str) -> PathBuf {
         self.maps().join(name)
     }
-    fn links(&self) -> PathBuf {
+    pub(crate) fn links(&self) -> PathBuf {
         self.root.join("links")
     }
     fn progs(&self) -> PathBuf {
@@ -158,9 +163,6 @@ impl Pins {
     }
     fn xdp_link(&self, iface: &str) -> PathBuf {
         self.links().join(format!("xdp-{iface}"))
-    }
-    fn tc_link(&self, iface: &str) -> PathBuf {
-        self.links().join(format!("tc-egress-{iface}"))
     }
 
     /// Creates the folders, refusing anything that is not on bpffs. A folder under
@@ -334,8 +336,14 @@ impl Dataplane {
 
     /// Attaches ingress and egress to `iface`, replacing a pinned attachment in place if there is
     /// one (no packet sees a gap), and pins the links and programs. A pinned XDP attachment in
-    /// the other mode is detached first: the kernel holds one mode per interface at a time.
-    pub fn attach(&mut self, iface: &str, mode: XdpAttachMode) -> Result<(), DataplaneError> {
+    /// the other mode is detached first: the kernel holds one mode per interface at a time. The
+    /// same goes for the TC hook (see [`tc_hook`]). Returns the TC hook in use.
+    pub fn attach(
+        &mut self,
+        iface: &str,
+        mode: XdpAttachMode,
+        tc: TcAttach,
+    ) -> Result<TcHook, DataplaneError> {
         let if_index = if_index(iface)?;
         let xdp_pin = self.pins.xdp_link(iface);
         let program = xdp_program(&mut self.ebpf, program_names::XDP_INGRESS)?;
@@ -446,38 +454,9 @@ impl Dataplane {
             })?;
         pin_link(link, &xdp_pin)?;
 
-        let tc_pin = self.pins.tc_link(iface);
-        let program = tc_program(&mut self.ebpf)?;
-        let err = |source| DataplaneError::Program {
-            name: program_names::TC_EGRESS,
-            source,
-        };
-        let replaced = match PinnedLink::from_pin(&tc_pin) {
-            Ok(pinned) => SchedClassifierLink::try_from(FdLink::from(pinned))
-                .ok()
-                .and_then(|link| program.attach_to_link(link).ok()),
-            Err(_) => None,
-        };
-        let link_id = match replaced {
-            Some(id) => id,
-            None => program
-                .attach_with_options(
-                    iface,
-                    TcAttachType::Egress,
-                    TcAttachOptions::TcxOrder(LinkOrder::default()),
-                )
-                .map_err(err)?,
-        };
-        let link: FdLink = program
-            .take_link(link_id)
-            .map_err(err)?
-            .try_into()
-            .map_err(|source| DataplaneError::Link {
-                name: program_names::TC_EGRESS,
-                source,
-            })?;
-        pin_link(link, &tc_pin)?;
-        self.pin_programs()
+        let hook = tc_hook::attach(tc_program(&mut self.ebpf)?, &self.pins, iface, tc)?;
+        self.pin_programs()?;
+        Ok(hook)
     }
 
     fn pin_programs(&mut self) -> Result<(), DataplaneError> {
@@ -498,7 +477,7 @@ impl Dataplane {
     }
 }
 
-fn pin_link(link: FdLink, path: &Path) -> Result<(), DataplaneError> {
+pub(crate) fn pin_link(link: FdLink, path: &Path) -> Result<(), DataplaneError> {
     // The old pin (if any) still names the same kernel link, which `link` keeps alive.
     remove_if_present(path)?;
     link.pin(path).map_err(|source| DataplaneError::Pin {
@@ -639,12 +618,12 @@ pub fn attached_xdp_mode(if_index: u32) -> io::Result<Option<XdpAttachMode>> {
     })
 }
 
-fn u16_at(b: &[u8], at: usize) -> u16 {
+pub(crate) fn u16_at(b: &[u8], at: usize) -> u16 {
     u16::from_ne_bytes([b[at], b[at + 1]])
 }
 
 /// Walks one level of netlink attributes (struct rtattr, 4-byte aligned): (type, payload).
-fn attributes(mut b: &[u8]) -> impl Iterator<Item = (u16, &[u8])> {
+pub(crate) fn attributes(mut b: &[u8]) -> impl Iterator<Item = (u16, &[u8])> {
     std::iter::from_fn(move || {
         if b.len() < 4 {
             return None;
@@ -673,8 +652,11 @@ pub fn if_index(iface: &str) -> Result<u32, DataplaneError> {
 }
 
 /// Detaches everything pinned under `pins` and removes the folder: links first (which detaches
-/// the programs), then programs and maps.
+/// the programs), then programs and maps. A netlink TC filter is deleted when it is in this
+/// network namespace.
 pub fn detach(pins: &Pins) -> Result<Vec<PathBuf>, DataplaneError> {
+    // Netlink filters are no links: they are deleted, not unpinned.
+    tc_hook::detach_netlink(pins);
     let mut removed = Vec::new();
     for dir in [pins.links(), pins.progs(), pins.maps()] {
         let entries = match fs::read_dir(&dir) {

@@ -74,6 +74,40 @@ pub struct Report {
     pub flows: Vec<FlowView>,
 }
 
+/// What `inspect` prints: the report, and the TC egress hook on each interface named under the
+/// pins (none: not attached in this network namespace).
+#[derive(Debug, Serialize)]
+pub struct NodeReport {
+    #[serde(flatten)]
+    pub report: Report,
+    pub tc_hooks: BTreeMap<String, Option<crate::tc_hook::TcHook>>,
+}
+
+impl NodeReport {
+    pub fn read(pins: &Pins, max_flows: usize) -> Result<Self, InspectError> {
+        let tc_hooks = crate::tc_hook::attached_ifaces(pins)
+            .into_iter()
+            .map(|iface| {
+                let hook = crate::tc_hook::in_use(pins, &iface);
+                (iface, hook)
+            })
+            .collect();
+        Ok(NodeReport {
+            report: read(pins, max_flows)?,
+            tc_hooks,
+        })
+    }
+
+    pub fn to_text(&self) -> String {
+        let mut out = String::from("TC EGRESS HOOK\n");
+        for (iface, hook) in &self.tc_hooks {
+            let hook = hook.map_or("none in this network namespace", |h| h.name());
+            let _ = writeln!(out, "  {iface:<24} {hook}");
+        }
+        out + &self.report.to_text()
+    }
+}
+
 fn open(pins: &Pins, name: &'static str) -> Result<Map, InspectError> {
     let path = pins.map(name);
     let err = |source| InspectError {

@@ -7,6 +7,7 @@ pub mod inspect;
 pub mod maglev;
 pub mod metrics;
 pub mod mmap;
+pub mod tc_hook;
 pub mod writer;
 
 /// The eBPF object built by build.rs (the nightly toolchain) from `dataplane-ebpf`.

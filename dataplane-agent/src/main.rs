@@ -10,6 +10,7 @@ use fulgur_agent::{
     grpc::{DataplaneService, Programmer},
     inspect, maglev,
     metrics::Metrics,
+    tc_hook::TcAttach,
     writer::{ApplyReport, Layout, MapWriter, WriteError},
 };
 use fulgur_common::defaults;
@@ -64,6 +65,11 @@ struct RunArgs {
     bpffs_dir: PathBuf,
     #[arg(long, value_enum, default_value = "native")]
     xdp_mode: XdpAttachMode,
+    /// How the TC egress program (reply translation) is attached: tcx needs Linux 6.6; netlink
+    /// (clsact and a cls_bpf filter) works on older kernels; auto takes tcx where it works and
+    /// keeps the hook a previous agent left.
+    #[arg(long, value_enum, default_value = "auto", env = "FULGUR_TC_ATTACH")]
+    tc_attach: TcAttach,
     /// YAML/JSON file with the services to program; re-read when it changes. For debugging and
     /// for running without a controller; not together with --grpc-listen.
     #[arg(long, conflicts_with = "grpc_listen")]
@@ -135,7 +141,7 @@ fn main() -> anyhow::Result<()> {
         }) => {
             let pins = Pins::new(bpffs_dir);
             pins.check()?;
-            let report = inspect::read(&pins, flows)?;
+            let report = inspect::NodeReport::read(&pins, flows)?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&report)?);
             } else {
@@ -205,11 +211,12 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
     }
     let metrics = Metrics::new();
     for iface in &args.ifaces {
-        dataplane
-            .attach(iface, args.xdp_mode)
+        let tc_hook = dataplane
+            .attach(iface, args.xdp_mode, args.tc_attach)
             .with_context(|| format!("attaching to {iface}"))?;
         metrics.attached(iface, args.xdp_mode.name());
-        info!(iface, mode = ?args.xdp_mode, "attached");
+        metrics.tc_hook(iface, tc_hook.name());
+        info!(iface, mode = ?args.xdp_mode, tc_hook = tc_hook.name(), "attached");
     }
     metrics.set_ready();
 

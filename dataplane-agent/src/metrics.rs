@@ -30,6 +30,12 @@ struct AttachLabel {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct TcHookLabel {
+    iface: String,
+    hook: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct ReasonLabel {
     reason: &'static str,
 }
@@ -50,6 +56,7 @@ pub struct Metrics {
     apply_seconds: Histogram,
     generation: Gauge,
     attached: Family<AttachLabel, Gauge>,
+    tc_hook: Family<TcHookLabel, Gauge>,
     ready: AtomicBool,
 }
 
@@ -62,6 +69,7 @@ impl Default for Metrics {
             ]),
             generation: Gauge::default(),
             attached: Family::default(),
+            tc_hook: Family::default(),
             ready: AtomicBool::new(false),
         }
     }
@@ -86,6 +94,16 @@ impl Metrics {
             .get_or_create(&AttachLabel {
                 iface: iface.to_owned(),
                 mode,
+            })
+            .set(1);
+    }
+
+    /// The TC egress hook on `iface`: `tcx` or `netlink`.
+    pub fn tc_hook(&self, iface: &str, hook: &'static str) {
+        self.tc_hook
+            .get_or_create(&TcHookLabel {
+                iface: iface.to_owned(),
+                hook,
             })
             .set(1);
     }
@@ -117,6 +135,11 @@ impl Metrics {
             "attached",
             "Interfaces with the dataplane attached, by XDP mode",
             self.attached.clone(),
+        );
+        registry.register(
+            "tc_hook",
+            "Interfaces with the TC egress program attached, by hook (tcx or netlink)",
+            self.tc_hook.clone(),
         );
         if let Some(report) = report {
             let reasons = Family::<ReasonLabel, Counter>::default();
