@@ -81,6 +81,9 @@ pub struct NodeReport {
     #[serde(flatten)]
     pub report: Report,
     pub tc_hooks: BTreeMap<String, Option<crate::tc_hook::TcHook>>,
+    /// Fast or kernel path per egress device and per backend, and why.
+    #[serde(flatten)]
+    pub forwarding: crate::paths::PathReport,
 }
 
 impl NodeReport {
@@ -92,8 +95,10 @@ impl NodeReport {
                 (iface, hook)
             })
             .collect();
+        let report = read(pins, max_flows)?;
         Ok(NodeReport {
-            report: read(pins, max_flows)?,
+            forwarding: crate::paths::read_report(pins, &report),
+            report,
             tc_hooks,
         })
     }
@@ -104,7 +109,7 @@ impl NodeReport {
             let hook = hook.map_or("none in this network namespace", |h| h.name());
             let _ = writeln!(out, "  {iface:<24} {hook}");
         }
-        out + &self.report.to_text()
+        out + &self.forwarding.to_text() + &self.report.to_text()
     }
 }
 

@@ -7,6 +7,7 @@ pub mod inspect;
 pub mod maglev;
 pub mod metrics;
 pub mod mmap;
+pub mod paths;
 pub mod tc_hook;
 pub mod writer;
 

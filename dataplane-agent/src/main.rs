@@ -10,6 +10,7 @@ use fulgur_agent::{
     grpc::{DataplaneService, Programmer},
     inspect, maglev,
     metrics::Metrics,
+    paths::{self, Forwarding, PathMaps},
     tc_hook::TcAttach,
     writer::{ApplyReport, Layout, MapWriter, WriteError},
 };
@@ -70,6 +71,10 @@ struct RunArgs {
     /// keeps the hook a previous agent left.
     #[arg(long, value_enum, default_value = "auto", env = "FULGUR_TC_ATTACH")]
     tc_attach: TcAttach,
+    /// Where translated packets go: `fast` (XDP redirect/TX), `kernel` (XDP_PASS after DNAT: the
+    /// kernel routes them and netfilter sees both directions), or `auto`, per egress device.
+    #[arg(long, value_enum, default_value = "auto")]
+    forwarding: Forwarding,
     /// YAML/JSON file with the services to program; re-read when it changes. For debugging and
     /// for running without a controller; not together with --grpc-listen.
     #[arg(long, conflicts_with = "grpc_listen")]
@@ -200,10 +205,22 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
         warn!("neither --grpc-listen nor --services: the pinned services stay as they are");
     }
 
+    // The path decision comes before the kernel is touched: a forced `fast` the node cannot
+    // honour stops here.
+    let node = paths::scan().context("scanning the node's devices (netlink)")?;
+    let decisions = paths::decide(&node, args.xdp_mode, args.forwarding);
+    if args.forwarding == Forwarding::Fast
+        && let Some(reason) = paths::fast_refusal(&node, &decisions)
+    {
+        bail!(reason);
+    }
+
     let pins = Pins::new(&args.bpffs_dir);
     let mut dataplane = Dataplane::load(pins.clone(), &sizes)?;
     let mut writer = MapWriter::adopt(sizes.layout, |name| dataplane.take_map(name))
         .context("adopting the pinned maps")?;
+    let mut path_maps = PathMaps::adopt(|name| dataplane.take_map(name))?;
+    log_paths(&path_maps.sync(&decisions)?, &node);
     // A restarted agent keeps what is pinned until it is told otherwise.
     if let Some(set) = &initial {
         let report = writer.apply(set)?;
@@ -225,6 +242,7 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
         .enable_all()
         .build()?;
     runtime.block_on(async move {
+        tokio::spawn(rescan_paths(path_maps, args.xdp_mode, args.forwarding));
         if let Some(listen) = args.metrics_listen {
             let listener = tokio::net::TcpListener::bind(listen)
                 .await
@@ -251,6 +269,51 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
     // The programs stay attached through their pinned links; `detach` removes them.
     info!("exiting; the dataplane stays attached (use `fulgur-agent detach` to remove it)");
     Ok(())
+}
+
+fn log_paths(changed: &[paths::Decision], node: &paths::NodeScan) {
+    if !node.netfilter_tables.is_empty() && changed.iter().any(|d| !d.fast) {
+        info!(
+            tables = node.netfilter_tables.join(", "),
+            "netfilter on this node: translated packets take the kernel path"
+        );
+    }
+    for d in changed {
+        let path = if d.fast { "fast" } else { "kernel" };
+        info!(
+            iface = d.name,
+            path,
+            reason = d.reason.describe(),
+            "forwarding path"
+        );
+    }
+}
+
+/// Devices come and go (a veth per pod): decisions follow within a second.
+async fn rescan_paths(mut maps: PathMaps, mode: dataplane::XdpAttachMode, forwarding: Forwarding) {
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    loop {
+        tick.tick().await;
+        let node = match paths::scan() {
+            Ok(node) => node,
+            Err(e) => {
+                warn!("scanning the node's devices: {e}");
+                continue;
+            }
+        };
+        let decisions = paths::decide(&node, mode, forwarding);
+        match maps.sync(&decisions) {
+            Ok(changed) => {
+                if forwarding == Forwarding::Fast && changed.iter().any(|d| !d.fast) {
+                    warn!(
+                        "--forwarding fast: a new device cannot take it; it gets the kernel path"
+                    );
+                }
+                log_paths(&changed, &node);
+            }
+            Err(e) => error!("writing the forwarding paths: {e}"),
+        }
+    }
 }
 
 /// Resolves on SIGINT or SIGTERM.
@@ -365,6 +428,9 @@ async fn serve_metrics(listener: tokio::net::TcpListener, metrics: Arc<Metrics>,
         let metrics = metrics.clone();
         move || async move {
             let report = inspect::read(&pins, 0).ok();
+            if let Some(report) = &report {
+                metrics.paths(&paths::read_report(&pins, report));
+            }
             (
                 [(
                     "content-type",

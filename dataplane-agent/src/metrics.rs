@@ -36,6 +36,22 @@ struct TcHookLabel {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct BackendPathLabel {
+    service: String,
+    backend: String,
+    egress: String,
+    path: &'static str,
+    reason: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct EgressPathLabel {
+    iface: String,
+    path: &'static str,
+    reason: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct ReasonLabel {
     reason: &'static str,
 }
@@ -58,6 +74,8 @@ pub struct Metrics {
     attached: Family<AttachLabel, Gauge>,
     tc_hook: Family<TcHookLabel, Gauge>,
     ready: AtomicBool,
+    egress_path: Family<EgressPathLabel, Gauge>,
+    backend_path: Family<BackendPathLabel, Gauge>,
 }
 
 impl Default for Metrics {
@@ -71,6 +89,8 @@ impl Default for Metrics {
             attached: Family::default(),
             tc_hook: Family::default(),
             ready: AtomicBool::new(false),
+            egress_path: Family::default(),
+            backend_path: Family::default(),
         }
     }
 }
@@ -108,6 +128,32 @@ impl Metrics {
             .set(1);
     }
 
+    /// The forwarding paths as the pinned maps say now (replaces the previous set).
+    pub fn paths(&self, report: &crate::paths::PathReport) {
+        self.egress_path.clear();
+        for e in &report.egress_paths {
+            self.egress_path
+                .get_or_create(&EgressPathLabel {
+                    iface: e.iface.clone(),
+                    path: e.path,
+                    reason: e.reason,
+                })
+                .set(1);
+        }
+        self.backend_path.clear();
+        for b in &report.backend_paths {
+            self.backend_path
+                .get_or_create(&BackendPathLabel {
+                    service: b.service.clone(),
+                    backend: b.backend.clone(),
+                    egress: b.path.egress.clone().unwrap_or_default(),
+                    path: b.path.path,
+                    reason: b.path.reason,
+                })
+                .set(1);
+        }
+    }
+
     /// Readiness: the programs are attached and the agent serves.
     pub fn set_ready(&self) {
         self.ready.store(true, Ordering::Relaxed);
@@ -140,6 +186,16 @@ impl Metrics {
             "tc_hook",
             "Interfaces with the TC egress program attached, by hook (tcx or netlink)",
             self.tc_hook.clone(),
+        );
+        registry.register(
+            "egress_path",
+            "Forwarding path of each egress device (fast: XDP redirect or TX; kernel: XDP_PASS after DNAT), and why",
+            self.egress_path.clone(),
+        );
+        registry.register(
+            "backend_path",
+            "Forwarding path each backend takes (fast, kernel, or unresolved before its first packet), its egress device, and why",
+            self.backend_path.clone(),
         );
         if let Some(report) = report {
             let reasons = Family::<ReasonLabel, Counter>::default();

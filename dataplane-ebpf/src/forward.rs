@@ -1,16 +1,18 @@
-//! Forwarding after DNAT: a FIB lookup, then MAC rewrite and redirect, or the kernel's own path
-//! when the lookup cannot finish the job (unknown neighbour, VLAN, expiring TTL, ...).
+//! Forwarding after DNAT: a FIB lookup, then either the fast path (MAC rewrite and redirect or
+//! TX) or the kernel path (`XDP_PASS`: the kernel routes the translated packet, and netfilter sees
+//! both directions of the flow). The agent decides per egress device ([`EGRESS_PATHS`]); the
+//! kernel also takes what the lookup cannot finish (unknown neighbour, VLAN, expiring TTL, ...).
 
 use aya_ebpf::{
     EbpfContext as _,
     bindings::{BPF_FIB_LKUP_RET_SUCCESS, bpf_fib_lookup as FibParams, xdp_action},
-    helpers::generated::{bpf_fib_lookup, bpf_ktime_get_coarse_ns, bpf_redirect},
+    helpers::generated::{bpf_fib_lookup, bpf_ktime_get_coarse_ns},
     programs::XdpContext,
 };
-use fulgur_common::{Counter, NEXT_HOP_TTL_NS, NextHop, csum};
+use fulgur_common::{Counter, NEXT_HOP_TTL_NS, NextHop, PATH_FAST, csum};
 
 use crate::{
-    maps::NEXT_HOPS,
+    maps::{EGRESS_PATHS, NEXT_HOPS, REDIRECT_DEVICES},
     parse::{Frame, Ip, L4Packet},
     stats::count,
 };
@@ -70,6 +72,25 @@ pub fn forward(ctx: &XdpContext, frame: &Frame, route: &Route, backend_id: u32) 
                 expires_ns: now + NEXT_HOP_TTL_NS,
             };
         }
+        let out = (*hop).ifindex;
+        // A device without a decision (new since the agent's last scan) takes the kernel path.
+        let fast = EGRESS_PATHS
+            .get(&out)
+            .is_some_and(|egress| egress.path == PATH_FAST);
+        if !fast {
+            count(Counter::KernelPath);
+            return xdp_action::XDP_PASS;
+        }
+        let transmit = out == ctx.ingress_ifindex() as u32;
+        // Before any rewrite: a packet the device cannot take goes to the kernel as it is.
+        if !transmit
+            && REDIRECT_DEVICES
+                .redirect(out, xdp_action::XDP_PASS as u64)
+                .is_err()
+        {
+            count(Counter::RedirectFailed);
+            return xdp_action::XDP_PASS;
+        }
         // We route the packet ourselves, so we age it like a router does.
         match route.ip {
             Ip::V4(ip) => {
@@ -84,13 +105,12 @@ pub fn forward(ctx: &XdpContext, frame: &Frame, route: &Route, backend_id: u32) 
         }
         (*frame.eth).dst_addr = (*hop).dmac;
         (*frame.eth).src_addr = (*hop).smac;
-        let out = (*hop).ifindex;
-        if out == ctx.ingress_ifindex() as u32 {
+        if transmit {
             count(Counter::Transmit);
             return xdp_action::XDP_TX;
         }
         count(Counter::Redirect);
-        bpf_redirect(out, 0) as u32
+        xdp_action::XDP_REDIRECT
     }
 }
 

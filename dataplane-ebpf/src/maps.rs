@@ -3,11 +3,11 @@
 use aya_ebpf::{
     bindings::BPF_F_MMAPABLE,
     macros::map,
-    maps::{Array, HashMap, LruHashMap, PerCpuArray},
+    maps::{Array, DevMapHash, HashMap, LruHashMap, PerCpuArray},
 };
 use fulgur_common::{
-    Backend, ConntrackValue, Counter, FlowKey, LookupEntry, NextHop, ReverseNatValue, ServiceKey,
-    ServiceValue, TrafficStats, defaults,
+    Backend, ConntrackValue, Counter, EgressPath, FlowKey, LookupEntry, NextHop, ReverseNatValue,
+    ServiceKey, ServiceValue, TrafficStats, defaults,
 };
 
 /// `{VIP, port, proto}` → where the service's lookup table is.
@@ -52,3 +52,12 @@ pub static BACKEND_STATS: PerCpuArray<TrafficStats> =
 /// Backend id → cached FIB result, per CPU (no torn reads, no contention).
 #[map(name = "FULGUR_NEXT_HOPS")]
 pub static NEXT_HOPS: PerCpuArray<NextHop> = PerCpuArray::pinned(defaults::MAX_BACKENDS, 0);
+
+/// Egress ifindex → the path its packets take (fast or kernel) and why; written by the agent.
+#[map(name = "FULGUR_EGRESS_PATHS")]
+pub static EGRESS_PATHS: HashMap<u32, EgressPath> = HashMap::pinned(defaults::EGRESS_DEVICES, 0);
+
+/// The devices the fast path redirects into (ifindex → ifindex). A device that goes away leaves
+/// it (the kernel removes it), so a redirect to it fails visibly instead of being dropped.
+#[map(name = "FULGUR_REDIRECT_DEVICES")]
+pub static REDIRECT_DEVICES: DevMapHash = DevMapHash::pinned(defaults::EGRESS_DEVICES, 0);

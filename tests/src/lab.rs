@@ -144,6 +144,15 @@ impl Lab {
         let pins = Pins::new(format!("/sys/fs/bpf/{}", unique_token("fgpk")));
         let mut dataplane = Dataplane::load(pins, &sizes).context("loading the dataplane")?;
         let writer = MapWriter::adopt(sizes.layout, |name| dataplane.take_map(name))?;
+        // Both lab devices take the fast path, so the corpus sees redirects and XDP_TX.
+        let fast = |ifindex, name: &str| fulgur_agent::paths::Decision {
+            ifindex,
+            name: name.into(),
+            fast: true,
+            reason: fulgur_common::PathReason::Driver,
+        };
+        fulgur_agent::paths::PathMaps::adopt(|name| dataplane.take_map(name))?
+            .sync(&[fast(in_ifindex, "in0"), fast(out_ifindex, "out0")])?;
         let mut take = |name| {
             dataplane
                 .take_map(name)

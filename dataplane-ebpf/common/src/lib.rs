@@ -20,6 +20,8 @@ pub mod map_names {
     pub const SERVICE_STATS: &str = "FULGUR_SERVICE_STATS";
     pub const BACKEND_STATS: &str = "FULGUR_BACKEND_STATS";
     pub const NEXT_HOPS: &str = "FULGUR_NEXT_HOPS";
+    pub const EGRESS_PATHS: &str = "FULGUR_EGRESS_PATHS";
+    pub const REDIRECT_DEVICES: &str = "FULGUR_REDIRECT_DEVICES";
 }
 
 /// Program names as compiled into the object.
@@ -36,6 +38,8 @@ pub mod defaults {
     pub const CONNTRACK_ENTRIES: u32 = 262_144;
     /// Lookup-table elements (two slots each), shared by all services' tables.
     pub const LOOKUP_TABLE_ENTRIES: u32 = 4 * 1024 * 1024;
+    /// Devices with a forwarding-path decision (a node with many pods has a veth per pod).
+    pub const EGRESS_DEVICES: u32 = 8192;
 }
 
 pub const FAMILY_IPV4: u8 = 4;
@@ -128,6 +132,105 @@ pub struct NextHop {
 /// How long a cached next hop is trusted (a neighbour's new MAC is seen within this time).
 pub const NEXT_HOP_TTL_NS: u64 = 500_000_000;
 
+/// How a translated packet leaves, decided per egress device by the agent.
+pub const PATH_FAST: u8 = 1;
+/// DNAT in XDP, then `XDP_PASS`: the kernel routes it and netfilter sees both directions.
+pub const PATH_KERNEL: u8 = 2;
+
+/// Why a device got its path. Stable numbers: they sit in a pinned map.
+#[repr(u8)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PathReason {
+    /// The device appeared after the agent's last scan.
+    Unknown = 0,
+    /// `--forwarding kernel`.
+    Forced = 1,
+    /// Netfilter tables in this namespace (kube-proxy, a CNI's masquerade): their connection
+    /// tracking must see both directions of a flow.
+    Netfilter = 2,
+    /// Native XDP cannot transmit into a bridge.
+    Bridge = 3,
+    /// Native XDP frames sent into a veth are dropped unless its peer runs a native XDP program.
+    VethPeerWithoutXdp = 4,
+    /// A virtual device type that cannot take XDP frames (tunnels, dummy, bond...).
+    NoXdpTransmit = 5,
+    /// A veth whose peer runs native XDP: it takes redirected frames.
+    VethPeerRunsXdp = 6,
+    /// A physical device, driven natively: its driver takes redirected frames.
+    Driver = 7,
+    /// Generic XDP hands redirected packets to the device's normal transmit, any device.
+    Generic = 8,
+}
+
+impl PathReason {
+    pub const ALL: [PathReason; 9] = [
+        PathReason::Unknown,
+        PathReason::Forced,
+        PathReason::Netfilter,
+        PathReason::Bridge,
+        PathReason::VethPeerWithoutXdp,
+        PathReason::NoXdpTransmit,
+        PathReason::VethPeerRunsXdp,
+        PathReason::Driver,
+        PathReason::Generic,
+    ];
+
+    pub fn from_u8(value: u8) -> PathReason {
+        Self::ALL
+            .get(value as usize)
+            .copied()
+            .unwrap_or(PathReason::Unknown)
+    }
+
+    /// A stable snake_case name (metrics labels, `inspect --json`).
+    pub const fn name(self) -> &'static str {
+        match self {
+            PathReason::Unknown => "unknown_device",
+            PathReason::Forced => "forced",
+            PathReason::Netfilter => "netfilter",
+            PathReason::Bridge => "bridge",
+            PathReason::VethPeerWithoutXdp => "veth_peer_without_xdp",
+            PathReason::NoXdpTransmit => "no_xdp_transmit",
+            PathReason::VethPeerRunsXdp => "veth_peer_runs_xdp",
+            PathReason::Driver => "driver",
+            PathReason::Generic => "generic",
+        }
+    }
+
+    /// One line for people.
+    pub const fn describe(self) -> &'static str {
+        match self {
+            PathReason::Unknown => "device appeared after the last scan",
+            PathReason::Forced => "--forwarding kernel",
+            PathReason::Netfilter => {
+                "netfilter tables in this namespace (kube-proxy, masquerade): conntrack must see both directions"
+            }
+            PathReason::Bridge => "native XDP cannot transmit into a bridge",
+            PathReason::VethPeerWithoutXdp => {
+                "veth whose peer runs no native XDP program drops XDP frames"
+            }
+            PathReason::NoXdpTransmit => "device type cannot take XDP frames",
+            PathReason::VethPeerRunsXdp => "veth whose peer runs native XDP takes XDP frames",
+            PathReason::Driver => "physical device in native mode: its driver takes XDP frames",
+            PathReason::Generic => "generic XDP transmits through the device's normal path",
+        }
+    }
+}
+
+/// The path packets take out of one device (key: ifindex in the agent's namespace).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct EgressPath {
+    /// [`PATH_FAST`] or [`PATH_KERNEL`].
+    pub path: u8,
+    /// A [`PathReason`].
+    pub reason: u8,
+    pub pad: [u8; 2],
+    pub ifindex: u32,
+    /// The device's name, NUL padded, for `inspect`.
+    pub name: [u8; 16],
+}
+
 /// Per-service and per-backend traffic, per CPU.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -219,10 +322,16 @@ pub enum Counter {
     IcmpToBackend = 16,
     /// An ICMP error from a backend about a tracked flow, translated on its way to the client.
     IcmpToClient = 17,
+    /// Translated and handed to the kernel by path choice (its egress device takes the kernel
+    /// path: netfilter, a bridge, a veth without XDP on its peer), so the kernel routes it.
+    KernelPath = 18,
+    /// The fast path was chosen but the device could not take the redirect (it left the
+    /// redirect map): handed to the kernel instead of being dropped.
+    RedirectFailed = 19,
 }
 
 impl Counter {
-    pub const COUNT: u32 = 18;
+    pub const COUNT: u32 = 20;
     pub const ALL: [Counter; Self::COUNT as usize] = [
         Counter::PassNotIp,
         Counter::PassNotTcpUdp,
@@ -242,6 +351,8 @@ impl Counter {
         Counter::PassUnsupported,
         Counter::IcmpToBackend,
         Counter::IcmpToClient,
+        Counter::KernelPath,
+        Counter::RedirectFailed,
     ];
 
     /// A stable snake_case name, used for metrics labels and `inspect`.
@@ -265,6 +376,8 @@ impl Counter {
             Counter::PassUnsupported => "pass_unsupported",
             Counter::IcmpToBackend => "icmp_to_backend",
             Counter::IcmpToClient => "icmp_to_client",
+            Counter::KernelPath => "kernel_path",
+            Counter::RedirectFailed => "redirect_failed",
         }
     }
 }
@@ -277,6 +390,7 @@ const _: () = assert!(core::mem::size_of::<ConntrackValue>() == 32);
 const _: () = assert!(core::mem::size_of::<ReverseNatValue>() == 24);
 const _: () = assert!(core::mem::size_of::<TrafficStats>() == 32);
 const _: () = assert!(core::mem::size_of::<NextHop>() == 24);
+const _: () = assert!(core::mem::size_of::<EgressPath>() == 24);
 
 #[cfg(feature = "user")]
 mod pod {
@@ -289,4 +403,5 @@ mod pod {
     unsafe impl aya::Pod for super::ReverseNatValue {}
     unsafe impl aya::Pod for super::TrafficStats {}
     unsafe impl aya::Pod for super::NextHop {}
+    unsafe impl aya::Pod for super::EgressPath {}
 }
