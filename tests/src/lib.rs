@@ -4,16 +4,17 @@
 pub mod conformance;
 pub mod corpus;
 pub mod echo;
-pub mod fake_agent;
-pub mod fake_kube;
+pub mod fake_programmer;
 pub mod forward_bench;
 pub mod kind_node;
 pub mod lab;
 pub mod loadgen;
 pub mod netns;
 pub mod packets;
-pub mod pki;
 pub mod topology;
+
+/// Certificates live in the support crate, which the controller's tests use too.
+pub use fulgur_testkit::pki;
 
 /// Where the built agent binary is: `FULGUR_AGENT_BIN`, else next to the running test binary's
 /// profile folder.

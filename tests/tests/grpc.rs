@@ -7,7 +7,7 @@ use fulgur_proto::v1::{
     self, ApplyRequest, DesiredState, GetRequest, StatsRequest, dataplane_client::DataplaneClient,
 };
 use fulgur_tests::{
-    fake_agent::{Fake, serve},
+    fake_programmer::{Fake, serve},
     pki::Pki,
 };
 use tonic::{

@@ -209,7 +209,10 @@ impl Inner {
             None => {
                 metadata["uid"] = format!("uid-{}", self.revision).into();
                 if metadata["creationTimestamp"].is_null() {
-                    metadata["creationTimestamp"] = fulgur_controller::status::now().into();
+                    metadata["creationTimestamp"] =
+                        humantime::format_rfc3339_seconds(std::time::SystemTime::now())
+                            .to_string()
+                            .into();
                 }
                 metadata["generation"] = 1.into();
             }

@@ -1,5 +1,6 @@
-//! An in-process agent for gRPC tests: the real `DataplaneService` in front of a fake
-//! `Programmer` that records what it is asked to apply.
+//! The agent's real `DataplaneService` in front of a fake `Programmer` that records what it is
+//! asked to apply, for the tests of the agent's gRPC service. (The controller's tests use
+//! `fulgur_testkit::fake_agent`, which needs no eBPF build.)
 
 use std::{
     net::SocketAddr,
@@ -86,20 +87,4 @@ pub async fn serve(fake: Fake, tls: Option<ServerTlsConfig>) -> SocketAddr {
     )));
     tokio::spawn(router.serve_with_incoming(TcpIncoming::from(listener)));
     addr
-}
-
-/// Serves on `addr` until `stop` resolves (to restart an agent on the same address).
-pub async fn serve_until(fake: Fake, addr: SocketAddr, stop: tokio::sync::oneshot::Receiver<()>) {
-    let listener = tokio::net::TcpListener::bind(addr).await.unwrap();
-    let router = Server::builder().add_service(DataplaneServer::new(DataplaneService::new(
-        fake,
-        Metrics::new(),
-    )));
-    tokio::spawn(async move {
-        let _ = router
-            .serve_with_incoming_shutdown(TcpIncoming::from(listener), async {
-                let _ = stop.await;
-            })
-            .await;
-    });
 }

@@ -1,4 +1,4 @@
-//! The Kubernetes provider against the in-process fake API server (`fulgur_tests::fake_kube`),
+//! The Kubernetes provider against the in-process fake API server (`fulgur_testkit::fake_kube`),
 //! through the real kube client over HTTP, programming in-process agents over real gRPC:
 //! reconcile from watch events, server-side-apply status patches sent only on change, Events,
 //! Lease-based leadership with failover, agent discovery through pods, and `v1alpha2` discovery.
@@ -10,7 +10,7 @@ use fulgur_controller::{
     metrics::Metrics,
 };
 use fulgur_proto::v1::{self, GetRequest, dataplane_client::DataplaneClient};
-use fulgur_tests::{
+use fulgur_testkit::{
     fake_agent::{Fake, serve},
     fake_kube::FakeKube,
 };
@@ -720,7 +720,7 @@ async fn the_binary_uses_the_kubeconfig_and_releases_the_lease_on_sigterm() {
     };
     // The API's first answer is an error: the controller tries again rather than exiting.
     fake.fail_next("GET", "/apis/gateway.networking.k8s.io/v1", 1);
-    let mut child = tokio::process::Command::new(fulgur_tests::controller_binary())
+    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_fulgur-controller"))
         .args([
             "--provider=kubernetes",
             "--insecure",

@@ -9,7 +9,7 @@ use fulgur_controller::{
     model::Dataplane,
 };
 use fulgur_proto::v1::{self, GetRequest, dataplane_client::DataplaneClient};
-use fulgur_tests::fake_agent::{Fake, serve, serve_until};
+use fulgur_testkit::fake_agent::{Fake, serve, serve_until};
 
 const WAIT: Duration = Duration::from_secs(10);
 
