@@ -526,5 +526,5 @@ fn query_filter(if_index: u32) -> io::Result<Option<String>> {
         .find(|(k, _)| *k == TCA_OPTIONS)
         .and_then(|(_, options)| attributes(options).find(|(k, _)| *k == TCA_BPF_NAME))
         .map(|(_, v)| String::from_utf8_lossy(v).trim_end_matches('\0').to_owned());
-    Ok(Some(name.unwrap_or_default()))
+    Ok(Some(name.unwrap_or_else(|| "an unnamed bpf filter".into())))
 }
