@@ -10,13 +10,65 @@ use k8s_openapi::{
 };
 
 use crate::{
-    gateway_api::GROUP,
+    gateway_api::{GROUP, Kind},
     model::{
         self, BackendRef, FromNamespaces, GatewayAddress, LabelRequirement, Listener, Meta,
-        ObjectRef, ParentRef, RouteGroupKind, RouteKind, ServicePort,
+        ObjectRef, ParentRef, RouteGroupKind, RouteKind, ServicePort, Snapshot,
     },
     resources,
 };
+
+/// One Gateway API object's spec, read the way its provider reads: strictly from a manifest
+/// document, or from a reflected cluster object.
+pub trait ReadSpec {
+    type Error: From<String>;
+    fn gateway_class(&self) -> Result<resources::GatewayClassSpec, Self::Error>;
+    fn gateway(&self) -> Result<resources::GatewaySpec, Self::Error>;
+    /// TCPRoute and UDPRoute share one spec.
+    fn route(&self) -> Result<resources::TCPRouteSpec, Self::Error>;
+    fn reference_grant(&self) -> Result<resources::ReferenceGrantSpec, Self::Error>;
+}
+
+/// Adds one Gateway API object of `kind` to the Snapshot: the one place both providers turn a
+/// spec into the model. `served_at_v1`: the object was read at the `v1` API version (routes
+/// report it in their status).
+pub fn add_gateway_api<R: ReadSpec>(
+    snapshot: &mut Snapshot,
+    kind: Kind,
+    served_at_v1: bool,
+    id: ObjectRef,
+    meta: Meta,
+    read: &R,
+) -> Result<(), R::Error> {
+    if let Some(route_kind) = kind.route() {
+        let spec = read.route()?;
+        snapshot.routes.push(route(
+            route_kind,
+            id,
+            meta,
+            &spec.parent_refs,
+            &spec.rules,
+            served_at_v1,
+        )?);
+        return Ok(());
+    }
+    match kind {
+        Kind::GatewayClass => {
+            let spec = read.gateway_class()?;
+            snapshot.classes.push(gateway_class(&id.name, meta, &spec));
+        }
+        Kind::Gateway => {
+            let spec = read.gateway()?;
+            snapshot.gateways.push(gateway(id, meta, &spec)?);
+        }
+        Kind::ReferenceGrant => {
+            let spec = read.reference_grant()?;
+            snapshot.grants.push(reference_grant(&id.namespace, &spec));
+        }
+        Kind::TcpRoute | Kind::UdpRoute => unreachable!("routes are added above"),
+    }
+    Ok(())
+}
 
 /// The label that ties an EndpointSlice to its Service.
 pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";

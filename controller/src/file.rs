@@ -277,6 +277,26 @@ fn line_of(doc: &str, path: &str) -> Option<usize> {
         .map(|i| i + 1)
 }
 
+/// A manifest document, parsed strictly: a field the type does not have is an error.
+struct StrictDocument<'a>(&'a str);
+
+impl convert::ReadSpec for StrictDocument<'_> {
+    type Error = AddError;
+    fn gateway_class(&self) -> Result<resources::GatewayClassSpec, AddError> {
+        strict::<resources::GatewayClass>(self.0).map(|c| c.spec)
+    }
+    fn gateway(&self) -> Result<resources::GatewaySpec, AddError> {
+        strict::<resources::Gateway>(self.0).map(|g| g.spec)
+    }
+    fn route(&self) -> Result<resources::TCPRouteSpec, AddError> {
+        // The derived root type does not check `kind`: TCPRoute reads both route kinds.
+        strict::<resources::TCPRoute>(self.0).map(|r| r.spec)
+    }
+    fn reference_grant(&self) -> Result<resources::ReferenceGrantSpec, AddError> {
+        strict::<resources::ReferenceGrant>(self.0).map(|g| g.spec)
+    }
+}
+
 /// Adds one document; `Ok(false)` for kinds this controller does not read.
 fn add(
     snapshot: &mut Snapshot,
@@ -286,38 +306,19 @@ fn add(
     meta: Meta,
 ) -> Result<bool, AddError> {
     let version = head.api_version.as_str();
-    let gateway_api = Kind::from_name(&head.kind).filter(|k| k.read_at(version));
+    if let Some(kind) = Kind::from_name(&head.kind).filter(|k| k.read_at(version)) {
+        let document = StrictDocument(doc);
+        convert::add_gateway_api(
+            snapshot,
+            kind,
+            version.ends_with("/v1"),
+            id,
+            meta,
+            &document,
+        )?;
+        return Ok(true);
+    }
     match head.kind.as_str() {
-        "GatewayClass" if gateway_api.is_some() => {
-            let class: resources::GatewayClass = strict(doc)?;
-            snapshot
-                .classes
-                .push(convert::gateway_class(&id.name, meta, &class.spec));
-        }
-        "Gateway" if gateway_api.is_some() => {
-            let gateway: resources::Gateway = strict(doc)?;
-            snapshot
-                .gateways
-                .push(convert::gateway(id, meta, &gateway.spec)?);
-        }
-        _ if let Some(kind) = gateway_api.and_then(Kind::route) => {
-            // The two kinds share one spec; the derived root type does not check `kind`.
-            let route: resources::TCPRoute = strict(doc)?;
-            snapshot.routes.push(convert::route(
-                kind,
-                id,
-                meta,
-                &route.spec.parent_refs,
-                &route.spec.rules,
-                version.ends_with("/v1"),
-            )?);
-        }
-        "ReferenceGrant" if gateway_api.is_some() => {
-            let grant: resources::ReferenceGrant = strict(doc)?;
-            snapshot
-                .grants
-                .push(convert::reference_grant(&id.namespace, &grant.spec));
-        }
         "Service" if version == "v1" => {
             let mut service: core::Service = serde_yaml::from_str(doc)?;
             service.metadata.namespace = Some(id.namespace);

@@ -152,6 +152,25 @@ fn spec<T: DeserializeOwned>(object: &DynamicObject) -> Result<T, String> {
     serde_json::from_value(spec).map_err(|e| format!("spec: {e}"))
 }
 
+/// A reflected Gateway API object; unknown fields are the API server's business.
+struct ReflectedObject<'a>(&'a DynamicObject);
+
+impl convert::ReadSpec for ReflectedObject<'_> {
+    type Error = String;
+    fn gateway_class(&self) -> Result<resources::GatewayClassSpec, String> {
+        spec(self.0)
+    }
+    fn gateway(&self) -> Result<resources::GatewaySpec, String> {
+        spec(self.0)
+    }
+    fn route(&self) -> Result<resources::TCPRouteSpec, String> {
+        spec(self.0)
+    }
+    fn reference_grant(&self) -> Result<resources::ReferenceGrantSpec, String> {
+        spec(self.0)
+    }
+}
+
 /// An object's status as this controller writes it; anything unreadable counts as empty.
 pub(super) fn observed_status(object: &DynamicObject) -> StatusDoc {
     object
@@ -243,34 +262,16 @@ impl Stores {
             for object in store.state() {
                 let id = convert::object_ref(&object.metadata);
                 let meta = convert::meta(&object.metadata);
-                let result = match *kind {
-                    "GatewayClass" => spec(&object).map(|s| {
-                        snapshot
-                            .classes
-                            .push(convert::gateway_class(&id.name, meta, &s))
-                    }),
-                    "Gateway" => spec(&object)
-                        .and_then(|s| convert::gateway(id.clone(), meta, &s))
-                        .map(|g| snapshot.gateways.push(g)),
-                    _ if let Some(route_kind) = Kind::from_name(kind).and_then(Kind::route) => {
-                        spec::<resources::TCPRouteSpec>(&object)
-                            .and_then(|s| {
-                                convert::route(
-                                    route_kind,
-                                    id.clone(),
-                                    meta,
-                                    &s.parent_refs,
-                                    &s.rules,
-                                    resource.version == "v1",
-                                )
-                            })
-                            .map(|r| snapshot.routes.push(r))
-                    }
-                    _ => spec(&object).map(|s| {
-                        snapshot
-                            .grants
-                            .push(convert::reference_grant(&id.namespace, &s))
-                    }),
+                let result = match Kind::from_name(kind) {
+                    Some(kind) => convert::add_gateway_api(
+                        &mut snapshot,
+                        kind,
+                        resource.version == "v1",
+                        id.clone(),
+                        meta,
+                        &ReflectedObject(&object),
+                    ),
+                    None => Ok(()),
                 };
                 if let Err(message) = result {
                     invalid.push(Invalid {
