@@ -69,6 +69,16 @@ pub enum AgentsError {
     Scheme { url: String, expected: &'static str },
 }
 
+impl AgentsError {
+    /// The metric label of this error.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            AgentsError::Url { .. } => "agent_url",
+            AgentsError::Scheme { .. } => "agent_scheme",
+        }
+    }
+}
+
 fn now_nanos() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)

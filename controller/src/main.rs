@@ -116,7 +116,7 @@ fn main() -> anyhow::Result<()> {
             runtime.block_on(async {
                 let metrics = serve_metrics(&cli).await?;
                 metrics.leader.set(1); // No election standalone.
-                standalone::run(settings, metrics).await
+                Ok(standalone::run(settings, metrics).await?)
             })
         }
         "kubernetes" => {
@@ -132,7 +132,7 @@ fn main() -> anyhow::Result<()> {
                     .await
                     .context("no Kubernetes API (kubeconfig or in-cluster service account)")?;
                 let metrics = serve_metrics(&cli).await?;
-                kubernetes::run(client, settings, metrics).await
+                Ok(kubernetes::run(client, settings, metrics).await?)
             })
         }
         other => bail!("unknown provider {other:?} (file or kubernetes)"),

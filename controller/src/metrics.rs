@@ -25,6 +25,11 @@ pub struct ResultLabel {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct KindLabel {
+    kind: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct StateLabel {
     state: &'static str,
 }
@@ -41,6 +46,8 @@ pub struct Metrics {
     pub manifest_reads: Counter,
     agents: Family<StateLabel, Gauge>,
     backend_refs: Family<StateLabel, Gauge>,
+    /// Errors the providers went on after (retried or reported), by the error's `kind()`.
+    errors: Family<KindLabel, Counter>,
     ready: AtomicBool,
 }
 
@@ -55,6 +62,7 @@ impl Metrics {
         let agents = Family::<StateLabel, Gauge>::default();
         let backend_refs = Family::<StateLabel, Gauge>::default();
         let manifest_reads = Counter::default();
+        let errors = Family::<KindLabel, Counter>::default();
         registry.register(
             "leader",
             "1 while this replica holds the Lease",
@@ -88,6 +96,11 @@ impl Metrics {
             "Reads of the manifest folder (standalone)",
             manifest_reads.clone(),
         );
+        registry.register(
+            "errors",
+            "Errors the controller retried or reported, by kind",
+            errors.clone(),
+        );
         Arc::new(Metrics {
             registry,
             leader,
@@ -98,8 +111,14 @@ impl Metrics {
             manifest_reads,
             agents,
             backend_refs,
+            errors,
             ready: AtomicBool::new(false),
         })
+    }
+
+    /// Counts an error by its `kind()`.
+    pub fn error(&self, kind: &'static str) {
+        self.errors.get_or_create(&KindLabel { kind }).inc();
     }
 
     pub fn status_write(&self, ok: bool) {

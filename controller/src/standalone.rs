@@ -8,14 +8,17 @@ use std::{
     time::{Duration, SystemTime},
 };
 
-use anyhow::Context as _;
 use notify::Watcher as _;
 use tonic::transport::ClientTlsConfig;
 use tracing::{error, info, warn};
 
 use crate::{
-    agents::Agents, file, metrics::Metrics, model::Dataplane, reconcile::Reconciler, shutdown,
-    status,
+    agents::{Agents, AgentsError},
+    file,
+    metrics::Metrics,
+    model::Dataplane,
+    reconcile::Reconciler,
+    shutdown, status,
 };
 
 /// Whether a file event can change what the folder holds: a create, a write, a rename or a
@@ -59,8 +62,27 @@ pub struct Settings {
     pub address_pools: Vec<ipnet::IpNet>,
 }
 
+/// What stops the standalone provider from starting.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error(transparent)]
+    Agents(#[from] AgentsError),
+    #[error("watching {what}: {source}")]
+    Watch { what: String, source: notify::Error },
+}
+
+impl Error {
+    /// The metric label of this error.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Error::Agents(e) => e.kind(),
+            Error::Watch { .. } => "watch",
+        }
+    }
+}
+
 /// Runs the provider until SIGINT/SIGTERM.
-pub async fn run(settings: Settings, metrics: Arc<Metrics>) -> anyhow::Result<()> {
+pub async fn run(settings: Settings, metrics: Arc<Metrics>) -> Result<(), Error> {
     let Settings {
         manifests,
         status_file,
@@ -91,10 +113,16 @@ pub async fn run(settings: Settings, metrics: Arc<Metrics>) -> anyhow::Result<()
             let _ = changed.send(());
         }
     })
-    .context("watching the manifests folder")?;
+    .map_err(|source| Error::Watch {
+        what: "the manifests folder".into(),
+        source,
+    })?;
     watcher
         .watch(&manifests, notify::RecursiveMode::NonRecursive)
-        .with_context(|| format!("watching {}", manifests.display()))?;
+        .map_err(|source| Error::Watch {
+            what: manifests.display().to_string(),
+            source,
+        })?;
     let mut poll = tokio::time::interval(Duration::from_secs(5));
     // Agents' answers change the Gateways' Programmed condition.
     let mut agents_tick = tokio::time::interval(Duration::from_millis(200));
@@ -143,6 +171,7 @@ pub async fn run(settings: Settings, metrics: Arc<Metrics>) -> anyhow::Result<()
                 }
                 Err(errors) => {
                     for e in &errors {
+                        metrics.error("manifest");
                         error!("{e}");
                     }
                     warn!(errors = errors.len(), "keeping the last good manifests");
@@ -166,6 +195,7 @@ pub async fn run(settings: Settings, metrics: Arc<Metrics>) -> anyhow::Result<()
             metrics.status_write(written.is_ok());
             write_failed = match written {
                 Err(e) => {
+                    metrics.error("status_file");
                     error!("writing {}: {e}", status_file.display());
                     true // Tried again on the next tick.
                 }

@@ -293,6 +293,7 @@ impl Leader {
             Err(kube::Error::Api(s)) if s.code == 404 => true,
             Err(e) => {
                 self.metrics.status_write(false);
+                self.metrics.error("status_patch");
                 warn!(kind = patch.kind, id = %patch.id, "patching status: {e}");
                 false
             }

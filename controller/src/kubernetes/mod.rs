@@ -15,7 +15,6 @@ mod stores;
 
 use std::{fmt::Debug, sync::Arc, time::Duration};
 
-use anyhow::{Context as _, bail};
 use k8s_openapi::api::coordination::v1::Lease;
 use kube::{Api, Client};
 use tokio::sync::Notify;
@@ -23,7 +22,38 @@ use tonic::transport::ClientTlsConfig;
 use tracing::{info, warn};
 
 use self::{leader::Leader, lease::LeaseSettings, stores::Stores};
-use crate::{metrics::Metrics, shutdown::shutdown_signal};
+use crate::{agents::AgentsError, metrics::Metrics, shutdown::shutdown_signal};
+
+/// What stops or delays the Kubernetes provider.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("discovering {api_version}: {source}")]
+    Discovery {
+        api_version: String,
+        source: kube::Error,
+    },
+    #[error("waiting for the caches: {0}")]
+    Cache(#[from] kube::runtime::reflector::store::WriterDropped),
+    #[error(transparent)]
+    Agents(#[from] AgentsError),
+    #[error("leader election stopped")]
+    LeaderElectionStopped,
+    /// The process should restart as a fresh follower, so no two replicas ever act at once.
+    #[error("lost the lease {0}")]
+    LostLease(String),
+}
+
+impl Error {
+    /// The metric label of this error (`fulgur_controller_errors_total{kind}`).
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Error::Discovery { .. } => "discovery",
+            Error::Cache(_) => "cache",
+            Error::Agents(e) => e.kind(),
+            Error::LeaderElectionStopped | Error::LostLease(_) => "lease",
+        }
+    }
+}
 
 /// The field manager of every status patch.
 pub const FIELD_MANAGER: &str = "fulgur-controller";
@@ -52,14 +82,17 @@ pub struct Settings {
 
 /// Runs the provider until SIGINT/SIGTERM, or until leadership is lost (an error: the process should
 /// restart, as a fresh follower, so no two replicas ever act at once).
-pub async fn run(client: Client, settings: Settings, metrics: Arc<Metrics>) -> anyhow::Result<()> {
+pub async fn run(client: Client, settings: Settings, metrics: Arc<Metrics>) -> Result<(), Error> {
     let mut shutdown = std::pin::pin!(shutdown_signal());
     let changed = Arc::new(Notify::new());
     // The API may not answer yet (a control plane starting with the cluster): keep trying.
     let mut stores = loop {
         match Stores::start(&client, &settings, &changed).await {
             Ok(stores) => break stores,
-            Err(e) => warn!("{e:#}; trying again in 2 s"),
+            Err(e) => {
+                metrics.error(e.kind());
+                warn!("{e}; trying again in 2 s")
+            }
         }
         tokio::select! {
             _ = tokio::time::sleep(Duration::from_secs(2)) => {}
@@ -94,15 +127,18 @@ pub async fn run(client: Client, settings: Settings, metrics: Arc<Metrics>) -> a
             _ = rediscover.tick(), if !stores.gateway_api.complete() => {
                 match stores.gateway_api.discover_missing(&client, &changed).await {
                     Ok(started) => dirty |= started,
-                    Err(e) => warn!("discovery: {e:#}"),
+                    Err(e) => {
+                        metrics.error(e.kind());
+                        warn!("discovery: {e}")
+                    }
                 }
             }
-            result = leader.changed() => result.context("leader election stopped")?,
+            result = leader.changed() => result.map_err(|_| Error::LeaderElectionStopped)?,
             _ = tick.tick() => {}
         }
         let leads = *leader.borrow_and_update();
         if leading && !leads {
-            bail!("lost the lease {}", settings.lease.name);
+            return Err(Error::LostLease(settings.lease.name.clone()));
         }
         if !leads {
             continue;

@@ -2,7 +2,6 @@
 
 use std::{collections::BTreeMap, fmt::Debug, hash::Hash, sync::Arc, time::Duration};
 
-use anyhow::Context as _;
 use futures::StreamExt as _;
 use k8s_openapi::api::{
     core::v1::{Namespace, ObjectReference, Pod, Service},
@@ -20,7 +19,7 @@ use serde::de::DeserializeOwned;
 use tokio::sync::Notify;
 use tracing::{info, warn};
 
-use super::{AgentDiscovery, Settings};
+use super::{AgentDiscovery, Error, Settings};
 use crate::{
     convert,
     gateway_api::{GROUP, Kind, STATUS_API_VERSION},
@@ -40,7 +39,7 @@ fn api_resource(kind: Kind) -> ApiResource {
 }
 
 /// The first of the kind's versions that the cluster serves, if any.
-async fn discover(client: &Client, kind: Kind) -> anyhow::Result<Option<ApiResource>> {
+async fn discover(client: &Client, kind: Kind) -> Result<Option<ApiResource>, Error> {
     let mut resource = api_resource(kind);
     for version in kind.versions() {
         let api_version = format!("{GROUP}/{version}");
@@ -52,7 +51,12 @@ async fn discover(client: &Client, kind: Kind) -> anyhow::Result<Option<ApiResou
             }
             Ok(_) => {}
             Err(kube::Error::Api(s)) if s.code == 404 => {}
-            Err(e) => return Err(e).with_context(|| format!("discovering {api_version}")),
+            Err(source) => {
+                return Err(Error::Discovery {
+                    api_version,
+                    source,
+                });
+            }
         }
     }
     Ok(None)
@@ -102,7 +106,7 @@ impl GatewayApi {
         &mut self,
         client: &Client,
         changed: &Arc<Notify>,
-    ) -> anyhow::Result<bool> {
+    ) -> Result<bool, Error> {
         // Discover everything first: an error then leaves no reflector half started.
         let mut found = Vec::new();
         for kind in Kind::ALL {
@@ -197,7 +201,7 @@ impl Stores {
         client: &Client,
         settings: &Settings,
         changed: &Arc<Notify>,
-    ) -> anyhow::Result<Self> {
+    ) -> Result<Self, Error> {
         let mut gateway_api = GatewayApi {
             served: BTreeMap::new(),
         };
@@ -241,7 +245,7 @@ impl Stores {
         Ok(stores)
     }
 
-    pub(super) async fn ready(&self) -> anyhow::Result<()> {
+    pub(super) async fn ready(&self) -> Result<(), Error> {
         for (_, store) in self.gateway_api.served.values() {
             store.wait_until_ready().await?;
         }
