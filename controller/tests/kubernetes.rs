@@ -491,7 +491,15 @@ endpoints: null
         })
     })
     .await;
-    // The reference itself is valid: ResolvedRefs stays True; the metric tells.
+    // The reference itself is valid: ResolvedRefs stays True; the metric tells. (The Event
+    // and the status patch are separate requests: wait for the patch.)
+    eventually("the route's status patched", || async {
+        let route = fake.get(GW, "TCPRoute", "apps", "web").unwrap();
+        route["status"]["parents"][0]["conditions"]
+            .as_array()
+            .is_some_and(|c| c.iter().any(|c| c["type"] == "ResolvedRefs"))
+    })
+    .await;
     let route = fake.get(GW, "TCPRoute", "apps", "web").unwrap();
     assert_eq!(
         condition(&route["status"]["parents"][0]["conditions"], "ResolvedRefs")["status"],
@@ -572,6 +580,18 @@ async fn only_the_lease_holder_acts_and_a_follower_takes_over() {
     })
     .await;
     let b = controller(&fake, "replica-b", "203.0.113.64/28");
+    // Synced first, so the Gateway below is Programmed in its first patch (not Pending, then
+    // Programmed): any second patch would be the follower's.
+    eventually("the agent synced by replica-a", || async {
+        let Ok(mut client) = DataplaneClient::connect(format!("http://{agent}")).await else {
+            return false;
+        };
+        client
+            .get(GetRequest {})
+            .await
+            .is_ok_and(|r| r.into_inner().state.is_some_and(|s| s.generation > 0))
+    })
+    .await;
 
     // A Gateway without addresses: only the leader's pool may be used, and only once.
     let pooled = json!({
