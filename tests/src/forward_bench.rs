@@ -59,7 +59,11 @@ impl Config {
             warmup: Duration::from_millis(200),
             udp: Duration::from_secs(1),
             tcp: Duration::from_secs(1),
-            topologies: vec![TopologyKind::Veth, TopologyKind::Bridge],
+            topologies: vec![
+                TopologyKind::Veth,
+                TopologyKind::Bridge,
+                TopologyKind::KindNode,
+            ],
             out_dir,
         }
     }
@@ -82,6 +86,10 @@ pub enum TopologyKind {
     Veth,
     /// Backends on veths enslaved to a bridge on the load-balancer node.
     Bridge,
+    /// The kind-node test bed ([`crate::kind_node`]): the client on the "docker network"
+    /// bridge, the agent on the node's eth0, the backend a ptp pod; kube-proxy's and kindnet's
+    /// nftables rules on the node.
+    KindNode,
 }
 
 impl TopologyKind {
@@ -89,6 +97,7 @@ impl TopologyKind {
         match self {
             TopologyKind::Veth => "veth",
             TopologyKind::Bridge => "bridge",
+            TopologyKind::KindNode => "kind-node",
         }
     }
 
@@ -100,27 +109,33 @@ impl TopologyKind {
             TopologyKind::Bridge => {
                 "backend on a veth enslaved to a bridge on the load-balancer node (native XDP cannot redirect into a bridge)"
             }
+            TopologyKind::KindNode => {
+                "kind-node test bed: client on the docker-network bridge, agent on the node's eth0, backend a ptp pod, kube-proxy's and kindnet's nftables rules on the node"
+            }
         }
     }
 
-    /// The peers this topology allows.
+    /// The peers this topology allows: fulgur in every XDP mode that can deliver there, and,
+    /// when the agent has `--forwarding`, its automatic choice and the kernel path in each.
     fn peers(self, forwarding_flag: bool) -> Vec<Peer> {
         let mut peers = vec![Peer::Routing, Peer::Nftables, Peer::Haproxy];
         let fulgur = |mode, forwarding| Peer::Fulgur { mode, forwarding };
-        let modes: &[XdpAttachMode] = match self {
-            TopologyKind::Veth => &[XdpAttachMode::Native, XdpAttachMode::Generic],
-            TopologyKind::Bridge => &[XdpAttachMode::Generic],
-        };
-        for &mode in modes {
-            if forwarding_flag {
-                peers.push(fulgur(mode, Some("fast")));
-                peers.push(fulgur(mode, Some("kernel")));
-            } else {
-                peers.push(fulgur(mode, None));
+        use XdpAttachMode::{Generic, Native};
+        if !forwarding_flag {
+            match self {
+                TopologyKind::Veth => peers.extend([fulgur(Native, None), fulgur(Generic, None)]),
+                TopologyKind::Bridge => peers.push(fulgur(Generic, None)),
+                TopologyKind::KindNode => {}
             }
+            return peers;
         }
-        if forwarding_flag && self == TopologyKind::Bridge {
-            peers.push(fulgur(XdpAttachMode::Native, Some("kernel")));
+        let both = |mode| [fulgur(mode, Some("auto")), fulgur(mode, Some("kernel"))];
+        match self {
+            TopologyKind::Veth => peers.extend(both(Native).into_iter().chain(both(Generic))),
+            TopologyKind::Bridge | TopologyKind::KindNode => {
+                peers.extend(both(Generic));
+                peers.extend(both(Native));
+            }
         }
         peers
     }
@@ -186,6 +201,7 @@ enum Nets {
         lb: NetNs,
         backend: NetNs,
     },
+    Kind(Box<crate::kind_node::KindCluster>),
 }
 
 impl Nets {
@@ -193,6 +209,7 @@ impl Nets {
         match self {
             Nets::Veth(t) => &t.client,
             Nets::Bridge { client, .. } => client,
+            Nets::Kind(k) => &k.host,
         }
     }
 
@@ -200,6 +217,7 @@ impl Nets {
         match self {
             Nets::Veth(t) => &t.lb,
             Nets::Bridge { lb, .. } => lb,
+            Nets::Kind(k) => &k.nodes[0].ns,
         }
     }
 
@@ -207,6 +225,15 @@ impl Nets {
         match self {
             Nets::Veth(t) => &t.backends[0].ns,
             Nets::Bridge { backend, .. } => backend,
+            Nets::Kind(k) => &k.nodes[0].pods[0].ns,
+        }
+    }
+
+    /// Where the agent attaches.
+    fn lb_iface(&self) -> &'static str {
+        match self {
+            Nets::Kind(_) => crate::kind_node::NODE_IFACE,
+            _ => LB_IFACE,
         }
     }
 }
@@ -220,6 +247,7 @@ impl Bed {
                 Nets::Veth(Box::new(topology))
             }
             TopologyKind::Bridge => bridged()?,
+            TopologyKind::KindNode => kind_node()?,
         };
         let backend_addr = SocketAddr::from((BACKEND, BACKEND_PORT));
         let sink = UdpSink::start(nets.backend(), backend_addr)?;
@@ -248,6 +276,28 @@ impl Bed {
     fn lb(&self) -> &NetNs {
         self.nets.lb()
     }
+}
+
+/// One kind node with one pod, kube-proxy's nftables flavour; the host routes the service and
+/// the pod range via the node (the routing peer sends to the pod itself).
+fn kind_node() -> anyhow::Result<Nets> {
+    use crate::kind_node::{KindCluster, KindSpec, Netfilter, PodLink};
+    let cluster = KindCluster::new(&KindSpec {
+        nodes: 1,
+        pods_per_node: 1,
+        netfilter: Netfilter::Nftables,
+        pod_link: PodLink::Ptp,
+    })?;
+    ensure!(cluster.nodes[0].pods[0].addr == BACKEND);
+    cluster.route_service_via(0)?;
+    cluster.host.ip(&[
+        "route",
+        "replace",
+        &cluster.nodes[0].pod_cidr(),
+        "via",
+        &cluster.nodes[0].addr.to_string(),
+    ])?;
+    Ok(Nets::Kind(Box::new(cluster)))
 }
 
 /// Client and load balancer as in [`Topology`]; the backend behind a bridge on the load
@@ -363,7 +413,8 @@ impl Running {
                 if let Some(forwarding) = forwarding {
                     args.extend(["--forwarding", forwarding]);
                 }
-                let agent = AgentProcess::start(bed.lb(), LB_IFACE, mode, Source::Args(&args))?;
+                let agent =
+                    AgentProcess::start(bed.lb(), bed.nets.lb_iface(), mode, Source::Args(&args))?;
                 Running::Fulgur { agent, services }
             }
         };
@@ -557,6 +608,8 @@ struct Sample {
     xdp_ns_udp: Option<f64>,
     xdp_ns_tcp: Option<f64>,
     tc_ns_tcp: Option<f64>,
+    /// The agent's "forwarding path" log lines: which path each interface got.
+    paths: Vec<String>,
 }
 
 fn measure(bed: &Bed, peer: Peer, config: &Config) -> anyhow::Result<Sample> {
@@ -593,6 +646,19 @@ fn measure(bed: &Bed, peer: Peer, config: &Config) -> anyhow::Result<Sample> {
         if let (Some((xdp0, tc0)), Some((xdp1, tc1))) = (before, running.program_stats()) {
             sample.xdp_ns_tcp = xdp1.per_run_since(xdp0);
             sample.tc_ns_tcp = tc1.per_run_since(tc0);
+        }
+        if let Running::Fulgur { agent, .. } = &running {
+            sample.paths = agent
+                .log_text()
+                .lines()
+                .filter(|l| l.contains("forwarding path"))
+                .map(|l| {
+                    l.split_once("INFO")
+                        .map_or(l, |(_, rest)| rest)
+                        .trim()
+                        .to_owned()
+                })
+                .collect();
         }
         anyhow::Ok(sample)
     })();
@@ -636,6 +702,8 @@ pub struct PeerReport {
     pub xdp_ns_per_packet_udp: Option<f64>,
     pub xdp_ns_per_packet_tcp: Option<f64>,
     pub tc_ns_per_packet_tcp: Option<f64>,
+    /// For fulgur: the forwarding path the agent chose per interface (its log, first round).
+    pub forwarding_paths: Vec<String>,
 }
 
 #[derive(Serialize, Debug, Clone)]
@@ -658,6 +726,8 @@ pub struct Report {
     pub tcp_clients: usize,
     pub duration_seconds: f64,
     pub topologies: Vec<TopologyReport>,
+    /// Topologies left out, and why.
+    pub skipped: Vec<String>,
 }
 
 /// Runs the bench and writes `forward.json` and `forward.svg` into `config.out_dir`.
@@ -667,11 +737,19 @@ pub fn run(config: &Config) -> anyhow::Result<Report> {
     // Run-time statistics stay on while this fd is open (also if the bench fails).
     let _stats = aya::sys::enable_stats(aya::sys::Stats::RunTime)
         .context("BPF_ENABLE_STATS (needs root)")?;
-    let beds = config
-        .topologies
-        .iter()
-        .map(|&kind| Bed::new(kind).with_context(|| format!("topology {}", kind.name())))
-        .collect::<anyhow::Result<Vec<_>>>()?;
+    let mut skipped = Vec::new();
+    let mut beds = Vec::new();
+    for &kind in &config.topologies {
+        // fulgur reaches the kind node's pods through the kernel path, which needs the flag.
+        if kind == TopologyKind::KindNode && !forwarding_flag {
+            skipped.push(format!(
+                "{}: the agent has no --forwarding flag (kernel path)",
+                kind.name()
+            ));
+            continue;
+        }
+        beds.push(Bed::new(kind).with_context(|| format!("topology {}", kind.name()))?);
+    }
     let peers: Vec<Vec<Peer>> = beds.iter().map(|b| b.kind.peers(forwarding_flag)).collect();
     let mut samples: Vec<BTreeMap<usize, Vec<Sample>>> = vec![BTreeMap::new(); beds.len()];
     for round in 0..config.rounds {
@@ -712,6 +790,7 @@ pub fn run(config: &Config) -> anyhow::Result<Report> {
         tcp_clients: TCP_CLIENTS,
         duration_seconds: started.elapsed().as_secs_f64(),
         topologies,
+        skipped,
     };
     drop(beds);
     std::fs::create_dir_all(&config.out_dir)?;
@@ -767,6 +846,7 @@ fn topology_report(
                 xdp_ns_per_packet_udp: field(|s| s.xdp_ns_udp),
                 xdp_ns_per_packet_tcp: field(|s| s.xdp_ns_tcp),
                 tc_ns_per_packet_tcp: field(|s| s.tc_ns_tcp),
+                forwarding_paths: ss.first().map(|s| s.paths.clone()).unwrap_or_default(),
             }
         })
         .collect();

@@ -18,7 +18,14 @@ fn bench_forward_smoke_reports_every_peer() {
         .iter()
         .map(|t| t["name"].as_str().unwrap())
         .collect();
-    assert_eq!(names, ["veth", "bridge"]);
+    assert_eq!(&names[..2], ["veth", "bridge"]);
+    // The kind-node bed runs when the agent has its kernel forwarding path, and says so if not.
+    assert_eq!(
+        names.len() + json["skipped"].as_array().unwrap().len(),
+        3,
+        "{names:?} {}",
+        json["skipped"]
+    );
     for topology in topologies {
         let peers: Vec<&str> = topology["peers"]
             .as_array()
@@ -26,7 +33,7 @@ fn bench_forward_smoke_reports_every_peer() {
             .iter()
             .map(|p| p["name"].as_str().unwrap())
             .collect();
-        for expected in ["routing", "nftables", "haproxy", "fulgur generic"] {
+        for expected in ["routing", "nftables", "haproxy", "fulgur"] {
             assert!(
                 peers.iter().any(|p| p.starts_with(expected)),
                 "{} lacks {expected}: {peers:?}",
