@@ -471,9 +471,11 @@ fn ifinfo(index: i32) -> [u8; IFINFO] {
     body
 }
 
-/// Parsed RTM_NEWLINK: the device, its veth peer (ifindex, netns id) and whether it runs
+/// A parsed RTM_NEWLINK: the device, its veth peer (ifindex, netns id) and whether it runs
 /// native XDP.
-fn parse_link(message: &[u8]) -> Option<(Device, Option<u32>, Option<i32>, bool)> {
+type Link = (Device, Option<u32>, Option<i32>, bool);
+
+fn parse_link(message: &[u8]) -> Option<Link> {
     let info = message.get(HEADER..HEADER + IFINFO)?;
     let arp_type = u16_at(info, 2);
     let ifindex = i32::from_ne_bytes(info[4..8].try_into().ok()?) as u32;
@@ -534,9 +536,7 @@ fn links() -> io::Result<Vec<Device>> {
 /// Whether the peer of veth `ifindex` runs a native XDP program (it may sit in another
 /// namespace: asked for through its netns id).
 fn peer_native_xdp(ifindex: u32) -> io::Result<bool> {
-    let get = |index: u32,
-               netns: Option<i32>|
-     -> io::Result<Option<(Device, Option<u32>, Option<i32>, bool)>> {
+    let get = |index: u32, netns: Option<i32>| -> io::Result<Option<Link>> {
         let mut body = ifinfo(index as i32).to_vec();
         if let Some(netns) = netns {
             body.extend_from_slice(&8u16.to_ne_bytes());

@@ -210,10 +210,10 @@ fn kube_proxy_nftables_generic() -> anyhow::Result<()> {
     kube_proxy_node(Netfilter::Nftables, XdpAttachMode::Generic)
 }
 
-/// Pods on a Linux bridge in the node, native XDP, no netfilter: the bridge takes the kernel
-/// path, and `--forwarding fast` is refused with that reason.
+/// Pods on a Linux bridge in the node, no netfilter. Native XDP: the bridge takes the kernel
+/// path, and `--forwarding fast` is refused with that reason. Generic XDP: the fast path.
 #[test]
-fn bridge_toward_the_backends_native() -> anyhow::Result<()> {
+fn bridge_toward_the_backends() -> anyhow::Result<()> {
     let bed = bed(Netfilter::None, PodLink::Bridge)?;
     let _servers = bed.cluster.start_echo_servers(0, POD_PORT)?;
     let refused = start_agent(
@@ -233,6 +233,29 @@ fn bridge_toward_the_backends_native() -> anyhow::Result<()> {
     traffic(&bed)?;
     let report = inspect(&agent)?;
     assert_kernel_path(&report, &[kind_node::POD_BRIDGE], "bridge")?;
+    drop(agent);
+
+    // Generic XDP hands the redirect to the bridge's own transmit: the fast path works there.
+    let agent = start_agent(&bed, XdpAttachMode::Generic, fresh_bpffs(), &[])?;
+    traffic(&bed)?;
+    let report = inspect(&agent)?;
+    for b in report["backend_paths"]
+        .as_array()
+        .context("backend_paths")?
+    {
+        ensure!(
+            b["path"] == "fast" && b["egress"] == kind_node::POD_BRIDGE && b["reason"] == "generic",
+            "backend path {b}"
+        );
+    }
+    ensure!(counter(&report, "redirect") > 0);
+    for other in ["kernel_path", "redirect_failed"] {
+        ensure!(
+            counter(&report, other) == 0,
+            "{other}: {}",
+            counter(&report, other)
+        );
+    }
     Ok(())
 }
 

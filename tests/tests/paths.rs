@@ -1,0 +1,73 @@
+//! The forwarding paths in the XDP program, through BPF_PROG_TEST_RUN with exact bytes: a device
+//! on the kernel path gets the DNATed packet passed to the kernel untouched otherwise (MACs and
+//! TTL as they came), a fast device that left the redirect map is counted `redirect_failed` and
+//! passed the same way, and a fast device is redirected.
+
+use aya::maps::{Map, MapData, xdp::DevMapHash};
+use fulgur_agent::paths::{Decision, PathMaps};
+use fulgur_common::{Counter, PathReason, map_names};
+use fulgur_tests::{
+    corpus::{self, V4, V6, XDP_PASS, XDP_REDIRECT},
+    lab::Lab,
+    packets::{Kind, Pkt, diff},
+};
+
+fn pinned(lab: &Lab, name: &str) -> Map {
+    Map::from_map_data(MapData::from_pin(lab.dataplane.pins.map(name)).expect("pin")).expect("map")
+}
+
+/// Writes the path of `out0` (and `in0`, fast) as the agent would.
+fn set_out_path(lab: &Lab, fast: bool, reason: PathReason) {
+    let mut maps = PathMaps::adopt(|name| Some(pinned(lab, name))).expect("path maps");
+    let decision = |ifindex, name: &str, fast, reason| Decision {
+        ifindex,
+        name: name.into(),
+        fast,
+        reason,
+    };
+    maps.sync(&[
+        decision(lab.in_ifindex, "in0", true, PathReason::Driver),
+        decision(lab.out_ifindex, "out0", fast, reason),
+    ])
+    .expect("sync");
+}
+
+#[test]
+fn kernel_path_and_failed_redirects_pass_the_translated_packet() {
+    let mut lab = Lab::new().expect("lab");
+    lab.apply_yaml(corpus::SERVICES).expect("services");
+    let mut port = 42000;
+    for f in [V4, V6] {
+        for (kind, backend_port) in [(Kind::TcpSyn, 8080), (Kind::Udp, 5353)] {
+            let mut send = |expected_verdict, counter| {
+                port += 1;
+                let input = corpus::to_service(&f, kind, f.vip, port);
+                // Only the destination changes: no MAC rewrite, no TTL decrement.
+                let expected = Pkt {
+                    dst: f.backend,
+                    dst_port: backend_port,
+                    ..input.clone()
+                }
+                .build();
+                let before = lab.counter(counter).unwrap();
+                let (verdict, output) = lab.xdp(&input.build()).expect("test run");
+                assert_eq!(verdict, expected_verdict, "{} {kind:?} {counter:?}", f.name);
+                assert_eq!(lab.counter(counter).unwrap() - before, 1, "{counter:?}");
+                if verdict == XDP_PASS {
+                    assert!(output == expected, "{}", diff(&expected, &output));
+                }
+            };
+            set_out_path(&lab, false, PathReason::Netfilter);
+            send(XDP_PASS, Counter::KernelPath);
+
+            set_out_path(&lab, true, PathReason::Driver);
+            let mut redirect =
+                DevMapHash::try_from(pinned(&lab, map_names::REDIRECT_DEVICES)).expect("devmap");
+            redirect.remove(lab.out_ifindex).expect("remove out0");
+            send(XDP_PASS, Counter::RedirectFailed);
+
+            set_out_path(&lab, true, PathReason::Driver);
+            send(XDP_REDIRECT, Counter::Redirect);
+        }
+    }
+}
