@@ -229,10 +229,38 @@ fn bridge_toward_the_backends() -> anyhow::Result<()> {
         text.contains("cni0: native XDP cannot transmit into a bridge"),
         "{text}"
     );
-    let agent = start_agent(&bed, XdpAttachMode::Native, fresh_bpffs(), &[])?;
+    let metrics_at = SocketAddr::from((kind_node::node_addr(0), 9464));
+    let listen = metrics_at.to_string();
+    let agent = start_agent(
+        &bed,
+        XdpAttachMode::Native,
+        fresh_bpffs(),
+        &["--metrics-listen", &listen],
+    )?;
     traffic(&bed)?;
     let report = inspect(&agent)?;
     assert_kernel_path(&report, &[kind_node::POD_BRIDGE], "bridge")?;
+    // /metrics says the same, from the host.
+    let metrics = in_netns(&bed.cluster.host, move || {
+        use std::io::{Read as _, Write as _};
+        let mut stream = std::net::TcpStream::connect_timeout(&metrics_at, echo::IO_TIMEOUT)?;
+        stream.set_read_timeout(Some(echo::IO_TIMEOUT))?;
+        stream.write_all(b"GET /metrics HTTP/1.0\r\n\r\n")?;
+        let mut text = String::new();
+        stream.read_to_string(&mut text)?;
+        anyhow::Ok(text)
+    })?;
+    for expected in [
+        "fulgur_egress_path{iface=\"cni0\",path=\"kernel\",reason=\"bridge\"} 1",
+        "backend=\"203.0.113.2:8080\",egress=\"cni0\",path=\"kernel\",reason=\"bridge\"} 1",
+        "fulgur_dataplane_packets_total{reason=\"redirect_failed\"} 0",
+    ] {
+        ensure!(metrics.contains(expected), "{expected} not in\n{metrics}");
+    }
+    ensure!(
+        !metrics.contains("fulgur_dataplane_packets_total{reason=\"kernel_path\"} 0"),
+        "{metrics}"
+    );
     drop(agent);
 
     // Generic XDP hands the redirect to the bridge's own transmit: the fast path works there.
