@@ -184,15 +184,24 @@ impl Dataplane for FakeService {
     }
 }
 
-/// Serves the Dataplane service on a loopback port; the server runs until the test ends.
+/// Serves the fake on a loopback port; the server runs until the test ends.
 pub async fn serve(fake: Fake, tls: Option<ServerTlsConfig>) -> SocketAddr {
+    serve_dataplane(FakeService::new(fake), tls).await
+}
+
+/// Serves any implementation of the Dataplane service on a loopback port, with TLS when given
+/// (the agent's own service in its tests, the fake here); the server runs until the test ends.
+pub async fn serve_dataplane<S: Dataplane>(
+    service: DataplaneServer<S>,
+    tls: Option<ServerTlsConfig>,
+) -> SocketAddr {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let mut server = Server::builder();
     if let Some(tls) = tls {
         server = server.tls_config(tls).unwrap();
     }
-    let router = server.add_service(FakeService::new(fake));
+    let router = server.add_service(service);
     tokio::spawn(router.serve_with_incoming(TcpIncoming::from(listener)));
     addr
 }

@@ -15,7 +15,7 @@ use fulgur_agent::{
     writer::{ApplyReport, WriteError},
 };
 use fulgur_proto::v1::dataplane_server::DataplaneServer;
-use tonic::transport::{Server, ServerTlsConfig, server::TcpIncoming};
+use tonic::transport::ServerTlsConfig;
 
 #[derive(Clone, Default)]
 pub struct Fake {
@@ -73,18 +73,8 @@ impl Programmer for Fake {
     }
 }
 
-/// Serves the Dataplane service on a loopback port; the server runs until the test ends.
+/// Serves the agent's service with this fake behind it on a loopback port.
 pub async fn serve(fake: Fake, tls: Option<ServerTlsConfig>) -> SocketAddr {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let mut server = Server::builder();
-    if let Some(tls) = tls {
-        server = server.tls_config(tls).unwrap();
-    }
-    let router = server.add_service(DataplaneServer::new(DataplaneService::new(
-        fake,
-        Metrics::new(),
-    )));
-    tokio::spawn(router.serve_with_incoming(TcpIncoming::from(listener)));
-    addr
+    let service = DataplaneServer::new(DataplaneService::new(fake, Metrics::new()));
+    fulgur_testkit::fake_agent::serve_dataplane(service, tls).await
 }
