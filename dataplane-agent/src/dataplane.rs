@@ -22,6 +22,7 @@ use fulgur_common::{defaults, map_names, program_names};
 
 use crate::{
     EBPF_OBJECT,
+    bpf_log::BpfLog,
     tc_hook::{self, TcAttach, TcHook},
     writer::Layout,
 };
@@ -283,8 +284,19 @@ pub struct Dataplane {
 }
 
 impl Dataplane {
-    /// Loads the object, reusing maps already pinned under `pins`, and loads every program.
+    /// Loads the object, reusing maps already pinned under `pins`, and loads every program, with
+    /// kernel-side logging off.
     pub fn load(pins: Pins, sizes: &Sizes) -> Result<Self, DataplaneError> {
+        Self::load_with_log(pins, sizes, BpfLog::Off)
+    }
+
+    /// [`Dataplane::load`] with the programs' log level set (a load-time constant: the verifier
+    /// removes the calls a level disables). Read the records with [`crate::bpf_log::reader`].
+    pub fn load_with_log(
+        pins: Pins,
+        sizes: &Sizes,
+        bpf_log: BpfLog,
+    ) -> Result<Self, DataplaneError> {
         pins.create()?;
         let lookup_entries = u32::try_from(sizes.layout.lookup_entries()).unwrap_or(u32::MAX);
         let wanted = [
@@ -311,6 +323,8 @@ impl Dataplane {
         }
         let mut loader = EbpfLoader::new();
         loader.default_map_pin_directory(pins.maps());
+        let level = bpf_log.level();
+        loader.override_global(fulgur_common::LOG_LEVEL_GLOBAL, &level, true);
         for (name, entries) in wanted {
             loader.map_max_entries(name, entries);
         }

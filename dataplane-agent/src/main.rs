@@ -5,6 +5,7 @@ use std::{net::SocketAddr, path::PathBuf, sync::Arc, time::Duration};
 use anyhow::{Context as _, bail};
 use clap::{Args, Parser, Subcommand};
 use fulgur_agent::{
+    bpf_log::{self, BpfLog},
     config::ServiceSet,
     dataplane::{self, Dataplane, Pins, Sizes, XdpAttachMode},
     grpc::{DataplaneService, Programmer},
@@ -75,6 +76,11 @@ struct RunArgs {
     /// kernel routes them and netfilter sees both directions), or `auto`, per egress device.
     #[arg(long, value_enum, default_value = "auto")]
     forwarding: Forwarding,
+    /// Kernel-side diagnostics, logged as target fulgur::bpf: `warn` logs failed redirects and
+    /// a full conntrack, `debug` also rejections and malformed packets (rate limited). `off`
+    /// costs nothing: the verifier removes the log calls. A change reloads the programs.
+    #[arg(long, value_enum, default_value = "off", env = "FULGUR_BPF_LOG")]
+    bpf_log: BpfLog,
     /// YAML/JSON file with the services to program; re-read when it changes. For debugging and
     /// for running without a controller; not together with --grpc-listen.
     #[arg(long, conflicts_with = "grpc_listen")]
@@ -216,7 +222,7 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
     }
 
     let pins = Pins::new(&args.bpffs_dir);
-    let mut dataplane = Dataplane::load(pins.clone(), &sizes)?;
+    let mut dataplane = Dataplane::load_with_log(pins.clone(), &sizes, args.bpf_log)?;
     let mut writer = MapWriter::adopt(sizes.layout, |name| dataplane.take_map(name))
         .context("adopting the pinned maps")?;
     let mut path_maps = PathMaps::adopt(|name| dataplane.take_map(name))?;
@@ -227,6 +233,8 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
         info!(?report, services = set.services.len(), "services applied");
     }
     let metrics = Metrics::new();
+    let bpf_reader = bpf_log::reader(&mut dataplane.ebpf, args.bpf_log, metrics.clone())
+        .context("opening the eBPF log ring")?;
     for iface in &args.ifaces {
         let tc_hook = dataplane
             .attach(iface, args.xdp_mode, args.tc_attach)
@@ -243,6 +251,14 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
         .build()?;
     runtime.block_on(async move {
         tokio::spawn(rescan_paths(path_maps, args.xdp_mode, args.forwarding));
+        if let Some(reader) = bpf_reader {
+            tokio::spawn(async move {
+                if let Err(e) = bpf_log::run(reader).await {
+                    error!("reading the eBPF log ring: {e}");
+                }
+            });
+            info!(level = ?args.bpf_log, "eBPF log on");
+        }
         if let Some(listen) = args.metrics_listen {
             let listener = tokio::net::TcpListener::bind(listen)
                 .await

@@ -76,6 +76,12 @@ pub struct Metrics {
     ready: AtomicBool,
     egress_path: Family<EgressPathLabel, Gauge>,
     backend_path: Family<BackendPathLabel, Gauge>,
+    bpf_log: Family<BpfLogLabel, Counter>,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct BpfLogLabel {
+    outcome: &'static str,
 }
 
 impl Default for Metrics {
@@ -91,6 +97,7 @@ impl Default for Metrics {
             ready: AtomicBool::new(false),
             egress_path: Family::default(),
             backend_path: Family::default(),
+            bpf_log: Family::default(),
         }
     }
 }
@@ -155,6 +162,11 @@ impl Metrics {
     }
 
     /// Readiness: the programs are attached and the agent serves.
+    /// One record read from the eBPF log ring: `emitted`, or `dropped` by the rate limit.
+    pub fn bpf_log_record(&self, outcome: &'static str) {
+        self.bpf_log.get_or_create(&BpfLogLabel { outcome }).inc();
+    }
+
     pub fn set_ready(&self) {
         self.ready.store(true, Ordering::Relaxed);
     }
@@ -196,6 +208,11 @@ impl Metrics {
             "backend_path",
             "Forwarding path each backend takes (fast, kernel, or unresolved before its first packet), its egress device, and why",
             self.backend_path.clone(),
+        );
+        registry.register(
+            "bpf_log_records",
+            "Records read from the eBPF programs' log (--bpf-log), by outcome (emitted, or dropped by the rate limit)",
+            self.bpf_log.clone(),
         );
         if let Some(report) = report {
             let reasons = Family::<ReasonLabel, Counter>::default();

@@ -89,6 +89,7 @@ pub fn forward(ctx: &XdpContext, frame: &Frame, route: &Route, backend_id: u32) 
                 .is_err()
         {
             count(Counter::RedirectFailed);
+            crate::log::redirect_failed(route, out);
             return xdp_action::XDP_PASS;
         }
         // We route the packet ourselves, so we age it like a router does.

@@ -4,7 +4,7 @@ use aya_ebpf::{bindings::xdp_action, programs::XdpContext};
 use fulgur_common::{Counter, FlowKey, ServiceKey};
 
 use crate::{
-    forward, icmp,
+    forward, icmp, log,
     maps::SERVICES,
     nat,
     parse::{self, ETH_P_IPV4, ETH_P_IPV6},
@@ -18,6 +18,9 @@ pub fn handle(ctx: &XdpContext) -> u32 {
     match translate(ctx) {
         Ok(action) => action,
         Err(reason) => {
+            if reason == Counter::PassMalformed {
+                log::malformed(ctx);
+            }
             count(reason);
             xdp_action::XDP_PASS
         }
@@ -70,6 +73,7 @@ fn translate(ctx: &XdpContext) -> Result<u32, Counter> {
         }
         Choice::Reject => {
             stats::rejected(service.id);
+            log::rejected(&flow, service.id);
             Ok(reject::reject(ctx, &frame, &pkt))
         }
     }

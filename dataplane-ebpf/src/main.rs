@@ -7,6 +7,7 @@ mod egress;
 mod forward;
 mod icmp;
 mod ingress;
+mod log;
 mod maps;
 mod nat;
 mod parse;

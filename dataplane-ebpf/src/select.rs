@@ -106,6 +106,7 @@ fn remember(flow: &FlowKey, service: &ServiceValue, backend_id: u32, backend: &B
     };
     if CONNTRACK.insert(flow, tracked, 0).is_err() || REVNAT.insert(reply, restore, 0).is_err() {
         count(Counter::ConntrackFull);
+        crate::log::conntrack_full(flow);
     }
     count(Counter::NewFlow);
     stats::new_flow(service.id, backend_id);

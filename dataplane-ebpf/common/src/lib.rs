@@ -405,3 +405,39 @@ mod pod {
     unsafe impl aya::Pod for super::NextHop {}
     unsafe impl aya::Pod for super::EgressPath {}
 }
+
+/// One kernel-side diagnostic (`--bpf-log`), written to the `FULGUR_LOG` ring buffer at the rare
+/// outcomes only. Logging is gated on the `.rodata` global [`LOG_LEVEL_GLOBAL`], set at load:
+/// the verifier removes the calls a level disables.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct LogRecord {
+    /// The [`Counter`] discriminant of the outcome.
+    pub reason: u32,
+    /// [`log_levels`]: WARN or DEBUG.
+    pub level: u8,
+    /// [`FAMILY_IPV4`], [`FAMILY_IPV6`], or 0 when the IP header was unreadable.
+    pub family: u8,
+    pub proto: u8,
+    pub pad: u8,
+    /// Network byte order, as in the packet; 0 when unknown.
+    pub src_port: u16,
+    pub dst_port: u16,
+    pub src: Addr,
+    pub dst: Addr,
+    /// Redirect failed: the egress ifindex; rejected: the service id; malformed: frame length.
+    pub value: u32,
+}
+
+/// The ring buffer the programs write [`LogRecord`]s to.
+pub const LOG_MAP: &str = "FULGUR_LOG";
+/// The `.rodata` global holding the log level (0 = off).
+pub const LOG_LEVEL_GLOBAL: &str = "FULGUR_LOG_LEVEL";
+
+/// Values of [`LOG_LEVEL_GLOBAL`] and [`LogRecord::level`]: a record is written when its level
+/// is at most the global.
+pub mod log_levels {
+    pub const OFF: u8 = 0;
+    pub const WARN: u8 = 2;
+    pub const DEBUG: u8 = 4;
+}

@@ -1,0 +1,147 @@
+//! Kernel-side diagnostics (`--bpf-log`) for the rare outcomes: a failed redirect, a full
+//! conntrack, a rejection, a malformed packet. Never called on the established-flow path.
+//!
+//! Each call is gated on [`FULGUR_LOG_LEVEL`], a `.rodata` global the agent sets at load. The
+//! loader freezes `.rodata`, so the verifier knows the level and removes the disabled calls: at
+//! `off` the loaded program holds no log code. Records are fixed-size [`LogRecord`]s written
+//! straight into the ring (aya-log-ebpf's macros need ~260 bytes of stack per call, more than
+//! the ingress program has left under the 512-byte limit).
+
+use aya_ebpf::{Global, macros::map, maps::RingBuf, programs::XdpContext};
+use fulgur_common::{
+    Addr, Counter, FAMILY_IPV4, FAMILY_IPV6, FlowKey, LogRecord,
+    log_levels::{DEBUG, WARN},
+};
+use network_types::ip::{Ipv4Hdr, Ipv6Hdr};
+
+use crate::{
+    forward::Route,
+    parse::{self, ETH_P_IPV4, ETH_P_IPV6, Ip},
+};
+
+#[map]
+static FULGUR_LOG: RingBuf = RingBuf::with_byte_size(64 * 1024, 0);
+
+/// The log level; the agent overrides it at load (0: off).
+#[unsafe(no_mangle)]
+static FULGUR_LOG_LEVEL: Global<u8> = Global::new(0);
+
+#[inline(always)]
+fn enabled(level: u8) -> bool {
+    level <= FULGUR_LOG_LEVEL.load()
+}
+
+/// Writes one record; a full ring loses it (the reader counts what it reads).
+#[inline(always)]
+fn emit(record: LogRecord) {
+    if let Some(mut entry) = FULGUR_LOG.reserve::<LogRecord>(0) {
+        entry.write(record);
+        entry.submit(0);
+    }
+}
+
+#[inline(always)]
+fn flow_record(level: u8, reason: Counter, flow: &FlowKey, value: u32) -> LogRecord {
+    LogRecord {
+        reason: reason as u32,
+        level,
+        family: flow.family,
+        proto: flow.proto,
+        pad: 0,
+        src_port: flow.src_port,
+        dst_port: flow.dst_port,
+        src: flow.src,
+        dst: flow.dst,
+        value,
+    }
+}
+
+/// (family, source, destination) of a bounds-checked IP header.
+#[inline(always)]
+fn ip_addrs(ip: Ip) -> (u8, Addr, Addr) {
+    // SAFETY: the header was bounds checked by the parser.
+    unsafe {
+        match ip {
+            Ip::V4(h) => (
+                FAMILY_IPV4,
+                fulgur_common::addr_v4((*h).src_addr),
+                fulgur_common::addr_v4((*h).dst_addr),
+            ),
+            Ip::V6(h) => (
+                FAMILY_IPV6,
+                fulgur_common::addr_v6((*h).src_addr),
+                fulgur_common::addr_v6((*h).dst_addr),
+            ),
+        }
+    }
+}
+
+/// `bpf_redirect_map` refused the device the FIB chose; the packet went to the kernel untouched.
+#[inline(always)]
+pub fn redirect_failed(route: &Route, ifindex: u32) {
+    if enabled(WARN) {
+        let (family, src, dst) = ip_addrs(route.ip);
+        emit(LogRecord {
+            reason: Counter::RedirectFailed as u32,
+            level: WARN,
+            family,
+            proto: route.proto,
+            pad: 0,
+            src_port: route.ports.0,
+            dst_port: route.ports.1,
+            src,
+            dst,
+            value: ifindex,
+        });
+    }
+}
+
+/// A new flow could not be remembered: it is forwarded, but its next packets may pick again.
+#[inline(always)]
+pub fn conntrack_full(flow: &FlowKey) {
+    if enabled(WARN) {
+        emit(flow_record(WARN, Counter::ConntrackFull, flow, 0));
+    }
+}
+
+/// The service has no backend: the client gets a TCP reset or an ICMP port unreachable.
+#[inline(always)]
+pub fn rejected(flow: &FlowKey, service_id: u32) {
+    if enabled(DEBUG) {
+        let reason = if flow.proto == fulgur_common::PROTO_TCP {
+            Counter::RejectTcpReset
+        } else {
+            Counter::RejectIcmpUnreachable
+        };
+        emit(flow_record(DEBUG, reason, flow, service_id));
+    }
+}
+
+/// The headers did not parse; names the addresses when the IP header itself is whole.
+#[inline(always)]
+pub fn malformed(ctx: &XdpContext) {
+    if enabled(DEBUG) {
+        let mut record = LogRecord {
+            reason: Counter::PassMalformed as u32,
+            level: DEBUG,
+            value: (ctx.data_end() - ctx.data()) as u32,
+            ..LogRecord::default()
+        };
+        if let Ok(frame) = parse::ethernet(ctx) {
+            if frame.ether_type == ETH_P_IPV4
+                && let Some(h) = parse::ptr_at::<Ipv4Hdr>(ctx, frame.l3)
+            {
+                (record.family, record.src, record.dst) = ip_addrs(Ip::V4(h));
+                // SAFETY: bounds checked by ptr_at.
+                record.proto = unsafe { (*h).proto };
+            } else if frame.ether_type == ETH_P_IPV6
+                && let Some(h) = parse::ptr_at::<Ipv6Hdr>(ctx, frame.l3)
+            {
+                (record.family, record.src, record.dst) = ip_addrs(Ip::V6(h));
+                // SAFETY: bounds checked by ptr_at.
+                record.proto = unsafe { (*h).next_hdr };
+            }
+        }
+        emit(record);
+    }
+}
