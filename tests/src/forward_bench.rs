@@ -72,9 +72,9 @@ impl Config {
     pub fn smoke(out_dir: PathBuf) -> Self {
         Config {
             rounds: 1,
-            warmup: Duration::from_millis(100),
-            udp: Duration::from_millis(200),
-            tcp: Duration::from_millis(200),
+            warmup: Duration::from_millis(50),
+            udp: Duration::from_millis(100),
+            tcp: Duration::from_millis(100),
             ..Config::full(out_dir)
         }
     }
@@ -695,8 +695,8 @@ pub struct PeerReport {
     pub udp_pps: Option<Figure>,
     /// Datagrams per second the client handed to the kernel (median).
     pub udp_sent_pps: Option<f64>,
-    /// Completed short connections per second.
-    pub tcp_cps: Figure,
+    /// Completed short connections per second (none when every round failed).
+    pub tcp_cps: Option<Figure>,
     pub tcp_failed_connections: u64,
     /// Median over rounds of the attached XDP program's run_time_ns / run_cnt during UDP.
     pub xdp_ns_per_packet_udp: Option<f64>,
@@ -704,6 +704,8 @@ pub struct PeerReport {
     pub tc_ns_per_packet_tcp: Option<f64>,
     /// For fulgur: the forwarding path the agent chose per interface (its log, first round).
     pub forwarding_paths: Vec<String>,
+    /// Rounds in which this peer failed, and how.
+    pub errors: Vec<String>,
 }
 
 #[derive(Serialize, Debug, Clone)]
@@ -752,14 +754,27 @@ pub fn run(config: &Config) -> anyhow::Result<Report> {
     }
     let peers: Vec<Vec<Peer>> = beds.iter().map(|b| b.kind.peers(forwarding_flag)).collect();
     let mut samples: Vec<BTreeMap<usize, Vec<Sample>>> = vec![BTreeMap::new(); beds.len()];
+    let mut errors: Vec<BTreeMap<usize, Vec<String>>> = vec![BTreeMap::new(); beds.len()];
     for round in 0..config.rounds {
         for (b, bed) in beds.iter().enumerate() {
             let n = peers[b].len();
             for k in 0..n {
                 let p = (k + round) % n;
                 let peer = peers[b][p];
-                let sample = measure(bed, peer, config)
-                    .with_context(|| format!("{} on {}", peer.name(), bed.kind.name()))?;
+                let sample = match measure(bed, peer, config) {
+                    Ok(sample) => sample,
+                    // One failing peer must not cost the others' figures; the report names it.
+                    Err(e) => {
+                        let error = format!("round {}: {e:#}", round + 1);
+                        eprintln!(
+                            "[bench forward] {} on {}: {error}",
+                            peer.name(),
+                            bed.kind.name()
+                        );
+                        errors[b].entry(p).or_default().push(error);
+                        continue;
+                    }
+                };
                 eprintln!(
                     "[bench forward] round {} {:<7} {:<22} udp {:>9} pps  tcp {:>7.0} conn/s ({} failed)",
                     round + 1,
@@ -776,7 +791,7 @@ pub fn run(config: &Config) -> anyhow::Result<Report> {
     let topologies = beds
         .iter()
         .enumerate()
-        .map(|(b, bed)| topology_report(bed.kind, &peers[b], &samples[b]))
+        .map(|(b, bed)| topology_report(bed.kind, &peers[b], &samples[b], &errors[b]))
         .collect();
     let report = Report {
         date: command_line("date", &["-u", "+%Y-%m-%d %H:%M UTC"]),
@@ -812,9 +827,12 @@ fn topology_report(
     kind: TopologyKind,
     peers: &[Peer],
     samples: &BTreeMap<usize, Vec<Sample>>,
+    errors: &BTreeMap<usize, Vec<String>>,
 ) -> TopologyReport {
-    let udp = |p: usize| -> Vec<f64> { samples[&p].iter().filter_map(|s| s.udp_pps).collect() };
-    let tcp = |p: usize| -> Vec<f64> { samples[&p].iter().map(|s| s.tcp_cps).collect() };
+    let none = Vec::new();
+    let samples_of = |p: usize| samples.get(&p).unwrap_or(&none);
+    let udp = |p: usize| -> Vec<f64> { samples_of(p).iter().filter_map(|s| s.udp_pps).collect() };
+    let tcp = |p: usize| -> Vec<f64> { samples_of(p).iter().map(|s| s.tcp_cps).collect() };
     let index = |peer: Peer| peers.iter().position(|&p| p == peer);
     let routing = index(Peer::Routing).expect("routing is always a peer");
     let nftables = index(Peer::Nftables).expect("nftables is always a peer");
@@ -833,7 +851,7 @@ fn topology_report(
         .iter()
         .enumerate()
         .map(|(p, peer)| {
-            let ss = &samples[&p];
+            let ss = samples_of(p);
             let field = |f: fn(&Sample) -> Option<f64>| {
                 median(&ss.iter().filter_map(f).collect::<Vec<_>>())
             };
@@ -841,12 +859,13 @@ fn topology_report(
                 name: peer.name(),
                 udp_pps: figure(udp(p), udp_routing, udp_nft),
                 udp_sent_pps: field(|s| s.udp_sent_pps),
-                tcp_cps: figure(tcp(p), tcp_routing, tcp_nft).expect("every peer runs TCP"),
+                tcp_cps: figure(tcp(p), tcp_routing, tcp_nft),
                 tcp_failed_connections: ss.iter().map(|s| s.tcp_failed).sum(),
                 xdp_ns_per_packet_udp: field(|s| s.xdp_ns_udp),
                 xdp_ns_per_packet_tcp: field(|s| s.xdp_ns_tcp),
                 tc_ns_per_packet_tcp: field(|s| s.tc_ns_tcp),
                 forwarding_paths: ss.first().map(|s| s.paths.clone()).unwrap_or_default(),
+                errors: errors.get(&p).cloned().unwrap_or_default(),
             }
         })
         .collect();
@@ -866,16 +885,17 @@ pub fn markdown(report: &Report) -> String {
     for t in &report.topologies {
         for p in &t.peers {
             let udp = p.udp_pps.as_ref();
+            let tcp = p.tcp_cps.as_ref();
             out += &format!(
-                "| {} | {} | {} | {} | {} | {:.1}k | {} | {} | {} |\n",
+                "| {} | {} | {} | {} | {} | {} | {} | {} | {} |\n",
                 t.name,
                 p.name,
                 udp.map_or("–".to_owned(), |f| format!("{:.0}k", f.median / 1e3)),
                 ratio(udp.and_then(|f| f.vs_routing)),
                 ratio(udp.and_then(|f| f.vs_nftables)),
-                p.tcp_cps.median / 1e3,
-                ratio(p.tcp_cps.vs_routing),
-                ratio(p.tcp_cps.vs_nftables),
+                tcp.map_or("failed".to_owned(), |f| format!("{:.1}k", f.median / 1e3)),
+                ratio(tcp.and_then(|f| f.vs_routing)),
+                ratio(tcp.and_then(|f| f.vs_nftables)),
                 p.xdp_ns_per_packet_udp
                     .map_or("–".to_owned(), |n| format!("{n:.0}")),
             );
@@ -898,7 +918,7 @@ fn chart(report: &Report, path: &Path) -> anyhow::Result<()> {
         let tcp = t
             .peers
             .iter()
-            .filter_map(|p| Some((p.name.clone(), p.tcp_cps.vs_routing?)))
+            .filter_map(|p| Some((p.name.clone(), p.tcp_cps.as_ref()?.vs_routing?)))
             .collect();
         groups.push((format!("{}: UDP pps", t.name), udp));
         groups.push((format!("{}: TCP conn/s", t.name), tcp));
