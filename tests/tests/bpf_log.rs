@@ -19,6 +19,7 @@ use fulgur_agent::{
 };
 use fulgur_common::program_names;
 use fulgur_tests::{
+    echo::TcpSession,
     netns::{in_netns, unique_token},
     topology::{AgentProcess, CLIENT, LB_IFACE, Launch, Source, Topology, VIP},
 };
@@ -279,4 +280,52 @@ fn off_leaves_no_log_call_in_the_translated_program() {
         off.0 < warn.0 && warn.0 < debug.0,
         "{off:?} {warn:?} {debug:?}"
     );
+}
+
+/// Changing the level reloads the programs: a restart on the same pins, which keeps an open TCP
+/// connection going (the pinned conntrack and links are adopted).
+#[test]
+fn a_level_change_keeps_an_open_connection() {
+    let topology = Topology::new(1, XdpAttachMode::Generic).expect("topology");
+    let _servers = topology.start_echo_servers(8080, false).unwrap();
+    let services = std::env::temp_dir().join(format!("{}.yaml", unique_token("fulgur-bpflog-")));
+    std::fs::write(
+        &services,
+        format!(
+            "services:\n- {{vip: {VIP}, port: 80, protocol: TCP, backends: [{{address: {}, port: 8080}}]}}\n",
+            topology.backends[0].addr
+        ),
+    )
+    .unwrap();
+    let services_path = services.to_str().unwrap().to_owned();
+    let start = |level: &str, bpffs_dir: PathBuf| {
+        AgentProcess::start_launched(
+            &topology.lb,
+            LB_IFACE,
+            XdpAttachMode::Generic,
+            Source::Args(&["--services", &services_path, "--bpf-log", level]),
+            bpffs_dir,
+            &SMALL,
+            &Launch::deployed(),
+        )
+        .unwrap_or_else(|e| panic!("{e:#}"))
+    };
+    let agent = start(
+        "off",
+        PathBuf::from(format!("/sys/fs/bpf/{}", unique_token("fgag"))),
+    );
+    let vip = topology.vip(80);
+    let mut session = in_netns(&topology.client, move || TcpSession::connect(vip)).unwrap();
+    let backend = session.exchange(b"before").unwrap();
+    let agent = start("debug", agent.kill_and_keep_pins());
+    assert!(
+        agent.log_text().contains("eBPF log on"),
+        "{}",
+        agent.log_text()
+    );
+    assert_eq!(session.exchange(b"at debug").unwrap(), backend);
+    let agent = start("off", agent.kill_and_keep_pins());
+    assert_eq!(session.exchange(b"off again").unwrap(), backend);
+    drop(agent);
+    let _ = std::fs::remove_file(&services);
 }
