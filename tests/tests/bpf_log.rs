@@ -3,6 +3,7 @@
 //! verifier has removed every log call from the loaded program.
 
 use std::{
+    io::{Read as _, Write as _},
     net::{SocketAddr, TcpStream},
     os::fd::{AsFd as _, AsRawFd as _},
     path::PathBuf,
@@ -21,7 +22,7 @@ use fulgur_common::program_names;
 use fulgur_tests::{
     echo::TcpSession,
     netns::{in_netns, unique_token},
-    topology::{AgentProcess, CLIENT, LB_IFACE, Launch, Source, Topology, VIP},
+    topology::{AgentProcess, CLIENT, LB_CLIENT_SIDE, LB_IFACE, Launch, Source, Topology, VIP},
 };
 
 const SMALL: [&str; 6] = [
@@ -88,8 +89,8 @@ fn send_raw(frame: &[u8]) -> anyhow::Result<()> {
 }
 
 /// Runs an agent at `level`, rejects one TCP connection and sends one malformed datagram; returns
-/// the agent's log.
-fn agent_log_after_rare_events(level: &str) -> String {
+/// the agent's log and a /metrics scrape.
+fn agent_log_after_rare_events(level: &str) -> (String, String) {
     let topology = Topology::new(1, XdpAttachMode::Generic).expect("topology");
     let services = std::env::temp_dir().join(format!("{}.yaml", unique_token("fulgur-bpflog-")));
     std::fs::write(
@@ -101,11 +102,19 @@ fn agent_log_after_rare_events(level: &str) -> String {
     .unwrap();
     let services_path = services.to_str().unwrap().to_owned();
     let bpffs_dir = PathBuf::from(format!("/sys/fs/bpf/{}", unique_token("fgag")));
+    let metrics_addr = SocketAddr::from((LB_CLIENT_SIDE, 9464));
     let agent = AgentProcess::start_launched(
         &topology.lb,
         LB_IFACE,
         XdpAttachMode::Generic,
-        Source::Args(&["--services", &services_path, "--bpf-log", level]),
+        Source::Args(&[
+            "--services",
+            &services_path,
+            "--bpf-log",
+            level,
+            "--metrics-listen",
+            &metrics_addr.to_string(),
+        ]),
         bpffs_dir,
         &SMALL,
         &Launch::deployed(),
@@ -129,12 +138,26 @@ fn agent_log_after_rare_events(level: &str) -> String {
     }
     // Time for a record to arrive that should not.
     std::thread::sleep(Duration::from_millis(500));
-    agent.log_text()
+    let metrics = in_netns(&topology.client, move || {
+        let mut stream = TcpStream::connect_timeout(&metrics_addr, Duration::from_secs(3))?;
+        stream.set_read_timeout(Some(Duration::from_secs(3)))?;
+        stream.write_all(b"GET /metrics HTTP/1.1\r\nHost: fulgur\r\nConnection: close\r\n\r\n")?;
+        let mut response = String::new();
+        stream.read_to_string(&mut response)?;
+        Ok(response)
+    })
+    .unwrap();
+    (agent.log_text(), metrics)
 }
 
 #[test]
 fn debug_logs_a_rejection_and_a_malformed_packet_once_each() {
-    let log = agent_log_after_rare_events("debug");
+    let (log, metrics) = agent_log_after_rare_events("debug");
+    assert!(
+        metrics.contains("fulgur_bpf_log_records_total{outcome=\"emitted\"} 2"),
+        "{metrics}"
+    );
+    assert!(!metrics.contains("outcome=\"dropped\""), "{metrics}");
     let rejected: Vec<&str> = log
         .lines()
         .filter(|l| l.contains("reason=rejected_tcp_reset"))
@@ -160,7 +183,11 @@ fn debug_logs_a_rejection_and_a_malformed_packet_once_each() {
 
 #[test]
 fn off_logs_nothing() {
-    let log = agent_log_after_rare_events("off");
+    let (log, metrics) = agent_log_after_rare_events("off");
+    assert!(
+        !metrics.contains("fulgur_bpf_log_records_total{"),
+        "{metrics}"
+    );
     assert!(!log.contains("fulgur::bpf"), "{log}");
     assert!(!log.contains("eBPF log on"), "{log}");
 }
