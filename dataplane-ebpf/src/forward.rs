@@ -75,7 +75,7 @@ pub fn forward(ctx: &XdpContext, frame: &Frame, route: &Route, backend_id: u32) 
         let out = (*hop).ifindex;
         // A device without a decision (new since the agent's last scan) takes the kernel path.
         let fast = EGRESS_PATHS
-            .get(&out)
+            .get(out)
             .is_some_and(|egress| egress.path == PATH_FAST);
         if !fast {
             count(Counter::KernelPath);
