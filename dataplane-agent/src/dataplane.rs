@@ -321,6 +321,7 @@ impl Dataplane {
                 });
             }
         }
+        replace_outgrown_counters(&pins)?;
         let mut loader = EbpfLoader::new();
         loader.default_map_pin_directory(pins.maps());
         let level = bpf_log.level();
@@ -525,6 +526,30 @@ fn tc_program(ebpf: &mut Ebpf) -> Result<&mut SchedClassifier, DataplaneError> {
         .ok_or(DataplaneError::MissingProgram { name })?
         .try_into()
         .map_err(|source| DataplaneError::Program { name, source })
+}
+
+/// A counters map pinned by an older agent has fewer entries than today's `Counter` list, and the
+/// programs would fail to count the new reasons. Counters are statistics, not forwarding state:
+/// the pin is replaced (the totals restart from zero) rather than counting nothing.
+fn replace_outgrown_counters(pins: &Pins) -> Result<(), DataplaneError> {
+    let path = pins.map(map_names::COUNTERS);
+    let Ok(info) = aya::maps::MapInfo::from_pin(&path) else {
+        return Ok(());
+    };
+    if info.max_entries() >= fulgur_common::Counter::COUNT {
+        return Ok(());
+    }
+    tracing::warn!(
+        pinned = info.max_entries(),
+        wanted = fulgur_common::Counter::COUNT,
+        "the pinned counters map predates this agent's counter list: replacing it, totals restart \
+         from zero"
+    );
+    fs::remove_file(&path).map_err(|source| DataplaneError::Io {
+        action: "removing the outgrown pin",
+        path,
+        source,
+    })
 }
 
 /// The XDP mode the kernel has attached on `if_index`, if any (RTM_GETLINK, IFLA_XDP): the

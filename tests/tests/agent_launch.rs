@@ -1,6 +1,6 @@
 //! How the agent binary is started: under `ip netns exec` (a fresh /sys without bpffs), with a
 //! --bpffs-dir off bpffs, without the right to mount one; on a bare IPv6 listen address; with
-//! another --xdp-mode than the pinned attachment's.
+//! another --xdp-mode than the pinned attachment's; over a counters pin an older agent left.
 
 use std::{
     io::{Read as _, Write as _},
@@ -419,4 +419,69 @@ fn a_mode_switch_that_fails_keeps_the_old_attachment() {
     .unwrap_or_else(|e| panic!("{e:#}"));
     assert!(!agent.log_text().contains("XDP mode changes"));
     assert!(shown());
+}
+
+/// Pins a per-CPU array of `entries` u64 counters at `path`, as an agent with a shorter
+/// `Counter` list left it.
+fn pin_counters_map(path: &Path, entries: u32) {
+    const BPF_MAP_CREATE: libc::c_long = 0;
+    const BPF_OBJ_PIN: libc::c_long = 6;
+    const BPF_MAP_TYPE_PERCPU_ARRAY: u32 = 6;
+    let mut create = [0u32; 32];
+    create[..4].copy_from_slice(&[BPF_MAP_TYPE_PERCPU_ARRAY, 4, 8, entries]);
+    // SAFETY: a zeroed bpf_attr with the map-create fields set, and its true size.
+    let fd = unsafe { libc::syscall(libc::SYS_bpf, BPF_MAP_CREATE, create.as_ptr(), 128) };
+    assert!(
+        fd >= 0,
+        "BPF_MAP_CREATE: {}",
+        std::io::Error::last_os_error()
+    );
+    let c_path = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()).unwrap();
+    let mut pin = [0u64; 16];
+    pin[0] = c_path.as_ptr() as u64;
+    pin[1] = fd as u64;
+    // SAFETY: bpf_attr's obj-pin fields (pathname, bpf_fd), the path outliving the call.
+    let rc = unsafe { libc::syscall(libc::SYS_bpf, BPF_OBJ_PIN, pin.as_ptr(), 128) };
+    assert_eq!(rc, 0, "BPF_OBJ_PIN: {}", std::io::Error::last_os_error());
+    // SAFETY: our own descriptor; the pin keeps the map.
+    unsafe { libc::close(fd as i32) };
+}
+
+/// An agent upgrade over pins whose counters map predates new `Counter` reasons replaces that
+/// map, so the new reasons are counted, and forwarding state is kept as it is.
+#[test]
+fn an_outgrown_counters_pin_is_replaced_on_start() {
+    let topology = Topology::new(2, XdpAttachMode::Native).expect("topology");
+    let _servers = topology.start_echo_servers(8080, false).unwrap();
+    let services = TempFile::services(&topology);
+    let bpffs_dir = fresh_bpffs_dir();
+    let pins = fulgur_agent::dataplane::Pins::new(&bpffs_dir);
+    std::fs::create_dir_all(pins.maps()).unwrap();
+    let counters = pins.map(fulgur_common::map_names::COUNTERS);
+    let older_list = fulgur_common::Counter::COUNT - 2;
+    pin_counters_map(&counters, older_list);
+
+    let agent = AgentProcess::start_launched(
+        &topology.lb,
+        LB_IFACE,
+        XdpAttachMode::Native,
+        Source::File(&services.0),
+        bpffs_dir,
+        &SMALL,
+        &Launch::deployed(),
+    )
+    .unwrap_or_else(|e| panic!("{e:#}"));
+    let info = aya::maps::MapInfo::from_pin(&counters).unwrap();
+    assert_eq!(
+        info.max_entries(),
+        fulgur_common::Counter::COUNT,
+        "{}",
+        agent.log_text()
+    );
+    assert!(
+        agent.log_text().contains("predates"),
+        "{}",
+        agent.log_text()
+    );
+    traffic_flows(&topology, &agent);
 }
