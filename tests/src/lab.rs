@@ -7,6 +7,7 @@ use anyhow::Context as _;
 use aya::maps::{MapData, PerCpuArray};
 use aya::programs::{SchedClassifier, TestRun, TestRunOptions, Xdp};
 use fulgur_agent::{
+    bpf_log::BpfLog,
     config::ServiceSet,
     dataplane::{self, Dataplane, Pins, Sizes},
     inspect::{self, Traffic},
@@ -67,6 +68,7 @@ pub struct Lab {
     backend_stats: PerCpuArray<MapData, TrafficStats>,
     pub in_ifindex: u32,
     pub out_ifindex: u32,
+    conntrack_entries: u32,
     // Drop order: leave the namespace before deleting it.
     _entered: Entered,
     _ns: NetNs,
@@ -174,6 +176,7 @@ impl Lab {
             backend_stats,
             in_ifindex,
             out_ifindex,
+            conntrack_entries: sizes.conntrack_entries,
             _entered: entered,
             _ns: ns,
         })
@@ -204,8 +207,28 @@ impl Lab {
 
     /// Runs an XDP program once on `packet`: (verdict, kernel-measured run time in ns).
     pub fn run_xdp_timed(&self, name: &str, packet: &[u8]) -> anyhow::Result<(u32, u64)> {
-        let result = self.test_run_xdp(name, packet, None, 1)?;
+        self.run_xdp_timed_on(&self.dataplane, name, packet)
+    }
+
+    /// As [`Lab::run_xdp_timed`], with the programs of `dataplane` (loaded over this lab's pins).
+    pub fn run_xdp_timed_on(
+        &self,
+        dataplane: &Dataplane,
+        name: &str,
+        packet: &[u8],
+    ) -> anyhow::Result<(u32, u64)> {
+        let result = self.test_run_xdp_on(dataplane, name, packet, None, 1)?;
         Ok((result.return_value, result.duration.as_nanos() as u64))
+    }
+
+    /// The programs loaded again at another `--bpf-log` level, over this lab's maps.
+    pub fn programs_with_log(&self, level: BpfLog) -> anyhow::Result<Dataplane> {
+        let sizes = Sizes {
+            layout: self.writer.layout(),
+            conntrack_entries: self.conntrack_entries,
+        };
+        Dataplane::load_with_log(self.dataplane.pins.clone(), &sizes, level)
+            .context("loading the programs again")
     }
 
     /// BPF_PROG_TEST_RUN of XDP program `name`, as if `packet` arrived on `in0`.
@@ -216,8 +239,18 @@ impl Lab {
         data_out: Option<&mut [u8]>,
         repeat: u32,
     ) -> anyhow::Result<aya::programs::TestRunResult> {
-        let program: &Xdp = self
-            .dataplane
+        self.test_run_xdp_on(&self.dataplane, name, packet, data_out, repeat)
+    }
+
+    fn test_run_xdp_on(
+        &self,
+        dataplane: &Dataplane,
+        name: &str,
+        packet: &[u8],
+        data_out: Option<&mut [u8]>,
+        repeat: u32,
+    ) -> anyhow::Result<aya::programs::TestRunResult> {
+        let program: &Xdp = dataplane
             .ebpf
             .program(name)
             .context("program")?

@@ -19,7 +19,7 @@
 use std::{collections::BTreeMap, net::IpAddr};
 
 use anyhow::{Context as _, ensure};
-use fulgur_agent::dataplane::Sizes;
+use fulgur_agent::{bpf_log::BpfLog, dataplane::Sizes};
 use fulgur_common::program_names;
 use fulgur_tests::{
     corpus::{self, V4, V6, XDP_PASS, XDP_REDIRECT},
@@ -36,6 +36,8 @@ struct Bench {
     verdict: u32,
     /// Inputs used in turn; more than one when each call must be a new flow.
     inputs: Vec<Vec<u8>>,
+    /// Run on the programs loaded at `--bpf-log debug` rather than the default `off`.
+    at_debug: bool,
     samples: Vec<u64>,
 }
 
@@ -100,6 +102,9 @@ fn dataplane() -> anyhow::Result<()> {
             .build()
         })
         .collect();
+    // The same programs at `--bpf-log debug`, over the same maps: the established flow logs
+    // nothing, so any difference is what the log code costs when it is compiled in and on.
+    let debug_programs = lab.programs_with_log(BpfLog::Debug)?;
     let other = Pkt::new(Kind::TcpData, (V4.client, 50003), (V4.not_a_service, 80)).build();
     let mut benches = [
         Bench {
@@ -107,6 +112,7 @@ fn dataplane() -> anyhow::Result<()> {
             program: program_names::XDP_PASS,
             verdict: XDP_PASS,
             inputs: vec![other.clone()],
+            at_debug: false,
             samples: vec![],
         },
         Bench {
@@ -114,6 +120,7 @@ fn dataplane() -> anyhow::Result<()> {
             program: program_names::XDP_INGRESS,
             verdict: XDP_REDIRECT,
             inputs: vec![established(&V4, Kind::TcpData, 50000)],
+            at_debug: false,
             samples: vec![],
         },
         Bench {
@@ -121,6 +128,7 @@ fn dataplane() -> anyhow::Result<()> {
             program: program_names::XDP_INGRESS,
             verdict: XDP_REDIRECT,
             inputs: new_flows,
+            at_debug: false,
             samples: vec![],
         },
         Bench {
@@ -128,6 +136,15 @@ fn dataplane() -> anyhow::Result<()> {
             program: program_names::XDP_INGRESS,
             verdict: XDP_REDIRECT,
             inputs: vec![established(&V4, Kind::Udp, 50001)],
+            at_debug: false,
+            samples: vec![],
+        },
+        Bench {
+            name: "tcp_established_bpf_log_debug",
+            program: program_names::XDP_INGRESS,
+            verdict: XDP_REDIRECT,
+            inputs: vec![established(&V4, Kind::TcpData, 50000)],
+            at_debug: true,
             samples: vec![],
         },
         Bench {
@@ -135,6 +152,7 @@ fn dataplane() -> anyhow::Result<()> {
             program: program_names::XDP_INGRESS,
             verdict: XDP_PASS,
             inputs: vec![other],
+            at_debug: false,
             samples: vec![],
         },
         Bench {
@@ -142,6 +160,7 @@ fn dataplane() -> anyhow::Result<()> {
             program: program_names::XDP_INGRESS,
             verdict: XDP_REDIRECT,
             inputs: vec![established(&V6, Kind::TcpData, 50002)],
+            at_debug: false,
             samples: vec![],
         },
     ];
@@ -151,7 +170,12 @@ fn dataplane() -> anyhow::Result<()> {
             for _ in 0..CALLS_PER_ROUND {
                 let input = &bench.inputs[next_input[b] % bench.inputs.len()];
                 next_input[b] += 1;
-                let (verdict, nanos) = lab.run_xdp_timed(bench.program, input)?;
+                let programs = if bench.at_debug {
+                    &debug_programs
+                } else {
+                    &lab.dataplane
+                };
+                let (verdict, nanos) = lab.run_xdp_timed_on(programs, bench.program, input)?;
                 ensure!(
                     verdict == bench.verdict,
                     "{}: verdict {verdict}, expected {}",
@@ -170,17 +194,17 @@ fn dataplane() -> anyhow::Result<()> {
         ROUNDS * CALLS_PER_ROUND
     );
     println!(
-        "{:<16} {:>10} {:>10} {:>10}",
+        "{:<30} {:>10} {:>10} {:>10}",
         "case", "ns/packet", "net ns", "× floor"
     );
     println!(
-        "{:<16} {:>10.0} {:>10} {:>10}",
+        "{:<30} {:>10.0} {:>10} {:>10}",
         "floor (XDP_PASS)", floor, "-", "1.00"
     );
     for bench in benches.iter_mut().skip(1) {
         let gross = trimmed_mean(&mut bench.samples);
         println!(
-            "{:<16} {:>10.0} {:>10.0} {:>10.2}",
+            "{:<30} {:>10.0} {:>10.0} {:>10.2}",
             bench.name,
             gross,
             gross - floor,
@@ -189,7 +213,26 @@ fn dataplane() -> anyhow::Result<()> {
         cases.insert(bench.name, gross);
         net.insert(bench.name, gross - floor);
     }
+    // Program size, so that growth shows: translated bytes (8 per instruction) at each level.
+    let translated_bytes = |dataplane: &fulgur_agent::dataplane::Dataplane| -> anyhow::Result<u32> {
+        let program = dataplane
+            .ebpf
+            .program(program_names::XDP_INGRESS)
+            .context("ingress program")?;
+        program
+            .info()?
+            .size_translated()
+            .context("the kernel reports no translated size")
+    };
+    let size_off = translated_bytes(&lab.dataplane)?;
+    let size_debug = translated_bytes(&debug_programs)?;
+    println!(
+        "ingress program: {} instructions translated at --bpf-log off, {} at debug",
+        size_off / 8,
+        size_debug / 8
+    );
     let report = serde_json::json!({
+        "ingress_translated_instructions": {"off": size_off / 8, "debug": size_debug / 8},
         "method": "single-packet BPF_PROG_TEST_RUN calls (repeat = 1), trimmed mean (middle 90%) of kernel-reported run time; net = case - floor",
         "floor_ns": floor,
         "cases": cases,
