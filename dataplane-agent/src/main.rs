@@ -17,7 +17,7 @@ use fulgur_agent::{
 };
 use fulgur_common::defaults;
 use fulgur_proto::v1::dataplane_server::DataplaneServer;
-use tonic::transport::{Certificate, Identity, ServerTlsConfig};
+use tonic::transport::{Certificate, Identity, ServerTlsConfig, server::TcpIncoming};
 use tracing::{error, info, warn};
 
 #[derive(Parser)]
@@ -272,8 +272,12 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
                     writer,
                     pins: pins.clone(),
                 };
+                // Bound before "ready" is logged, so a client that waits for it is never refused.
+                let incoming = TcpIncoming::bind(listen)
+                    .with_context(|| format!("binding --grpc-listen {listen}"))?
+                    .with_nodelay(Some(true));
                 info!(%listen, tls = tls.is_some(), bpffs_dir = %args.bpffs_dir.display(), "ready");
-                serve_grpc(listen, tls, programmer, metrics, shutdown()).await?;
+                serve_grpc(incoming, listen, tls, programmer, metrics, shutdown()).await?;
             }
             (None, initial) => {
                 info!(bpffs_dir = %args.bpffs_dir.display(), "ready");
@@ -404,6 +408,7 @@ fn tls_config(args: &RunArgs) -> anyhow::Result<ServerTlsConfig> {
 }
 
 async fn serve_grpc(
+    incoming: TcpIncoming,
     listen: SocketAddr,
     tls: Option<ServerTlsConfig>,
     programmer: MapProgrammer,
@@ -433,7 +438,7 @@ async fn serve_grpc(
             DataplaneServer::new(DataplaneService::new(programmer, metrics))
                 .max_decoding_message_size(MAX_STATE_BYTES),
         )
-        .serve_with_shutdown(listen, shutdown)
+        .serve_with_incoming_shutdown(incoming, shutdown)
         .await
         .with_context(|| format!("serving gRPC on {listen}"))
 }

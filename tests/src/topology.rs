@@ -523,7 +523,13 @@ impl AgentProcess {
         };
         let mut agent = agent;
         let deadline = Instant::now() + Duration::from_secs(20);
-        while !agent.log_text().contains("ready") {
+        // The agent's "ready" line (it carries bpffs_dir), not "readiness on /ready", which is
+        // logged before the gRPC listener is bound.
+        let is_ready = |log: &str| {
+            log.lines()
+                .any(|line| line.contains(" ready") && line.contains("bpffs_dir"))
+        };
+        while !is_ready(&agent.log_text()) {
             if let Some(status) = agent.child.try_wait()? {
                 bail!(
                     "the agent exited ({status}) before it was ready; log:\n{}",
