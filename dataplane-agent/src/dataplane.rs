@@ -23,6 +23,7 @@ use fulgur_common::{defaults, map_names, program_names};
 use crate::{
     EBPF_OBJECT,
     bpf_log::BpfLog,
+    netlink,
     tc_hook::{self, TcAttach, TcHook},
     writer::Layout,
 };
@@ -555,7 +556,6 @@ fn replace_outgrown_counters(pins: &Pins) -> Result<(), DataplaneError> {
 /// The XDP mode the kernel has attached on `if_index`, if any (RTM_GETLINK, IFLA_XDP): the
 /// pinned link does not say which mode it was made with.
 pub fn attached_xdp_mode(if_index: u32) -> io::Result<Option<XdpAttachMode>> {
-    use std::os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd};
     const IFLA_XDP: u16 = 43;
     const IFLA_XDP_ATTACHED: u16 = 2;
     const IFLA_XDP_DRV_PROG_ID: u16 = 5;
@@ -563,84 +563,24 @@ pub fn attached_xdp_mode(if_index: u32) -> io::Result<Option<XdpAttachMode>> {
     const XDP_ATTACHED_DRV: u8 = 1;
     const XDP_ATTACHED_SKB: u8 = 2;
     const XDP_ATTACHED_MULTI: u8 = 4;
-    const HEADER: usize = 16; // struct nlmsghdr
     const IFINFO: usize = 16; // struct ifinfomsg
 
-    // SAFETY: plain socket(2); the fd is owned right away.
-    let fd = unsafe {
-        libc::socket(
-            libc::AF_NETLINK,
-            libc::SOCK_RAW | libc::SOCK_CLOEXEC,
-            libc::NETLINK_ROUTE,
-        )
-    };
-    if fd < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: a fresh fd nothing else owns.
-    let socket = unsafe { OwnedFd::from_raw_fd(fd) };
-    let mut request = [0u8; HEADER + IFINFO];
-    request[0..4].copy_from_slice(&((HEADER + IFINFO) as u32).to_ne_bytes());
-    request[4..6].copy_from_slice(&libc::RTM_GETLINK.to_ne_bytes());
-    request[6..8].copy_from_slice(&(libc::NLM_F_REQUEST as u16).to_ne_bytes());
-    request[8..12].copy_from_slice(&1u32.to_ne_bytes()); // sequence number
-    request[HEADER + 4..HEADER + 8].copy_from_slice(&(if_index as i32).to_ne_bytes());
-    // SAFETY: the buffer is valid for its length; the kernel is the peer (no address needed).
-    let sent = unsafe {
-        libc::send(
-            socket.as_raw_fd(),
-            request.as_ptr().cast(),
-            request.len(),
-            0,
-        )
-    };
-    if sent < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    let mut buffer = vec![0u8; 64 << 10];
-    // SAFETY: the buffer is valid for writes of its length.
-    let received = unsafe {
-        libc::recv(
-            socket.as_raw_fd(),
-            buffer.as_mut_ptr().cast(),
-            buffer.len(),
-            0,
-        )
-    };
-    if received < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    let message = &buffer[..received as usize];
-    let short = || io::Error::new(io::ErrorKind::InvalidData, "short netlink answer");
-    if message.len() < HEADER {
-        return Err(short());
-    }
-    let length = (u32::from_ne_bytes(message[0..4].try_into().expect("4 bytes")) as usize)
-        .min(message.len());
-    match u16_at(message, 4) {
-        t if t == libc::NLMSG_ERROR as u16 => {
-            let code = message
-                .get(HEADER..HEADER + 4)
-                .map(|b| i32::from_ne_bytes(b.try_into().expect("4 bytes")))
-                .ok_or_else(short)?;
-            return Err(io::Error::from_raw_os_error(-code));
-        }
-        t if t == libc::RTM_NEWLINK => {}
-        other => {
-            return Err(io::Error::new(
-                io::ErrorKind::InvalidData,
-                format!("unexpected netlink message type {other}"),
-            ));
-        }
-    }
-    let Some((_, xdp)) = attributes(message.get(HEADER + IFINFO..length).ok_or_else(short)?)
-        .find(|(kind, _)| *kind == IFLA_XDP)
+    let mut ifinfo = [0u8; IFINFO];
+    ifinfo[4..8].copy_from_slice(&(if_index as i32).to_ne_bytes());
+    let messages = netlink::request(libc::NETLINK_ROUTE, libc::RTM_GETLINK, 0, &ifinfo)?;
+    let message = messages
+        .iter()
+        .find(|m| netlink::u16_at(m, 4) == libc::RTM_NEWLINK)
+        .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidData, "no link in the answer"))?;
+    let Some((_, xdp)) =
+        netlink::attributes(message.get(netlink::HEADER + IFINFO..).unwrap_or(&[]))
+            .find(|(kind, _)| *kind == IFLA_XDP)
     else {
         return Ok(None);
     };
     let mut attached = 0;
     let (mut driver, mut skb) = (false, false);
-    for (kind, value) in attributes(xdp) {
+    for (kind, value) in netlink::attributes(xdp) {
         match kind {
             IFLA_XDP_ATTACHED => attached = value.first().copied().unwrap_or(0),
             IFLA_XDP_DRV_PROG_ID => driver = true,
@@ -654,27 +594,6 @@ pub fn attached_xdp_mode(if_index: u32) -> io::Result<Option<XdpAttachMode>> {
         XDP_ATTACHED_MULTI if driver => Some(XdpAttachMode::Native),
         XDP_ATTACHED_MULTI if skb => Some(XdpAttachMode::Generic),
         _ => None,
-    })
-}
-
-pub(crate) fn u16_at(b: &[u8], at: usize) -> u16 {
-    u16::from_ne_bytes([b[at], b[at + 1]])
-}
-
-/// Walks one level of netlink attributes (struct rtattr, 4-byte aligned): (type, payload).
-pub(crate) fn attributes(mut b: &[u8]) -> impl Iterator<Item = (u16, &[u8])> {
-    std::iter::from_fn(move || {
-        if b.len() < 4 {
-            return None;
-        }
-        let len = u16_at(b, 0) as usize;
-        if len < 4 || len > b.len() {
-            return None;
-        }
-        // The top bits are the nested and byte-order flags.
-        let item = (u16_at(b, 2) & 0x3fff, &b[4..len]);
-        b = &b[len.next_multiple_of(4).min(b.len())..];
-        Some(item)
     })
 }
 

@@ -8,6 +8,7 @@ pub mod inspect;
 pub mod maglev;
 pub mod metrics;
 pub mod mmap;
+mod netlink;
 pub mod paths;
 pub mod tc_hook;
 pub mod writer;

@@ -22,7 +22,10 @@ use aya::programs::{
 };
 use fulgur_common::program_names;
 
-use crate::dataplane::{DataplaneError, Pins, attributes, if_index, pin_link, u16_at};
+use crate::{
+    dataplane::{DataplaneError, Pins, if_index, pin_link},
+    netlink::{self, attributes},
+};
 
 /// Lower runs first: ahead of other filters, as tcx runs ahead of every clsact filter.
 pub const FILTER_PRIORITY: u16 = 1;
@@ -430,91 +433,30 @@ pub(crate) fn detach_netlink(pins: &Pins) {
 /// The name of the bpf program in our egress filter on `if_index`, if that filter exists
 /// (RTM_GETTFILTER for exactly our priority and handle).
 fn query_filter(if_index: u32) -> io::Result<Option<String>> {
-    use std::os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd};
-    const HEADER: usize = 16; // struct nlmsghdr
     const TCMSG: usize = 20; // struct tcmsg
     const TCA_KIND: u16 = 1;
     const TCA_OPTIONS: u16 = 2;
     const TCA_BPF_NAME: u16 = 7;
 
-    // SAFETY: plain socket(2); the fd is owned right away.
-    let fd = unsafe {
-        libc::socket(
-            libc::AF_NETLINK,
-            libc::SOCK_RAW | libc::SOCK_CLOEXEC,
-            libc::NETLINK_ROUTE,
-        )
-    };
-    if fd < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: a fresh fd nothing else owns.
-    let socket = unsafe { OwnedFd::from_raw_fd(fd) };
-    let mut request = [0u8; HEADER + TCMSG];
-    request[0..4].copy_from_slice(&((HEADER + TCMSG) as u32).to_ne_bytes());
-    request[4..6].copy_from_slice(&libc::RTM_GETTFILTER.to_ne_bytes());
-    request[6..8].copy_from_slice(&(libc::NLM_F_REQUEST as u16).to_ne_bytes());
-    request[8..12].copy_from_slice(&1u32.to_ne_bytes()); // sequence number
-    let tcmsg = &mut request[HEADER..];
+    let mut tcmsg = [0u8; TCMSG];
     tcmsg[4..8].copy_from_slice(&(if_index as i32).to_ne_bytes());
     tcmsg[8..12].copy_from_slice(&FILTER_HANDLE.to_ne_bytes());
     tcmsg[12..16].copy_from_slice(&EGRESS_PARENT.to_ne_bytes());
     let protocol = u32::from((libc::ETH_P_ALL as u16).to_be());
     let info = (u32::from(FILTER_PRIORITY) << 16) | protocol;
     tcmsg[16..20].copy_from_slice(&info.to_ne_bytes());
-    // SAFETY: the buffer is valid for its length; the kernel is the peer.
-    let sent = unsafe {
-        libc::send(
-            socket.as_raw_fd(),
-            request.as_ptr().cast(),
-            request.len(),
-            0,
-        )
-    };
-    if sent < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    let mut buffer = vec![0u8; 64 << 10];
-    // SAFETY: the buffer is valid for writes of its length.
-    let received = unsafe {
-        libc::recv(
-            socket.as_raw_fd(),
-            buffer.as_mut_ptr().cast(),
-            buffer.len(),
-            0,
-        )
-    };
-    if received < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    let message = &buffer[..received as usize];
-    let short = || io::Error::new(io::ErrorKind::InvalidData, "short netlink answer");
-    if message.len() < HEADER {
-        return Err(short());
-    }
-    let length = (u32::from_ne_bytes(message[0..4].try_into().expect("4 bytes")) as usize)
-        .min(message.len());
-    match u16_at(message, 4) {
-        t if t == libc::NLMSG_ERROR as u16 => {
-            let code = message
-                .get(HEADER..HEADER + 4)
-                .map(|b| i32::from_ne_bytes(b.try_into().expect("4 bytes")))
-                .ok_or_else(short)?;
-            // No such filter (ENOENT), or no clsact qdisc to hold one (EINVAL).
-            return match -code {
-                libc::ENOENT | libc::EINVAL => Ok(None),
-                errno => Err(io::Error::from_raw_os_error(errno)),
-            };
+    let messages = match netlink::request(libc::NETLINK_ROUTE, libc::RTM_GETTFILTER, 0, &tcmsg) {
+        // No such filter (ENOENT), or no clsact qdisc to hold one (EINVAL).
+        Err(e) if matches!(e.raw_os_error(), Some(libc::ENOENT | libc::EINVAL)) => {
+            return Ok(None);
         }
-        t if t == libc::RTM_NEWTFILTER => {}
-        other => {
-            return Err(io::Error::new(
-                io::ErrorKind::InvalidData,
-                format!("unexpected netlink message type {other}"),
-            ));
-        }
-    }
-    let attrs = message.get(HEADER + TCMSG..length).ok_or_else(short)?;
+        answer => answer?,
+    };
+    let message = messages
+        .iter()
+        .find(|m| netlink::u16_at(m, 4) == libc::RTM_NEWTFILTER)
+        .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidData, "no filter in the answer"))?;
+    let attrs = message.get(netlink::HEADER + TCMSG..).unwrap_or(&[]);
     let kind = attributes(attrs)
         .find(|(k, _)| *k == TCA_KIND)
         .map(|(_, v)| v);
