@@ -59,6 +59,36 @@ impl BackendHost {
     }
 }
 
+/// A services file in /tmp: TCP and UDP on 192.0.2.10:80 to every backend of a topology on port
+/// 8080. Removed on drop.
+pub struct ServicesFile(pub PathBuf);
+
+impl ServicesFile {
+    pub fn new(topology: &Topology) -> Self {
+        let path = std::env::temp_dir().join(format!("{}.yaml", unique_token("fulgur-services-")));
+        let backends: Vec<String> = topology
+            .backends
+            .iter()
+            .map(|b| format!("{{address: {}, port: 8080}}", b.addr))
+            .collect();
+        let mut yaml = String::from("services:\n");
+        for protocol in ["TCP", "UDP"] {
+            yaml += &format!(
+                "- {{vip: 192.0.2.10, port: 80, protocol: {protocol}, backends: [{}]}}\n",
+                backends.join(", ")
+            );
+        }
+        std::fs::write(&path, yaml).expect("writing the services file");
+        ServicesFile(path)
+    }
+}
+
+impl Drop for ServicesFile {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
 pub struct Topology {
     pub client: NetNs,
     pub lb: NetNs,

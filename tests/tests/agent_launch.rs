@@ -13,7 +13,9 @@ use fulgur_agent::dataplane::XdpAttachMode;
 use fulgur_tests::{
     echo::{UdpFlow, tcp_exchange},
     netns::{NetNs, in_netns, unique_token},
-    topology::{AgentProcess, CLIENT, LB_CLIENT_SIDE6, LB_IFACE, Launch, Source, Topology},
+    topology::{
+        AgentProcess, CLIENT, LB_CLIENT_SIDE6, LB_IFACE, Launch, ServicesFile, Source, Topology,
+    },
 };
 
 const SMALL: [&str; 6] = [
@@ -25,28 +27,8 @@ const SMALL: [&str; 6] = [
     "251",
 ];
 
-/// A services file in /tmp, removed on drop.
+/// A temporary path, removed on drop.
 struct TempFile(PathBuf);
-
-impl TempFile {
-    fn services(topology: &Topology) -> Self {
-        let path = std::env::temp_dir().join(format!("{}.yaml", unique_token("fulgur-services-")));
-        let backends: Vec<String> = topology
-            .backends
-            .iter()
-            .map(|b| format!("{{address: {}, port: 8080}}", b.addr))
-            .collect();
-        let mut yaml = String::from("services:\n");
-        for protocol in ["TCP", "UDP"] {
-            yaml += &format!(
-                "- {{vip: 192.0.2.10, port: 80, protocol: {protocol}, backends: [{}]}}\n",
-                backends.join(", ")
-            );
-        }
-        std::fs::write(&path, yaml).unwrap();
-        TempFile(path)
-    }
-}
 
 impl Drop for TempFile {
     fn drop(&mut self) {
@@ -82,7 +64,7 @@ fn fresh_bpffs_dir() -> PathBuf {
 fn the_agent_runs_under_ip_netns_exec() {
     let topology = Topology::new(2, XdpAttachMode::Generic).expect("topology");
     let _servers = topology.start_echo_servers(8080, false).unwrap();
-    let services = TempFile::services(&topology);
+    let services = ServicesFile::new(&topology);
     let services_path = services.0.to_str().unwrap();
     let launch = Launch {
         ip_netns_exec: true,
@@ -304,7 +286,7 @@ fn a_restart_with_another_xdp_mode_switches_the_attachment() {
     // Native topology: the peers carry XDP programs, so native redirects are delivered.
     let topology = Topology::new(2, XdpAttachMode::Native).expect("topology");
     let _servers = topology.start_echo_servers(8080, false).unwrap();
-    let services = TempFile::services(&topology);
+    let services = ServicesFile::new(&topology);
     let launch = Launch::deployed();
     let start_in = |mode: XdpAttachMode, bpffs_dir: PathBuf| {
         AgentProcess::start_launched(
@@ -453,7 +435,7 @@ fn pin_counters_map(path: &Path, entries: u32) {
 fn an_outgrown_counters_pin_is_replaced_on_start() {
     let topology = Topology::new(2, XdpAttachMode::Native).expect("topology");
     let _servers = topology.start_echo_servers(8080, false).unwrap();
-    let services = TempFile::services(&topology);
+    let services = ServicesFile::new(&topology);
     let bpffs_dir = fresh_bpffs_dir();
     let pins = fulgur_agent::dataplane::Pins::new(&bpffs_dir);
     std::fs::create_dir_all(pins.maps()).unwrap();

@@ -16,41 +16,14 @@ use fulgur_agent::dataplane::XdpAttachMode;
 use fulgur_tests::{
     echo::{TcpSession, UdpFlow, tcp_exchange},
     netns::{NetNs, in_netns, unique_token},
-    topology::{AgentProcess, CLIENT, LB_CLIENT_SIDE, LB_IFACE, Launch, Source, Topology},
+    topology::{
+        AgentProcess, CLIENT, LB_CLIENT_SIDE, LB_IFACE, Launch, ServicesFile, Source, Topology,
+    },
 };
 
 /// Our filter as `tc filter show` prints it.
 const OUR_FILTER: &str = "handle 0xf17c fulgur_tc_egress direct-action";
 const METRICS_PORT: u16 = 9464;
-
-/// A services file in /tmp, removed on drop.
-struct ServicesFile(PathBuf);
-
-impl ServicesFile {
-    fn new(topology: &Topology) -> Self {
-        let path = std::env::temp_dir().join(format!("{}.yaml", unique_token("fulgur-tc-")));
-        let backends: Vec<String> = topology
-            .backends
-            .iter()
-            .map(|b| format!("{{address: {}, port: 8080}}", b.addr))
-            .collect();
-        let mut yaml = String::from("services:\n");
-        for protocol in ["TCP", "UDP"] {
-            yaml += &format!(
-                "- {{vip: 192.0.2.10, port: 80, protocol: {protocol}, backends: [{}]}}\n",
-                backends.join(", ")
-            );
-        }
-        std::fs::write(&path, yaml).unwrap();
-        ServicesFile(path)
-    }
-}
-
-impl Drop for ServicesFile {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.0);
-    }
-}
 
 /// What is attached to egress of `iface` in `ns`: tcx program names, and the cls_bpf filter
 /// lines `tc` shows.
