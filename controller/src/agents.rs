@@ -320,6 +320,7 @@ impl AgentSync {
                 state: Some(DesiredState {
                     generation,
                     services: desired.services,
+                    ..Default::default()
                 }),
             };
             match client.apply(request).await {

@@ -1022,6 +1022,7 @@ fn dataplane_service(
                 address: address.to_string(),
                 port: port.into(),
                 weight: scaled(w),
+                remote: false,
             })
             .collect(),
         reject_weight: scaled(reject),

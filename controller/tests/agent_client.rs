@@ -22,6 +22,7 @@ fn services(backend_port: u32) -> Vec<v1::Service> {
             address: "203.0.113.2".into(),
             port: backend_port,
             weight: 1,
+            remote: false,
         }],
         reject_weight: 0,
     }]
@@ -121,6 +122,7 @@ async fn generations_go_above_what_the_agent_already_runs() {
             state: Some(v1::DesiredState {
                 generation: far_future,
                 services: vec![],
+                ..Default::default()
             }),
         })
         .await

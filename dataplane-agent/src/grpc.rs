@@ -252,7 +252,12 @@ impl<P: Programmer> Dataplane for DataplaneService<P> {
         let guard = self.inner.lock().unwrap_or_else(|e| e.into_inner());
         let mut state = guard.1.state.clone();
         state.generation = guard.1.generation;
-        Ok(Response::new(GetResponse { state: Some(state) }))
+        // No features yet: this agent ignores `remote` and `announce`, so a controller must
+        // not rely on them (it sends only local backends and no announcements).
+        Ok(Response::new(GetResponse {
+            state: Some(state),
+            features: Vec::new(),
+        }))
     }
 
     async fn stats(

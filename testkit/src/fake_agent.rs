@@ -5,7 +5,7 @@
 //!   no-op, the same one with another state is `FAILED_PRECONDITION`;
 //! - a state with a malformed field is `INVALID_ARGUMENT`, listing field paths, nothing applied;
 //! - a state beyond [`Fake::capacity`] is `RESOURCE_EXHAUSTED`, naming `--max-services`;
-//! - `Get` returns the applied state with its generation.
+//! - `Get` returns the applied state with its generation, and [`Fake::features`].
 //!
 //! The agent's own rules (every check of a service set, its map writes) are tested against the
 //! real service in `tests/tests/grpc.rs`; this fake only has to answer as the contract says.
@@ -30,6 +30,8 @@ pub struct Fake {
     pub applied: Arc<Mutex<Vec<v1::DesiredState>>>,
     /// How many services fit (`None`: any number), as the real maps' `--max-services`.
     pub capacity: Arc<Mutex<Option<usize>>>,
+    /// What `Get` lists in `features` (none, as an older agent, unless a test sets them).
+    pub features: Arc<Mutex<Vec<String>>>,
 }
 
 /// One served agent: what it applied last (a new agent starts at generation 0).
@@ -149,7 +151,11 @@ impl Dataplane for FakeService {
 
     async fn get(&self, _request: Request<GetRequest>) -> Result<Response<GetResponse>, Status> {
         let state = self.current.lock().unwrap().clone();
-        Ok(Response::new(GetResponse { state: Some(state) }))
+        let features = self.fake.features.lock().unwrap().clone();
+        Ok(Response::new(GetResponse {
+            state: Some(state),
+            features,
+        }))
     }
 
     /// The applied services with no traffic: a fake has no packets to count.

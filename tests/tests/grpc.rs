@@ -37,6 +37,7 @@ fn service(
                 address: (*address).into(),
                 port: *port,
                 weight: *weight,
+                remote: false,
             })
             .collect(),
         reject_weight: 0,
@@ -48,6 +49,7 @@ fn state(generation: u64, services: Vec<v1::Service>) -> ApplyRequest {
         state: Some(DesiredState {
             generation,
             services,
+            ..Default::default()
         }),
     }
 }

@@ -78,6 +78,7 @@ fn web(topology: &Topology, backends: &[usize]) -> Vec<v1::Service> {
             address: topology.backends[*i].addr.to_string(),
             port: 8080,
             weight: 1,
+            remote: false,
         })
         .collect();
     vec![v1::Service {

@@ -272,6 +272,7 @@ mod apply {
                         address: format!("203.0.113.{}", 1 + b),
                         port: backend_port_base + i % 1000,
                         weight: 1 + b % 3,
+                        remote: false,
                     })
                     .collect(),
                 reject_weight: 0,
@@ -280,6 +281,7 @@ mod apply {
         DesiredState {
             generation,
             services,
+            ..Default::default()
         }
     }
 
