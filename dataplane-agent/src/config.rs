@@ -9,6 +9,8 @@ use serde::{Deserialize, Serialize};
 pub const MAX_BACKENDS_PER_SERVICE: usize = 1024;
 /// Gateway API weight range.
 pub const MAX_WEIGHT: u32 = 1_000_000;
+/// Announced addresses at most (the size of the pinned announced-addresses map).
+pub const MAX_ANNOUNCED: usize = fulgur_common::defaults::MAX_ANNOUNCED as usize;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "UPPERCASE")]
@@ -68,6 +70,10 @@ pub struct ServiceSpec {
 pub struct ServiceSet {
     #[serde(default)]
     pub services: Vec<ServiceSpec>,
+    /// Gateway addresses this node announces: the XDP program answers ARP requests and
+    /// neighbour solicitations for them on the attached interfaces.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub announce: Vec<IpAddr>,
 }
 
 /// One problem with the input, with the path of the field at fault.
@@ -191,12 +197,50 @@ impl ServiceSet {
                 }
             }
         }
+        errors.extend(announce_errors(&self.announce));
         if errors.is_empty() {
             Ok(())
         } else {
             Err(errors)
         }
     }
+}
+
+/// Announced addresses must be unicast addresses a neighbour could ask for, each listed once.
+fn announce_errors(addresses: &[IpAddr]) -> Vec<FieldError> {
+    let mut errors = Vec::new();
+    if addresses.len() > MAX_ANNOUNCED {
+        errors.push(FieldError {
+            path: "announce".into(),
+            message: format!(
+                "{} addresses, at most {MAX_ANNOUNCED} are allowed",
+                addresses.len()
+            ),
+        });
+    }
+    let mut seen = BTreeSet::new();
+    for (i, address) in addresses.iter().enumerate() {
+        let problem = match address {
+            a if a.is_unspecified() || a.is_multicast() || a.is_loopback() => {
+                Some(format!("{a} cannot be announced (not a unicast address)"))
+            }
+            IpAddr::V4(a) if a.is_broadcast() => {
+                Some(format!("{a} cannot be announced (broadcast)"))
+            }
+            IpAddr::V6(a) if a.is_unicast_link_local() => Some(format!(
+                "{a} cannot be announced (link-local: every interface has its own)"
+            )),
+            a if !seen.insert(*a) => Some(format!("duplicate address {a}")),
+            _ => None,
+        };
+        if let Some(message) = problem {
+            errors.push(FieldError {
+                path: format!("announce[{i}]"),
+                message,
+            });
+        }
+    }
+    errors
 }
 
 #[cfg(test)]
@@ -254,6 +298,30 @@ services:
         let set = ServiceSet::from_file(&path).unwrap();
         assert_eq!(set.services.len(), 4);
         assert_eq!(set.services[1].reject_weight, 1);
+    }
+
+    #[test]
+    fn announced_addresses_are_unicast_and_listed_once() {
+        let set = parse(
+            "announce: [192.0.2.10, \"2001:db8::10\", 0.0.0.0, \"ff02::1\", \"fe80::1\", 255.255.255.255, 127.0.0.1, 192.0.2.10]\n",
+        );
+        let errors: Vec<String> = set
+            .validate()
+            .unwrap_err()
+            .iter()
+            .map(ToString::to_string)
+            .collect();
+        assert_eq!(
+            errors,
+            [
+                "announce[2]: 0.0.0.0 cannot be announced (not a unicast address)",
+                "announce[3]: ff02::1 cannot be announced (not a unicast address)",
+                "announce[4]: fe80::1 cannot be announced (link-local: every interface has its own)",
+                "announce[5]: 255.255.255.255 cannot be announced (broadcast)",
+                "announce[6]: 127.0.0.1 cannot be announced (not a unicast address)",
+                "announce[7]: duplicate address 192.0.2.10",
+            ]
+        );
     }
 
     #[test]

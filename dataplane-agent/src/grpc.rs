@@ -4,8 +4,8 @@
 
 use std::{
     net::IpAddr,
-    sync::{Arc, Mutex},
-    time::Instant,
+    sync::{Arc, Mutex, Weak},
+    time::{Duration, Instant},
 };
 
 use fulgur_proto::v1::{
@@ -26,13 +26,42 @@ use crate::{
 
 /// What the service programs: the map writer in the agent, a fake in tests.
 pub trait Programmer: Send + 'static {
+    /// Makes the dataplane hold `set`, its announced addresses included.
     fn apply(&mut self, set: &ServiceSet) -> Result<ApplyReport, WriteError>;
     fn stats(&self) -> Result<inspect::Report, String>;
+    /// Stops answering ARP / NDP for every announced address at once (the lease ran out).
+    fn withdraw_announced(&mut self) -> Result<(), WriteError>;
 }
+
+/// What this agent understands beyond the first version of the contract (`GetResponse`).
+/// Not "remote-backends": without SNAT, a flow to another node's backend would be answered
+/// from that node's address, so such a state is refused (see [`to_service_set`]).
+pub const FEATURES: [&str; 1] = [fulgur_proto::features::ANNOUNCE];
+
+/// How often the lease is checked: the bound on how late an expired lease withdraws.
+const LEASE_TICK: Duration = Duration::from_millis(20);
 
 struct Applied {
     generation: u64,
     state: v1::DesiredState,
+    /// `announce_lease_ms` of the applied state; `None`: announce until told otherwise.
+    lease: Option<Duration>,
+    /// The last RPC that renewed the lease.
+    renewed: Instant,
+    /// The lease ran out: nothing is announced until the next successful Apply. Get and Stats
+    /// do not revive it, because a controller that reconnects after moving an address calls
+    /// Get before its Apply, and a revival there would make two announcers.
+    lapsed: bool,
+}
+
+impl Applied {
+    fn announced(&self) -> Vec<String> {
+        if self.lapsed {
+            Vec::new()
+        } else {
+            self.state.announce.clone()
+        }
+    }
 }
 
 pub struct DataplaneService<P> {
@@ -41,14 +70,62 @@ pub struct DataplaneService<P> {
 }
 
 impl<P: Programmer> DataplaneService<P> {
+    /// The service, with a thread that withdraws the announced addresses when the lease runs
+    /// out (it ends with the service).
     pub fn new(programmer: P, metrics: Arc<Metrics>) -> Self {
         let applied = Applied {
             generation: 0,
             state: v1::DesiredState::default(),
+            lease: None,
+            renewed: Instant::now(),
+            lapsed: false,
         };
-        DataplaneService {
-            inner: Arc::new(Mutex::new((programmer, applied))),
-            metrics,
+        let inner = Arc::new(Mutex::new((programmer, applied)));
+        let weak = Arc::downgrade(&inner);
+        let watched = metrics.clone();
+        std::thread::Builder::new()
+            .name("fulgur-lease".into())
+            .spawn(move || watch_lease(weak, watched))
+            .expect("spawning the lease thread");
+        DataplaneService { inner, metrics }
+    }
+
+    /// Any RPC from the controller renews a live lease.
+    fn renew(&self) {
+        let mut guard = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        if !guard.1.lapsed {
+            guard.1.renewed = Instant::now();
+        }
+    }
+}
+
+fn watch_lease<P: Programmer>(inner: Weak<Mutex<(P, Applied)>>, metrics: Arc<Metrics>) {
+    loop {
+        std::thread::sleep(LEASE_TICK);
+        let Some(inner) = inner.upgrade() else {
+            return;
+        };
+        let mut guard = inner.lock().unwrap_or_else(|e| e.into_inner());
+        let (programmer, applied) = &mut *guard;
+        let Some(lease) = applied.lease else {
+            continue;
+        };
+        if applied.lapsed || applied.state.announce.is_empty() || applied.renewed.elapsed() < lease
+        {
+            continue;
+        }
+        match programmer.withdraw_announced() {
+            Ok(()) => {
+                applied.lapsed = true;
+                metrics.announced(&applied.state.announce, "lease_expired");
+                tracing::warn!(
+                    lease_ms = lease.as_millis() as u64,
+                    addresses = applied.state.announce.join(", "),
+                    "no RPC from the controller within the announce lease: stopped announcing \
+                     until its next Apply"
+                );
+            }
+            Err(e) => tracing::error!("withdrawing the announced addresses: {e}"),
         }
     }
 }
@@ -120,6 +197,14 @@ pub fn to_service_set(state: &v1::DesiredState) -> Result<ServiceSet, Vec<FieldE
                     format!("{} is above {MAX_WEIGHT}", b.weight),
                 ));
             }
+            if b.remote {
+                errors.push(field(
+                    at("remote"),
+                    "this agent has no SNAT (it does not list the \"remote-backends\" feature): \
+                     a flow to another node's backend would be answered from that node's \
+                     address, so the state is refused",
+                ));
+            }
             if let Some(address) = backend_address {
                 backends.push(BackendSpec {
                     address,
@@ -138,10 +223,16 @@ pub fn to_service_set(state: &v1::DesiredState) -> Result<ServiceSet, Vec<FieldE
             });
         }
     }
+    let mut announce = Vec::with_capacity(state.announce.len());
+    for (i, text) in state.announce.iter().enumerate() {
+        if let Some(ip) = address(text, format!("announce[{i}]"), &mut errors) {
+            announce.push(ip);
+        }
+    }
     if !errors.is_empty() {
         return Err(errors);
     }
-    let set = ServiceSet { services };
+    let set = ServiceSet { services, announce };
     set.validate()?;
     Ok(set)
 }
@@ -171,12 +262,14 @@ impl<P: Programmer> Dataplane for DataplaneService<P> {
         request: Request<ApplyRequest>,
     ) -> Result<Response<ApplyResponse>, Status> {
         let started = Instant::now();
+        self.renew();
         let state = request
             .into_inner()
             .state
             .ok_or_else(|| invalid(&[field("state".into(), "required")]))?;
         let inner = self.inner.clone();
         let metrics = self.metrics.clone();
+        let announced_metrics = self.metrics.clone();
         // Map writes are blocking syscalls and memory writes: off the async workers.
         let result = tokio::task::spawn_blocking(move || {
             let mut guard = inner.lock().unwrap_or_else(|e| e.into_inner());
@@ -190,7 +283,12 @@ impl<P: Programmer> Dataplane for DataplaneService<P> {
                     )),
                 ));
             }
-            if state.generation == applied.generation && applied.generation != 0 {
+            // The same state again is a no-op, except after a lapsed lease: then it is applied
+            // again, which announces its addresses again.
+            if state.generation == applied.generation
+                && applied.generation != 0
+                && !(state == applied.state && applied.lapsed)
+            {
                 if state == applied.state {
                     let unchanged = applied.state.services.len() as u32;
                     return Ok(ApplyResponse {
@@ -216,7 +314,12 @@ impl<P: Programmer> Dataplane for DataplaneService<P> {
                 other => ("error", Status::internal(other.to_string())),
             })?;
             applied.generation = state.generation;
+            applied.lease = (state.announce_lease_ms > 0)
+                .then(|| Duration::from_millis(state.announce_lease_ms.into()));
+            applied.renewed = Instant::now();
+            applied.lapsed = false;
             applied.state = state;
+            announced_metrics.announced(&applied.state.announce, "announcing");
             Ok(ApplyResponse {
                 applied_generation: applied.generation,
                 added: report.added as u32,
@@ -249,14 +352,15 @@ impl<P: Programmer> Dataplane for DataplaneService<P> {
     }
 
     async fn get(&self, _request: Request<GetRequest>) -> Result<Response<GetResponse>, Status> {
+        self.renew();
         let guard = self.inner.lock().unwrap_or_else(|e| e.into_inner());
         let mut state = guard.1.state.clone();
         state.generation = guard.1.generation;
-        // No features yet: this agent ignores `remote` and `announce`, so a controller must
-        // not rely on them (it sends only local backends and no announcements).
+        // What is announced now: nothing while the lease has lapsed, so a controller sees it.
+        state.announce = guard.1.announced();
         Ok(Response::new(GetResponse {
             state: Some(state),
-            features: Vec::new(),
+            features: FEATURES.iter().map(|f| (*f).to_owned()).collect(),
         }))
     }
 
@@ -264,6 +368,7 @@ impl<P: Programmer> Dataplane for DataplaneService<P> {
         &self,
         _request: Request<StatsRequest>,
     ) -> Result<Response<StatsResponse>, Status> {
+        self.renew();
         let report = {
             let guard = self.inner.lock().unwrap_or_else(|e| e.into_inner());
             guard.0.stats().map_err(Status::internal)?

@@ -1,5 +1,6 @@
 //! fulgur's node agent: loads and attaches the dataplane, turns service sets into map writes.
 
+pub mod announce;
 pub mod bpf_log;
 pub mod config;
 pub mod dataplane;

@@ -1,10 +1,11 @@
 //! `fulgur-agent`: runs the dataplane on this node, or inspects and detaches it.
 
-use std::{net::SocketAddr, path::PathBuf, sync::Arc, time::Duration};
+use std::{collections::BTreeSet, net::SocketAddr, path::PathBuf, sync::Arc, time::Duration};
 
 use anyhow::{Context as _, bail};
 use clap::{Args, Parser, Subcommand};
 use fulgur_agent::{
+    announce::{self, Announcer},
     bpf_log::{self, BpfLog},
     config::ServiceSet,
     dataplane::{self, Dataplane, Pins, Sizes, XdpAttachMode},
@@ -227,6 +228,17 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
         .context("adopting the pinned maps")?;
     let mut path_maps = PathMaps::adopt(|name| dataplane.take_map(name))?;
     log_paths(&path_maps.sync(&decisions)?, &node);
+    // Announced addresses are not kept across a restart (services are): the last agent's
+    // lease is unknown, and the address may have moved meanwhile. The controller's Apply on
+    // reconnect announces them again.
+    if !writer.announced().is_empty() {
+        let dropped: Vec<String> = writer.announced().iter().map(ToString::to_string).collect();
+        info!(
+            addresses = dropped.join(", "),
+            "not announcing the pinned addresses of the last run until told again"
+        );
+        writer.set_announced(&BTreeSet::new())?;
+    }
     // A restarted agent keeps what is pinned until it is told otherwise.
     if let Some(set) = &initial {
         let report = writer.apply(set)?;
@@ -235,13 +247,27 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
     let metrics = Metrics::new();
     let bpf_reader = bpf_log::reader(&mut dataplane.ebpf, args.bpf_log, metrics.clone())
         .context("opening the eBPF log ring")?;
+    let mut interfaces = Vec::new();
     for iface in &args.ifaces {
         let tc_hook = dataplane
             .attach(iface, args.xdp_mode, args.tc_attach)
             .with_context(|| format!("attaching to {iface}"))?;
+        let interface = announce::Interface {
+            name: iface.clone(),
+            ifindex: dataplane::if_index(iface)?,
+            mac: announce::hardware_address(iface)
+                .with_context(|| format!("reading the MAC of {iface}"))?,
+        };
+        writer.register_announce_device(interface.ifindex, interface.mac)?;
+        interfaces.push(interface);
         metrics.attached(iface, args.xdp_mode.name());
         metrics.tc_hook(iface, tc_hook.name());
         info!(iface, mode = ?args.xdp_mode, tc_hook = tc_hook.name(), "attached");
+    }
+    let announcer = Announcer::new(interfaces);
+    announcer.update(writer.announced());
+    if let Some(set) = &initial {
+        metrics.announced(&set.announce, "announcing");
     }
     metrics.set_ready();
 
@@ -270,6 +296,7 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
             (Some(listen), _) => {
                 let programmer = MapProgrammer {
                     writer,
+                    announcer,
                     pins: pins.clone(),
                 };
                 // Bound before "ready" is logged, so a client that waits for it is never refused.
@@ -281,7 +308,18 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
             }
             (None, initial) => {
                 info!(bpffs_dir = %args.bpffs_dir.display(), "ready");
-                watch_services_file(args.services, initial.unwrap_or_default(), writer).await?;
+                let programmer = MapProgrammer {
+                    writer,
+                    announcer,
+                    pins: pins.clone(),
+                };
+                watch_services_file(
+                    args.services,
+                    initial.unwrap_or_default(),
+                    programmer,
+                    metrics,
+                )
+                .await?;
             }
         }
         anyhow::Ok(())
@@ -352,7 +390,8 @@ async fn shutdown() {
 async fn watch_services_file(
     path: Option<PathBuf>,
     mut last: ServiceSet,
-    mut writer: MapWriter,
+    mut programmer: MapProgrammer,
+    metrics: Arc<Metrics>,
 ) -> anyhow::Result<()> {
     let mut poll = tokio::time::interval(Duration::from_millis(500));
     let stop = shutdown();
@@ -363,9 +402,10 @@ async fn watch_services_file(
             _ = poll.tick() => {
                 let Some(path) = &path else { continue };
                 match ServiceSet::from_file(path) {
-                    Ok(next) if next != last => match writer.apply(&next) {
+                    Ok(next) if next != last => match programmer.apply(&next) {
                         Ok(report) => {
                             info!(?report, "services file changed, applied");
+                            metrics.announced(&next.announce, "announcing");
                             last = next;
                         }
                         Err(e) => error!("services file changed, not applied: {e}"),
@@ -378,15 +418,26 @@ async fn watch_services_file(
     }
 }
 
-/// The map writer behind the gRPC service; stats come from the pinned maps.
+/// The map writer behind the gRPC service (and the services file); stats come from the pinned
+/// maps.
 struct MapProgrammer {
     writer: MapWriter,
+    announcer: Announcer,
     pins: Pins,
 }
 
 impl Programmer for MapProgrammer {
     fn apply(&mut self, set: &ServiceSet) -> Result<ApplyReport, WriteError> {
-        self.writer.apply(set)
+        let report = self.writer.apply(set);
+        // Also after a failed write: announce what the map holds.
+        self.announcer.update(self.writer.announced());
+        report
+    }
+
+    fn withdraw_announced(&mut self) -> Result<(), WriteError> {
+        let withdrawn = self.writer.set_announced(&BTreeSet::new());
+        self.announcer.update(self.writer.announced());
+        withdrawn
     }
 
     fn stats(&self) -> Result<inspect::Report, String> {

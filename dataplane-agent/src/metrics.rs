@@ -77,6 +77,14 @@ pub struct Metrics {
     egress_path: Family<EgressPathLabel, Gauge>,
     backend_path: Family<BackendPathLabel, Gauge>,
     bpf_log: Family<BpfLogLabel, Counter>,
+    announced: Family<AnnouncedLabel, Gauge>,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct AnnouncedLabel {
+    address: String,
+    /// `announcing` (ARP / NDP answered), or `lease_expired` (withdrawn until the next Apply).
+    state: &'static str,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -98,6 +106,7 @@ impl Default for Metrics {
             egress_path: Family::default(),
             backend_path: Family::default(),
             bpf_log: Family::default(),
+            announced: Family::default(),
         }
     }
 }
@@ -123,6 +132,20 @@ impl Metrics {
                 mode,
             })
             .set(1);
+    }
+
+    /// The applied announced addresses and their state (replaces the previous set; bounded by
+    /// the announced-addresses map).
+    pub fn announced(&self, addresses: &[impl ToString], state: &'static str) {
+        self.announced.clear();
+        for address in addresses {
+            self.announced
+                .get_or_create(&AnnouncedLabel {
+                    address: address.to_string(),
+                    state,
+                })
+                .set(1);
+        }
     }
 
     /// The TC egress hook on `iface`: `tcx` or `netlink`.
@@ -208,6 +231,11 @@ impl Metrics {
             "backend_path",
             "Forwarding path each backend takes (fast, kernel, or unresolved before its first packet), its egress device, and why",
             self.backend_path.clone(),
+        );
+        registry.register(
+            "announced_addresses",
+            "Gateway addresses this node was told to announce, by state (announcing: ARP and NDP answered; lease_expired: no RPC from the controller within announce_lease_ms, withdrawn until its next Apply)",
+            self.announced.clone(),
         );
         registry.register(
             "bpf_log_records",

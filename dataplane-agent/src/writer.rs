@@ -12,8 +12,9 @@ use std::{
 
 use aya::maps::{HashMap, Map, MapData, MapError, PerCpuArray, PerCpuValues};
 use fulgur_common::{
-    Addr, BACKEND_LIVE, Backend, FAMILY_IPV4, FAMILY_IPV6, LOOKUP_SLOTS_PER_ENTRY, LookupEntry,
-    NextHop, REJECT, ServiceKey, ServiceValue, TrafficStats, addr_v4, addr_v6, map_names,
+    ANNOUNCE_ACTIVE, Addr, AnnounceDevice, AnnounceKey, BACKEND_LIVE, Backend, FAMILY_IPV4,
+    FAMILY_IPV6, LOOKUP_SLOTS_PER_ENTRY, LookupEntry, NextHop, REJECT, ServiceKey, ServiceValue,
+    TrafficStats, addr_v4, addr_v6, map_names,
 };
 
 use crate::{
@@ -114,6 +115,10 @@ pub struct MapWriter {
     service_stats: PerCpuArray<MapData, TrafficStats>,
     backend_stats: PerCpuArray<MapData, TrafficStats>,
     next_hops: PerCpuArray<MapData, NextHop>,
+    announced_map: HashMap<MapData, AnnounceKey, u32>,
+    announce_devices: HashMap<MapData, u32, AnnounceDevice>,
+    /// What the announced-addresses map holds.
+    announced: BTreeSet<IpAddr>,
     installed: BTreeMap<ServiceKey, Installed>,
     free_service_ids: BTreeSet<u32>,
     free_backend_ids: BTreeSet<u32>,
@@ -193,6 +198,11 @@ impl MapWriter {
             .map_err(map_err(map_names::BACKEND_STATS))?;
         let next_hops = PerCpuArray::try_from(take(&mut take_map, map_names::NEXT_HOPS)?)
             .map_err(map_err(map_names::NEXT_HOPS))?;
+        let announced_map = HashMap::try_from(take(&mut take_map, map_names::ANNOUNCED)?)
+            .map_err(map_err(map_names::ANNOUNCED))?;
+        let announce_devices =
+            HashMap::try_from(take(&mut take_map, map_names::ANNOUNCE_DEVICES)?)
+                .map_err(map_err(map_names::ANNOUNCE_DEVICES))?;
         if lookup.as_slice().len() as u64 != layout.lookup_entries() {
             return Err(WriteError::LayoutMismatch {
                 actual: lookup.as_slice().len() as u32,
@@ -209,6 +219,9 @@ impl MapWriter {
             service_stats,
             backend_stats,
             next_hops,
+            announced_map,
+            announce_devices,
+            announced: BTreeSet::new(),
             installed: BTreeMap::new(),
             free_service_ids: (0..layout.max_services).collect(),
             free_backend_ids: (0..layout.max_backends).collect(),
@@ -222,6 +235,15 @@ impl MapWriter {
 
     /// Rebuilds the in-memory view from the maps.
     fn read_back(&mut self) -> Result<(), WriteError> {
+        let keys: Vec<AnnounceKey> = self
+            .announced_map
+            .keys()
+            .collect::<Result<_, _>>()
+            .map_err(map_err(map_names::ANNOUNCED))?;
+        self.announced = keys
+            .iter()
+            .map(|k| decode_addr(&k.addr, k.family))
+            .collect();
         let entries: Vec<(ServiceKey, ServiceValue)> = self
             .services
             .iter()
@@ -267,11 +289,57 @@ impl MapWriter {
         self.layout
     }
 
+    /// The addresses the XDP program answers ARP / NDP for now.
+    pub fn announced(&self) -> &BTreeSet<IpAddr> {
+        &self.announced
+    }
+
+    /// Makes the announced-addresses map hold exactly `addresses`: new ones are answered for
+    /// from the moment this returns, removed ones no longer.
+    pub fn set_announced(&mut self, addresses: &BTreeSet<IpAddr>) -> Result<(), WriteError> {
+        let key = |ip: &IpAddr| {
+            let (addr, family) = encode_addr(*ip);
+            AnnounceKey {
+                addr,
+                family,
+                pad: [0; 3],
+            }
+        };
+        let gone: Vec<IpAddr> = self.announced.difference(addresses).copied().collect();
+        for ip in gone {
+            match self.announced_map.remove(&key(&ip)) {
+                Ok(()) | Err(MapError::KeyNotFound) => {}
+                Err(e) => return Err(map_err(map_names::ANNOUNCED)(e)),
+            }
+            self.announced.remove(&ip);
+        }
+        for ip in addresses.difference(&self.announced.clone()) {
+            self.announced_map
+                .insert(key(ip), ANNOUNCE_ACTIVE, 0)
+                .map_err(map_err(map_names::ANNOUNCED))?;
+            self.announced.insert(*ip);
+        }
+        Ok(())
+    }
+
+    /// Registers a client-facing device: ARP / NDP for announced addresses arriving on it are
+    /// answered with `mac`.
+    pub fn register_announce_device(&mut self, ifindex: u32, mac: [u8; 6]) -> Result<(), WriteError> {
+        let device = AnnounceDevice { mac, pad: [0; 2] };
+        if self.announce_devices.get(&ifindex, 0).ok() == Some(device) {
+            return Ok(());
+        }
+        self.announce_devices
+            .insert(ifindex, device, 0)
+            .map_err(map_err(map_names::ANNOUNCE_DEVICES))
+    }
+
     /// Makes the maps hold exactly `desired`. Validation and capacity are checked before the
     /// first write; services that did not change are not touched.
     pub fn apply(&mut self, desired: &ServiceSet) -> Result<ApplyReport, WriteError> {
         desired.validate().map_err(WriteError::Invalid)?;
         self.check_capacity(desired)?;
+        let announce: BTreeSet<IpAddr> = desired.announce.iter().copied().collect();
         let mut report = ApplyReport::default();
         let wanted: BTreeMap<ServiceKey, &ServiceSpec> = desired
             .services
@@ -297,6 +365,7 @@ impl MapWriter {
             }
         }
         self.retire()?;
+        self.set_announced(&announce)?;
         Ok(report)
     }
 

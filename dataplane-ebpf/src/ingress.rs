@@ -4,7 +4,7 @@ use aya_ebpf::{bindings::xdp_action, programs::XdpContext};
 use fulgur_common::{Counter, FlowKey, ServiceKey};
 
 use crate::{
-    forward, icmp, log,
+    announce, forward, icmp, log,
     maps::SERVICES,
     nat,
     parse::{self, ETH_P_IPV4, ETH_P_IPV6},
@@ -33,10 +33,19 @@ fn translate(ctx: &XdpContext) -> Result<u32, Counter> {
     let parsed = match frame.ether_type {
         ETH_P_IPV4 => parse::ipv4(ctx, frame.l3),
         ETH_P_IPV6 => parse::ipv6(ctx, frame.l3),
+        announce::ETH_P_ARP => return announce::arp(ctx, &frame),
         _ => return Err(Counter::PassNotIp),
     };
     let pkt = match parsed {
-        Err(Counter::PassNotTcpUdp) => return icmp::to_backend(ctx, &frame),
+        // Off the TCP/UDP path: a neighbour solicitation for an announced address is answered.
+        Err(Counter::PassNotTcpUdp) => {
+            if frame.ether_type == ETH_P_IPV6
+                && let Some(outcome) = announce::solicitation(ctx, &frame)
+            {
+                return outcome;
+            }
+            return icmp::to_backend(ctx, &frame);
+        }
         other => other?,
     };
     let (src, dst) = pkt.addrs();

@@ -3,6 +3,7 @@
 #![no_std]
 #![no_main]
 
+mod announce;
 mod egress;
 mod forward;
 mod icmp;

@@ -6,8 +6,8 @@ use aya_ebpf::{
     maps::{Array, DevMapHash, HashMap, LruHashMap, PerCpuArray},
 };
 use fulgur_common::{
-    Backend, ConntrackValue, Counter, EgressPath, FlowKey, LookupEntry, NextHop, ReverseNatValue,
-    ServiceKey, ServiceValue, TrafficStats, defaults,
+    AnnounceDevice, AnnounceKey, Backend, ConntrackValue, Counter, EgressPath, FlowKey,
+    LookupEntry, NextHop, ReverseNatValue, ServiceKey, ServiceValue, TrafficStats, defaults,
 };
 
 /// `{VIP, port, proto}` → where the service's lookup table is.
@@ -61,3 +61,12 @@ pub static EGRESS_PATHS: HashMap<u32, EgressPath> = HashMap::pinned(defaults::EG
 /// it (the kernel removes it), so a redirect to it fails visibly instead of being dropped.
 #[map(name = "FULGUR_REDIRECT_DEVICES")]
 pub static REDIRECT_DEVICES: DevMapHash = DevMapHash::pinned(defaults::EGRESS_DEVICES, 0);
+
+/// Addresses this node announces: ARP requests and neighbour solicitations for them are answered.
+#[map(name = "FULGUR_ANNOUNCED")]
+pub static ANNOUNCED: HashMap<AnnounceKey, u32> = HashMap::pinned(defaults::MAX_ANNOUNCED, 0);
+
+/// Client-facing ifindex → the MAC it answers with; written by the agent when it attaches.
+#[map(name = "FULGUR_ANNOUNCE_DEVICES")]
+pub static ANNOUNCE_DEVICES: HashMap<u32, AnnounceDevice> =
+    HashMap::pinned(defaults::ANNOUNCE_DEVICES, 0);

@@ -49,7 +49,7 @@ pub fn reject(ctx: &XdpContext, frame: &Frame, pkt: &L4Packet) -> u32 {
 
 /// Sums a byte array as 16-bit words read natively.
 #[inline(always)]
-fn sum_bytes<const N: usize>(bytes: &[u8; N]) -> u32 {
+pub(crate) fn sum_bytes<const N: usize>(bytes: &[u8; N]) -> u32 {
     let mut sum = 0u32;
     let mut i = 0;
     while i + 1 < N {
@@ -61,7 +61,7 @@ fn sum_bytes<const N: usize>(bytes: &[u8; N]) -> u32 {
 
 /// The pseudo-header's protocol and length words.
 #[inline(always)]
-fn pseudo_tail(proto: u8, len: usize) -> u32 {
+pub(crate) fn pseudo_tail(proto: u8, len: usize) -> u32 {
     (proto as u16).to_be() as u32 + (len as u16).to_be() as u32
 }
 

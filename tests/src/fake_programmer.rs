@@ -22,6 +22,8 @@ pub struct Fake {
     pub applied: Arc<Mutex<Vec<ServiceSet>>>,
     /// How many services fit (`None`: any number), as the real maps' `--max-services`.
     pub capacity: Arc<Mutex<Option<usize>>>,
+    /// How many times the lease ran out (the announced addresses were withdrawn).
+    pub withdrawals: Arc<Mutex<usize>>,
 }
 
 impl Programmer for Fake {
@@ -41,6 +43,11 @@ impl Programmer for Fake {
             added: set.services.len(),
             ..Default::default()
         })
+    }
+
+    fn withdraw_announced(&mut self) -> Result<(), WriteError> {
+        *self.withdrawals.lock().unwrap() += 1;
+        Ok(())
     }
 
     fn stats(&self) -> Result<inspect::Report, String> {

@@ -22,6 +22,8 @@ pub mod map_names {
     pub const NEXT_HOPS: &str = "FULGUR_NEXT_HOPS";
     pub const EGRESS_PATHS: &str = "FULGUR_EGRESS_PATHS";
     pub const REDIRECT_DEVICES: &str = "FULGUR_REDIRECT_DEVICES";
+    pub const ANNOUNCED: &str = "FULGUR_ANNOUNCED";
+    pub const ANNOUNCE_DEVICES: &str = "FULGUR_ANNOUNCE_DEVICES";
 }
 
 /// Program names as compiled into the object.
@@ -40,6 +42,10 @@ pub mod defaults {
     pub const LOOKUP_TABLE_ENTRIES: u32 = 4 * 1024 * 1024;
     /// Devices with a forwarding-path decision (a node with many pods has a veth per pod).
     pub const EGRESS_DEVICES: u32 = 8192;
+    /// Gateway addresses this node can announce (ARP / NDP) at once.
+    pub const MAX_ANNOUNCED: u32 = 1024;
+    /// Client-facing devices that answer ARP / NDP for announced addresses.
+    pub const ANNOUNCE_DEVICES: u32 = 64;
 }
 
 pub const FAMILY_IPV4: u8 = 4;
@@ -231,6 +237,29 @@ pub struct EgressPath {
     pub name: [u8; 16],
 }
 
+/// An address this node announces (answers ARP requests or neighbour solicitations for): the key
+/// of the announced-addresses map, whose value is [`ANNOUNCE_ACTIVE`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct AnnounceKey {
+    pub addr: Addr,
+    /// [`FAMILY_IPV4`] or [`FAMILY_IPV6`]: `::a.b.c.d` and `a.b.c.d` are different keys.
+    pub family: u8,
+    pub pad: [u8; 3],
+}
+
+/// The value of an announced address (the map is a set; 0 is reserved for "withdrawn").
+pub const ANNOUNCE_ACTIVE: u32 = 1;
+
+/// A client-facing device that answers for announced addresses (key: its ifindex, as the XDP
+/// program sees it in `ingress_ifindex`): the MAC it answers with.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct AnnounceDevice {
+    pub mac: [u8; 6],
+    pub pad: [u8; 2],
+}
+
 /// Per-service and per-backend traffic, per CPU.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -328,10 +357,26 @@ pub enum Counter {
     /// The fast path was chosen but the device could not take the redirect (it left the
     /// redirect map): handed to the kernel instead of being dropped.
     RedirectFailed = 19,
+    /// An ARP request for an announced address, answered with XDP_TX.
+    ArpAnswered = 20,
+    /// A neighbour solicitation for an announced address, answered (advertisement, XDP_TX).
+    NdpAnswered = 21,
+    /// ARP (or a neighbour solicitation) not for an announced address, or not a request: passed
+    /// to the kernel, which answers its own addresses as before.
+    AnnounceNotOurs = 22,
+    /// ARP or a neighbour solicitation that is truncated or invalid (RFC 826 / RFC 4861 7.1.1):
+    /// passed untouched.
+    AnnounceMalformed = 23,
+    /// A request for an announced address on a device the agent did not register for
+    /// announcing (no MAC known for it): passed.
+    AnnounceNoDevice = 24,
+    /// A neighbour solicitation for an announced address whose frame had no room for the
+    /// advertisement (no tailroom to grow into): passed.
+    AnnounceNoRoom = 25,
 }
 
 impl Counter {
-    pub const COUNT: u32 = 20;
+    pub const COUNT: u32 = 26;
     pub const ALL: [Counter; Self::COUNT as usize] = [
         Counter::PassNotIp,
         Counter::PassNotTcpUdp,
@@ -353,6 +398,12 @@ impl Counter {
         Counter::IcmpToClient,
         Counter::KernelPath,
         Counter::RedirectFailed,
+        Counter::ArpAnswered,
+        Counter::NdpAnswered,
+        Counter::AnnounceNotOurs,
+        Counter::AnnounceMalformed,
+        Counter::AnnounceNoDevice,
+        Counter::AnnounceNoRoom,
     ];
 
     /// A stable snake_case name, used for metrics labels and `inspect`.
@@ -378,6 +429,12 @@ impl Counter {
             Counter::IcmpToClient => "icmp_to_client",
             Counter::KernelPath => "kernel_path",
             Counter::RedirectFailed => "redirect_failed",
+            Counter::ArpAnswered => "arp_answered",
+            Counter::NdpAnswered => "ndp_answered",
+            Counter::AnnounceNotOurs => "announce_not_ours",
+            Counter::AnnounceMalformed => "announce_malformed",
+            Counter::AnnounceNoDevice => "announce_no_device",
+            Counter::AnnounceNoRoom => "announce_no_room",
         }
     }
 }
@@ -391,6 +448,8 @@ const _: () = assert!(core::mem::size_of::<ReverseNatValue>() == 24);
 const _: () = assert!(core::mem::size_of::<TrafficStats>() == 32);
 const _: () = assert!(core::mem::size_of::<NextHop>() == 24);
 const _: () = assert!(core::mem::size_of::<EgressPath>() == 24);
+const _: () = assert!(core::mem::size_of::<AnnounceKey>() == 20);
+const _: () = assert!(core::mem::size_of::<AnnounceDevice>() == 8);
 
 #[cfg(feature = "user")]
 mod pod {
@@ -404,6 +463,8 @@ mod pod {
     unsafe impl aya::Pod for super::TrafficStats {}
     unsafe impl aya::Pod for super::NextHop {}
     unsafe impl aya::Pod for super::EgressPath {}
+    unsafe impl aya::Pod for super::AnnounceKey {}
+    unsafe impl aya::Pod for super::AnnounceDevice {}
 }
 
 /// One kernel-side diagnostic (`--bpf-log`), written to the `FULGUR_LOG` ring buffer at the rare
