@@ -200,9 +200,8 @@ impl MapWriter {
             .map_err(map_err(map_names::NEXT_HOPS))?;
         let announced_map = HashMap::try_from(take(&mut take_map, map_names::ANNOUNCED)?)
             .map_err(map_err(map_names::ANNOUNCED))?;
-        let announce_devices =
-            HashMap::try_from(take(&mut take_map, map_names::ANNOUNCE_DEVICES)?)
-                .map_err(map_err(map_names::ANNOUNCE_DEVICES))?;
+        let announce_devices = HashMap::try_from(take(&mut take_map, map_names::ANNOUNCE_DEVICES)?)
+            .map_err(map_err(map_names::ANNOUNCE_DEVICES))?;
         if lookup.as_slice().len() as u64 != layout.lookup_entries() {
             return Err(WriteError::LayoutMismatch {
                 actual: lookup.as_slice().len() as u32,
@@ -324,7 +323,11 @@ impl MapWriter {
 
     /// Registers a client-facing device: ARP / NDP for announced addresses arriving on it are
     /// answered with `mac`.
-    pub fn register_announce_device(&mut self, ifindex: u32, mac: [u8; 6]) -> Result<(), WriteError> {
+    pub fn register_announce_device(
+        &mut self,
+        ifindex: u32,
+        mac: [u8; 6],
+    ) -> Result<(), WriteError> {
         let device = AnnounceDevice { mac, pad: [0; 2] };
         if self.announce_devices.get(&ifindex, 0).ok() == Some(device) {
             return Ok(());

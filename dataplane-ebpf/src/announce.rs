@@ -2,7 +2,9 @@
 //! back out of the ingress device with its MAC (XDP_TX), so clients on the node network reach
 //! the addresses on-link. Only ARP frames and ICMPv6 reach this module: TCP and UDP never do.
 
-use aya_ebpf::{bindings::xdp_action, helpers::generated::bpf_xdp_adjust_tail, programs::XdpContext};
+use aya_ebpf::{
+    bindings::xdp_action, helpers::generated::bpf_xdp_adjust_tail, programs::XdpContext,
+};
 use fulgur_common::{
     Addr, AnnounceKey, Counter, FAMILY_IPV4, FAMILY_IPV6, PROTO_ICMPV6, addr_v4, addr_v6, csum,
 };
@@ -10,7 +12,7 @@ use fulgur_common::{
 use crate::{
     maps::{ANNOUNCE_DEVICES, ANNOUNCED},
     parse::{Frame, ptr_at},
-    reject::{pseudo_tail, sum_bytes},
+    reject::pseudo_tail,
     stats::count,
 };
 
@@ -42,7 +44,7 @@ const ALL_NODES_MAC: [u8; 6] = [0x33, 0x33, 0, 0, 0, 1];
 fn device_mac(ctx: &XdpContext) -> Option<[u8; 6]> {
     let ifindex = ctx.ingress_ifindex() as u32;
     // SAFETY: device values are replaced whole by the agent.
-    unsafe { ANNOUNCE_DEVICES.get(&ifindex) }.map(|d| d.mac)
+    unsafe { ANNOUNCE_DEVICES.get(ifindex) }.map(|d| d.mac)
 }
 
 #[inline(always)]
@@ -53,7 +55,7 @@ fn announced(addr: Addr, family: u8) -> bool {
         pad: [0; 3],
     };
     // SAFETY: a lookup only; the value is not read.
-    unsafe { ANNOUNCED.get(&key) }.is_some()
+    unsafe { ANNOUNCED.get(key) }.is_some()
 }
 
 #[inline(always)]
@@ -110,7 +112,10 @@ fn arp_reply(ctx: &XdpContext, frame: &Frame) -> Result<Counter, Counter> {
             .write_unaligned(ARP_REPLY.to_be_bytes());
         message.add(8).cast::<[u8; 6]>().write_unaligned(mac);
         message.add(14).cast::<[u8; 4]>().write_unaligned(wanted);
-        message.add(18).cast::<[u8; 6]>().write_unaligned(sender_mac);
+        message
+            .add(18)
+            .cast::<[u8; 6]>()
+            .write_unaligned(sender_mac);
         message.add(24).cast::<[u8; 4]>().write_unaligned(sender_ip);
         (*frame.eth).dst_addr = sender_mac;
         (*frame.eth).src_addr = mac;

@@ -49,7 +49,7 @@ pub fn reject(ctx: &XdpContext, frame: &Frame, pkt: &L4Packet) -> u32 {
 
 /// Sums a byte array as 16-bit words read natively.
 #[inline(always)]
-pub(crate) fn sum_bytes<const N: usize>(bytes: &[u8; N]) -> u32 {
+fn sum_bytes<const N: usize>(bytes: &[u8; N]) -> u32 {
     let mut sum = 0u32;
     let mut i = 0;
     while i + 1 < N {

@@ -7,8 +7,9 @@
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use etherparse::{
-    Icmpv4Type, Icmpv6Type, IpHeaders, IpNumber, Ipv4Header, Ipv6FlowLabel, Ipv6Header,
-    PacketBuilder, VlanId, icmpv4::DestUnreachableHeader, icmpv6::DestUnreachableCode,
+    ArpHardwareId, ArpOperation, ArpPacket, EtherType, Icmpv4Type, Icmpv6Type, IpHeaders, IpNumber,
+    Ipv4Header, Ipv6FlowLabel, Ipv6Header, PacketBuilder, VlanId, icmpv4::DestUnreachableHeader,
+    icmpv6::DestUnreachableCode,
 };
 use fulgur_common::Counter;
 
@@ -40,6 +41,7 @@ services:
 - {vip: "2001:db8:ffff::11", port: 53, protocol: UDP, backends: [{address: "2001:db8:2::3", port: 5353}]}
 - {vip: "2001:db8:ffff::12", port: 80, protocol: TCP, backends: []}
 - {vip: "2001:db8:ffff::12", port: 53, protocol: UDP, backends: []}
+announce: [192.0.2.10, "2001:db8:ffff::10"]
 "#;
 
 pub enum Expect {
@@ -238,7 +240,273 @@ pub fn ingress_cases() -> Vec<Case> {
         pass_cases(&f, &mut cases, &mut port);
         malformed_cases(&f, &mut cases, &mut port);
     }
+    arp_cases(&mut cases);
+    ndp_cases(&mut cases);
     cases
+}
+
+/// An ARP message on the lab's client network (untagged unless `vlan`).
+fn arp_frame(
+    operation: ArpOperation,
+    sender: ([u8; 6], Ipv4Addr),
+    target: ([u8; 6], Ipv4Addr),
+    eth: ([u8; 6], [u8; 6]),
+    vlan: Option<u16>,
+) -> Vec<u8> {
+    let arp = ArpPacket::new(
+        ArpHardwareId::ETHERNET,
+        EtherType::IPV4,
+        operation,
+        &sender.0,
+        &sender.1.octets(),
+        &target.0,
+        &target.1.octets(),
+    )
+    .unwrap();
+    let builder = PacketBuilder::ethernet2(eth.0, eth.1);
+    let mut out = Vec::new();
+    match vlan {
+        Some(id) => builder
+            .single_vlan(VlanId::try_new(id).unwrap())
+            .arp(arp)
+            .write(&mut out),
+        None => builder.arp(arp).write(&mut out),
+    }
+    .unwrap();
+    out
+}
+
+/// The announced IPv4 address (the lab's service address, as a Gateway's would be).
+pub const ANNOUNCED: Ipv4Addr = VIP;
+pub const ANNOUNCED6: Ipv6Addr = VIP6;
+const NOT_ANNOUNCED: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 99);
+const NOT_ANNOUNCED6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0xffff, 0, 0, 0, 0, 0x99);
+
+/// The ARP request a client on the lab's network sends for `target`.
+pub fn arp_request(target: Ipv4Addr) -> Vec<u8> {
+    arp_frame(
+        ArpOperation::REQUEST,
+        (CLIENT_MAC, CLIENT),
+        ([0; 6], target),
+        (CLIENT_MAC, [0xff; 6]),
+        None,
+    )
+}
+
+/// The reply the announcing node sends to [`arp_request`] (RFC 826), from `in0`'s MAC.
+pub fn arp_reply(target: Ipv4Addr) -> Vec<u8> {
+    arp_frame(
+        ArpOperation::REPLY,
+        (IN_MAC, target),
+        (CLIENT_MAC, CLIENT),
+        (IN_MAC, CLIENT_MAC),
+        None,
+    )
+}
+
+fn arp_cases(cases: &mut Vec<Case>) {
+    let named = |name: &str, input, verdict, output, counter| Case {
+        name: format!("ARP {name}"),
+        input,
+        verdict,
+        output,
+        counter,
+    };
+    cases.push(named(
+        "request for an announced address: reply from the ingress device's MAC",
+        arp_request(ANNOUNCED),
+        XDP_TX,
+        Expect::Exactly(arp_reply(ANNOUNCED)),
+        Counter::ArpAnswered,
+    ));
+    // Off a real wire, a short frame is padded to 60 bytes: the padding stays.
+    let mut padded = arp_request(ANNOUNCED);
+    padded.resize(60, 0);
+    let mut padded_reply = arp_reply(ANNOUNCED);
+    padded_reply.resize(60, 0);
+    cases.push(named(
+        "request padded to 60 bytes: the reply keeps the length",
+        padded,
+        XDP_TX,
+        Expect::Exactly(padded_reply),
+        Counter::ArpAnswered,
+    ));
+    cases.push(named(
+        "request for an address not announced: passed, the kernel answers its own",
+        arp_request(NOT_ANNOUNCED),
+        XDP_PASS,
+        Expect::Unchanged,
+        Counter::AnnounceNotOurs,
+    ));
+    cases.push(named(
+        "request for the node's own address: passed",
+        arp_request(Ipv4Addr::new(198, 51, 100, 1)),
+        XDP_PASS,
+        Expect::Unchanged,
+        Counter::AnnounceNotOurs,
+    ));
+    cases.push(named(
+        "reply about an announced address: not a request, passed",
+        arp_frame(
+            ArpOperation::REPLY,
+            (CLIENT_MAC, ANNOUNCED),
+            (IN_MAC, CLIENT),
+            (CLIENT_MAC, IN_MAC),
+            None,
+        ),
+        XDP_PASS,
+        Expect::Unchanged,
+        Counter::AnnounceNotOurs,
+    ));
+    cases.push(named(
+        "802.1Q-tagged request: announced on the untagged network only, passed",
+        arp_frame(
+            ArpOperation::REQUEST,
+            (CLIENT_MAC, CLIENT),
+            ([0; 6], ANNOUNCED),
+            (CLIENT_MAC, [0xff; 6]),
+            Some(42),
+        ),
+        XDP_PASS,
+        Expect::Unchanged,
+        Counter::AnnounceNotOurs,
+    ));
+    let full = arp_request(ANNOUNCED);
+    cases.push(named(
+        "request cut short: passed",
+        full[..14 + 20].to_vec(),
+        XDP_PASS,
+        Expect::Unchanged,
+        Counter::AnnounceMalformed,
+    ));
+    let mut odd_hardware = full.clone();
+    odd_hardware[14 + 4] = 8; // hardware address length
+    cases.push(named(
+        "request with an 8-byte hardware address length: passed",
+        odd_hardware,
+        XDP_PASS,
+        Expect::Unchanged,
+        Counter::AnnounceMalformed,
+    ));
+}
+
+/// A neighbour solicitation for `target` from `source` (`::` for duplicate address detection,
+/// then sent to the target's solicited-node group without a source link-layer option).
+pub fn solicitation(source: Ipv6Addr, target: Ipv6Addr, hop_limit: u8, extra: &[u8]) -> Vec<u8> {
+    let unspecified = source.is_unspecified();
+    let o = target.octets();
+    let group = Ipv6Addr::from([
+        0xff, 2, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1, 0xff, o[13], o[14], o[15],
+    ]);
+    let mut payload = target.octets().to_vec();
+    if !unspecified {
+        payload.extend_from_slice(&[1, 1]);
+        payload.extend_from_slice(&CLIENT_MAC);
+    }
+    payload.extend_from_slice(extra);
+    let group_mac = [0x33, 0x33, 0xff, o[13], o[14], o[15]];
+    let mut out = Vec::new();
+    PacketBuilder::ethernet2(CLIENT_MAC, group_mac)
+        .ipv6(source.octets(), group.octets(), hop_limit)
+        .icmpv6(Icmpv6Type::NeighborSolicitation)
+        .write(&mut out, &payload)
+        .unwrap();
+    out
+}
+
+/// The advertisement the announcing node answers with (RFC 4861 7.2.4), from `in0`'s MAC:
+/// solicited to the client, or (for `::`) unsolicited to all nodes.
+pub fn advertisement(to: Ipv6Addr, target: Ipv6Addr) -> Vec<u8> {
+    let (destination, mac, solicited) = if to.is_unspecified() {
+        (
+            Ipv6Addr::new(0xff02, 0, 0, 0, 0, 0, 0, 1),
+            [0x33, 0x33, 0, 0, 0, 1],
+            false,
+        )
+    } else {
+        (to, CLIENT_MAC, true)
+    };
+    let mut payload = target.octets().to_vec();
+    payload.extend_from_slice(&[2, 1]);
+    payload.extend_from_slice(&IN_MAC);
+    let mut out = Vec::new();
+    PacketBuilder::ethernet2(IN_MAC, mac)
+        .ipv6(target.octets(), destination.octets(), 255)
+        .icmpv6(Icmpv6Type::NeighborAdvertisement(
+            etherparse::icmpv6::NeighborAdvertisementHeader {
+                router: false,
+                solicited,
+                r#override: true,
+            },
+        ))
+        .write(&mut out, &payload)
+        .unwrap();
+    out
+}
+
+fn ndp_cases(cases: &mut Vec<Case>) {
+    let named = |name: &str, input, verdict, output, counter| Case {
+        name: format!("NDP {name}"),
+        input,
+        verdict,
+        output,
+        counter,
+    };
+    cases.push(named(
+        "solicitation for an announced address: solicited advertisement with our MAC",
+        solicitation(CLIENT6, ANNOUNCED6, 255, &[]),
+        XDP_TX,
+        Expect::Exactly(advertisement(CLIENT6, ANNOUNCED6)),
+        Counter::NdpAnswered,
+    ));
+    cases.push(named(
+        "duplicate address detection probe (from ::): advertisement to all nodes",
+        solicitation(Ipv6Addr::UNSPECIFIED, ANNOUNCED6, 255, &[]),
+        XDP_TX,
+        Expect::Exactly(advertisement(Ipv6Addr::UNSPECIFIED, ANNOUNCED6)),
+        Counter::NdpAnswered,
+    ));
+    // A nonce option (RFC 3971) after the link-layer option: the answer is shorter.
+    cases.push(named(
+        "solicitation with more options: the advertisement is trimmed to its size",
+        solicitation(CLIENT6, ANNOUNCED6, 255, &[14, 1, 1, 2, 3, 4, 5, 6]),
+        XDP_TX,
+        Expect::Exactly(advertisement(CLIENT6, ANNOUNCED6)),
+        Counter::NdpAnswered,
+    ));
+    cases.push(named(
+        "solicitation for an address not announced: passed",
+        solicitation(CLIENT6, NOT_ANNOUNCED6, 255, &[]),
+        XDP_PASS,
+        Expect::Unchanged,
+        Counter::AnnounceNotOurs,
+    ));
+    cases.push(named(
+        "solicitation with hop limit 64 (not from the link): passed",
+        solicitation(CLIENT6, ANNOUNCED6, 64, &[]),
+        XDP_PASS,
+        Expect::Unchanged,
+        Counter::AnnounceMalformed,
+    ));
+    let mut to_multicast = solicitation(CLIENT6, ANNOUNCED6, 255, &[]);
+    to_multicast[14 + 40 + 8] = 0xff; // the target becomes a multicast address
+    cases.push(named(
+        "solicitation for a multicast target: passed",
+        to_multicast,
+        XDP_PASS,
+        Expect::Unchanged,
+        Counter::AnnounceMalformed,
+    ));
+    let full = solicitation(CLIENT6, ANNOUNCED6, 255, &[]);
+    let mut short = full[..14 + 40 + 16].to_vec();
+    short[14 + 4..14 + 6].copy_from_slice(&16u16.to_be_bytes());
+    cases.push(named(
+        "solicitation cut short (no target): passed",
+        short,
+        XDP_PASS,
+        Expect::Unchanged,
+        Counter::AnnounceMalformed,
+    ));
 }
 
 fn case(

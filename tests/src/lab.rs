@@ -145,7 +145,9 @@ impl Lab {
 
         let pins = Pins::new(format!("/sys/fs/bpf/{}", unique_token("fgpk")));
         let mut dataplane = Dataplane::load(pins, &sizes).context("loading the dataplane")?;
-        let writer = MapWriter::adopt(sizes.layout, |name| dataplane.take_map(name))?;
+        let mut writer = MapWriter::adopt(sizes.layout, |name| dataplane.take_map(name))?;
+        // in0 is the client-facing device: it answers ARP / NDP for announced addresses.
+        writer.register_announce_device(in_ifindex, IN_MAC)?;
         // Both lab devices take the fast path, so the corpus sees redirects and XDP_TX.
         let fast = |ifindex, name: &str| fulgur_agent::paths::Decision {
             ifindex,
@@ -191,6 +193,21 @@ impl Lab {
     /// Runs the XDP ingress program on `packet` as if it arrived on `in0`.
     pub fn xdp(&self, packet: &[u8]) -> anyhow::Result<(u32, Vec<u8>)> {
         self.run_xdp(program_names::XDP_INGRESS, packet, 1)
+    }
+
+    /// Runs the XDP ingress program on `packet` as if it arrived on device `ifindex`.
+    pub fn xdp_from(&self, ifindex: u32, packet: &[u8]) -> anyhow::Result<(u32, Vec<u8>)> {
+        let mut out = vec![0u8; packet.len() + 256];
+        let result = self.test_run_xdp_at(
+            &self.dataplane,
+            program_names::XDP_INGRESS,
+            ifindex,
+            packet,
+            Some(&mut out),
+            1,
+        )?;
+        out.truncate(result.data_size_out as usize);
+        Ok((result.return_value, out))
     }
 
     pub fn run_xdp(
@@ -250,13 +267,25 @@ impl Lab {
         data_out: Option<&mut [u8]>,
         repeat: u32,
     ) -> anyhow::Result<aya::programs::TestRunResult> {
+        self.test_run_xdp_at(dataplane, name, self.in_ifindex, packet, data_out, repeat)
+    }
+
+    fn test_run_xdp_at(
+        &self,
+        dataplane: &Dataplane,
+        name: &str,
+        ifindex: u32,
+        packet: &[u8],
+        data_out: Option<&mut [u8]>,
+        repeat: u32,
+    ) -> anyhow::Result<aya::programs::TestRunResult> {
         let program: &Xdp = dataplane
             .ebpf
             .program(name)
             .context("program")?
             .try_into()?;
         // struct xdp_md: data, data_end, data_meta, ingress_ifindex, rx_queue_index, egress_ifindex
-        let md: [u32; 6] = [0, packet.len() as u32, 0, self.in_ifindex, 0, 0];
+        let md: [u32; 6] = [0, packet.len() as u32, 0, ifindex, 0, 0];
         let ctx: Vec<u8> = md.iter().flat_map(|w| w.to_ne_bytes()).collect();
         Ok(program.test_run(TestRunOptions {
             data_in: Some(packet),

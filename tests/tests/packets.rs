@@ -5,8 +5,8 @@ use std::net::IpAddr;
 
 use fulgur_common::Counter;
 use fulgur_tests::{
-    corpus::{self, Case, V4, V6, XDP_REDIRECT, icmp_error, quoted},
-    lab::{Lab, OUT_MAC},
+    corpus::{self, Case, V4, V6, XDP_PASS, XDP_REDIRECT, XDP_TX, icmp_error, quoted},
+    lab::{CLIENT6, Lab, OUT_MAC},
     packets::{CLIENT_MAC, Kind, Pkt, diff},
 };
 
@@ -54,6 +54,46 @@ fn ingress_corpus() {
         failures.len(),
         cases.len(),
         failures.join("\n")
+    );
+}
+
+/// Announcement follows the map: an address withdrawn (removed, or its lease expired) is no
+/// longer answered for, and a device the agent did not register does not answer.
+#[test]
+fn announcement_follows_the_announced_set_and_the_registered_devices() {
+    let mut lab = lab();
+    let request = corpus::arp_request(corpus::ANNOUNCED);
+    let solicitation = corpus::solicitation(CLIENT6, corpus::ANNOUNCED6, 255, &[]);
+    for (packet, answered) in [
+        (&request, Counter::ArpAnswered),
+        (&solicitation, Counter::NdpAnswered),
+    ] {
+        let before = lab.counter(Counter::AnnounceNoDevice).unwrap();
+        let (verdict, output) = lab.xdp_from(lab.out_ifindex, packet).unwrap();
+        assert_eq!(
+            (verdict, &output),
+            (XDP_PASS, packet),
+            "{answered:?} on out0"
+        );
+        assert_eq!(lab.counter(Counter::AnnounceNoDevice).unwrap() - before, 1);
+        assert_eq!(lab.xdp(packet).unwrap().0, XDP_TX, "{answered:?} on in0");
+    }
+    lab.writer
+        .set_announced(&[IpAddr::V6(corpus::ANNOUNCED6)].into_iter().collect())
+        .unwrap();
+    let before = lab.counter(Counter::AnnounceNotOurs).unwrap();
+    assert_eq!(
+        lab.xdp(&request).unwrap(),
+        (XDP_PASS, request.clone()),
+        "a withdrawn IPv4 address is no longer answered"
+    );
+    assert_eq!(lab.counter(Counter::AnnounceNotOurs).unwrap() - before, 1);
+    assert_eq!(lab.xdp(&solicitation).unwrap().0, XDP_TX);
+    lab.writer.set_announced(&Default::default()).unwrap();
+    assert_eq!(
+        lab.xdp(&solicitation).unwrap(),
+        (XDP_PASS, solicitation.clone()),
+        "a withdrawn IPv6 address is no longer answered"
     );
 }
 
