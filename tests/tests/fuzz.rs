@@ -65,10 +65,20 @@ fn ones_complement_sum(chunks: &[&[u8]]) -> u16 {
     sum as u16
 }
 
-/// Parses a frame strictly; `Ok(checksums_valid)` if it is a well-formed TCP, UDP or ICMP packet.
+/// Parses a frame strictly; `Ok(checksums_valid)` if it is a well-formed TCP, UDP or ICMP packet,
+/// or an Ethernet/IPv4 ARP reply (no checksum: valid when it comes from the lab device's MAC).
 fn inspect(frame: &[u8]) -> Result<bool, String> {
     let sliced = SlicedPacket::from_ethernet(frame).map_err(|e| format!("does not parse: {e}"))?;
     let (ip_ok, pseudo, proto, l4): (bool, Vec<u8>, u8, &[u8]) = match &sliced.net {
+        Some(NetSlice::Arp(arp)) => {
+            let arp = arp.to_packet();
+            let eth_ipv4 = arp.try_eth_ipv4().map_err(|e| format!("ARP: {e}"))?;
+            return if arp.operation == etherparse::ArpOperation::REPLY {
+                Ok(eth_ipv4.sender_mac == lab::IN_MAC)
+            } else {
+                Err(format!("ARP operation {:?}", arp.operation))
+            };
+        }
         Some(NetSlice::Ipv4(ip)) => {
             let header = ip.header();
             let payload = ip.payload();

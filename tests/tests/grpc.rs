@@ -202,6 +202,163 @@ async fn every_invalid_field_is_reported_and_nothing_applied() {
     assert!(fake.applied.lock().unwrap().is_empty(), "nothing applied");
 }
 
+fn announcing(generation: u64, announce: &[&str], lease_ms: u32) -> ApplyRequest {
+    let mut request = web(generation);
+    let state = request.state.as_mut().unwrap();
+    state.announce = announce.iter().map(|a| (*a).to_owned()).collect();
+    state.announce_lease_ms = lease_ms;
+    request
+}
+
+#[tokio::test]
+async fn announced_addresses_are_validated_applied_and_listed_with_the_feature() {
+    let fake = Fake::default();
+    let mut client = plain_client(serve(fake.clone(), None).await).await;
+    let features = client
+        .get(GetRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .features;
+    assert_eq!(features, ["announce"], "no SNAT here: not remote-backends");
+
+    let unparsable = announcing(1, &["192.0.2.10", "not-an-ip"], 0);
+    let status = client.apply(unparsable).await.unwrap_err();
+    assert_eq!(status.code(), Code::InvalidArgument);
+    assert!(
+        status
+            .message()
+            .lines()
+            .any(|l| l == "announce[1]: \"not-an-ip\" is not an IP address"),
+        "{}",
+        status.message()
+    );
+    // What parses is checked once everything parses.
+    let bad = announcing(1, &["192.0.2.10", "ff02::1", "192.0.2.10"], 0);
+    let status = client.apply(bad).await.unwrap_err();
+    assert_eq!(status.code(), Code::InvalidArgument);
+    for line in [
+        "announce[1]: ff02::1 cannot be announced (not a unicast address)",
+        "announce[2]: duplicate address 192.0.2.10",
+    ] {
+        assert!(
+            status.message().lines().any(|l| l == line),
+            "{line} missing from:\n{}",
+            status.message()
+        );
+    }
+    // A backend on another node needs SNAT, which this agent lacks: refused, not forwarded.
+    let mut remote = web(1);
+    remote.state.as_mut().unwrap().services[0].backends[0].remote = true;
+    let status = client.apply(remote).await.unwrap_err();
+    assert_eq!(status.code(), Code::InvalidArgument);
+    assert!(
+        status
+            .message()
+            .contains("services[0].backends[0].remote: this agent has no SNAT"),
+        "{}",
+        status.message()
+    );
+    assert!(fake.applied.lock().unwrap().is_empty(), "nothing applied");
+
+    client
+        .apply(announcing(2, &["192.0.2.10", "2001:db8::10"], 0))
+        .await
+        .unwrap();
+    let applied = fake
+        .applied
+        .lock()
+        .unwrap()
+        .last()
+        .unwrap()
+        .announce
+        .clone();
+    assert_eq!(
+        applied,
+        [
+            "192.0.2.10".parse::<std::net::IpAddr>().unwrap(),
+            "2001:db8::10".parse().unwrap()
+        ]
+    );
+    let got = client
+        .get(GetRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .state
+        .unwrap();
+    assert_eq!(got.announce, ["192.0.2.10", "2001:db8::10"]);
+}
+
+/// No RPC within the lease: the addresses are withdrawn at once and Get shows none; Get and
+/// Stats renew a live lease but do not revive a lapsed one; the next Apply does.
+#[tokio::test]
+async fn the_announce_lease_withdraws_and_only_an_apply_revives() {
+    use std::time::Duration;
+    let fake = Fake::default();
+    let mut client = plain_client(serve(fake.clone(), None).await).await;
+    client
+        .apply(announcing(1, &["192.0.2.10"], 300))
+        .await
+        .unwrap();
+    // Renewed by Get and Stats every 100 ms: never withdrawn.
+    for i in 0..8 {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        if i % 2 == 0 {
+            client.get(GetRequest {}).await.unwrap();
+        } else {
+            client.stats(StatsRequest {}).await.unwrap();
+        }
+    }
+    assert_eq!(*fake.withdrawals.lock().unwrap(), 0, "renewed in time");
+    // Silence for longer than the lease.
+    tokio::time::sleep(Duration::from_millis(450)).await;
+    assert_eq!(*fake.withdrawals.lock().unwrap(), 1, "the lease ran out");
+    let got = client
+        .get(GetRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .state
+        .unwrap();
+    assert_eq!(got.generation, 1);
+    assert!(got.announce.is_empty(), "lapsed: nothing announced {got:?}");
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let got = client
+        .get(GetRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .state
+        .unwrap();
+    assert!(got.announce.is_empty(), "a Get does not revive it");
+    assert_eq!(*fake.withdrawals.lock().unwrap(), 1, "withdrawn once");
+
+    // The same state again revives it (applied once more, not a no-op).
+    let applies = fake.applied.lock().unwrap().len();
+    client
+        .apply(announcing(1, &["192.0.2.10"], 300))
+        .await
+        .unwrap();
+    assert_eq!(fake.applied.lock().unwrap().len(), applies + 1);
+    let got = client
+        .get(GetRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .state
+        .unwrap();
+    assert_eq!(got.announce, ["192.0.2.10"]);
+
+    // Lease 0: announced until told otherwise.
+    client
+        .apply(announcing(2, &["192.0.2.10"], 0))
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(*fake.withdrawals.lock().unwrap(), 1, "no lease, no expiry");
+}
+
 async fn tls_client(
     addr: SocketAddr,
     pki: &Pki,
