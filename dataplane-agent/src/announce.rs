@@ -12,7 +12,11 @@ use std::{
     time::Duration,
 };
 
-use fulgur_common::csum;
+use aya::maps::{HashMap, Map, MapData};
+use fulgur_common::{AnnounceDevice, AnnounceKey, csum, map_names};
+use serde::Serialize;
+
+use crate::{dataplane::Pins, writer::decode_addr};
 
 /// How many times an address is announced when it starts, and how far apart.
 pub const REPEATS: usize = 3;
@@ -247,6 +251,99 @@ impl Announcer {
             }
         }
     }
+}
+
+/// What the pinned maps announce, for `inspect`.
+#[derive(Debug, Default, Serialize)]
+pub struct AnnounceReport {
+    /// Addresses ARP requests and neighbour solicitations are answered for.
+    pub announced: Vec<IpAddr>,
+    /// Devices that answer, with the MAC they answer with.
+    pub announce_devices: Vec<DeviceView>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct DeviceView {
+    pub ifindex: u32,
+    /// The device's name in this network namespace, if it has one here.
+    pub name: Option<String>,
+    pub mac: String,
+}
+
+/// Reads the announced addresses and devices from the pins (none when an older agent made them).
+pub fn read_report(pins: &Pins) -> AnnounceReport {
+    let open = |name: &str| {
+        MapData::from_pin(pins.map(name))
+            .ok()
+            .and_then(|data| Map::from_map_data(data).ok())
+    };
+    let mut report = AnnounceReport::default();
+    if let Some(map) = open(map_names::ANNOUNCED)
+        && let Ok(map) = HashMap::<MapData, AnnounceKey, u32>::try_from(map)
+    {
+        report.announced = map
+            .keys()
+            .flatten()
+            .map(|k| decode_addr(&k.addr, k.family))
+            .collect();
+        report.announced.sort();
+    }
+    if let Some(map) = open(map_names::ANNOUNCE_DEVICES)
+        && let Ok(map) = HashMap::<MapData, u32, AnnounceDevice>::try_from(map)
+    {
+        report.announce_devices = map
+            .iter()
+            .flatten()
+            .map(|(ifindex, device)| DeviceView {
+                ifindex,
+                name: if_name(ifindex),
+                mac: mac_text(device.mac),
+            })
+            .collect();
+        report.announce_devices.sort_by_key(|d| d.ifindex);
+    }
+    report
+}
+
+impl AnnounceReport {
+    pub fn to_text(&self) -> String {
+        use std::fmt::Write as _;
+        let mut out = String::from("ANNOUNCED (ARP / NDP answered)\n");
+        if self.announced.is_empty() {
+            out.push_str("  none\n");
+        }
+        for address in &self.announced {
+            let _ = writeln!(out, "  {address}");
+        }
+        out.push_str("ANNOUNCE DEVICES\n");
+        for d in &self.announce_devices {
+            let name = d
+                .name
+                .as_deref()
+                .unwrap_or("(not in this network namespace)");
+            let _ = writeln!(out, "  {:<24} ifindex {:<6} {}", name, d.ifindex, d.mac);
+        }
+        out
+    }
+}
+
+pub fn mac_text(mac: [u8; 6]) -> String {
+    mac.iter()
+        .map(|b| format!("{b:02x}"))
+        .collect::<Vec<_>>()
+        .join(":")
+}
+
+fn if_name(ifindex: u32) -> Option<String> {
+    let mut name = [0 as libc::c_char; libc::IF_NAMESIZE];
+    // SAFETY: the buffer holds IF_NAMESIZE bytes, as if_indextoname needs.
+    let found = unsafe { libc::if_indextoname(ifindex, name.as_mut_ptr()) };
+    if found.is_null() {
+        return None;
+    }
+    // SAFETY: if_indextoname wrote a NUL-terminated name into the buffer.
+    let name = unsafe { std::ffi::CStr::from_ptr(name.as_ptr()) };
+    Some(name.to_string_lossy().into_owned())
 }
 
 #[cfg(test)]

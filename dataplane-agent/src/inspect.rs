@@ -84,6 +84,9 @@ pub struct NodeReport {
     /// Fast or kernel path per egress device and per backend, and why.
     #[serde(flatten)]
     pub forwarding: crate::paths::PathReport,
+    /// Announced addresses and the devices that answer for them.
+    #[serde(flatten)]
+    pub announce: crate::announce::AnnounceReport,
 }
 
 impl NodeReport {
@@ -100,6 +103,7 @@ impl NodeReport {
             forwarding: crate::paths::read_report(pins, &report),
             report,
             tc_hooks,
+            announce: crate::announce::read_report(pins),
         })
     }
 
@@ -109,7 +113,7 @@ impl NodeReport {
             let hook = hook.map_or("none in this network namespace", |h| h.name());
             let _ = writeln!(out, "  {iface:<24} {hook}");
         }
-        out + &self.forwarding.to_text() + &self.report.to_text()
+        out + &self.forwarding.to_text() + &self.announce.to_text() + &self.report.to_text()
     }
 }
 

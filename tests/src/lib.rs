@@ -1,6 +1,7 @@
 //! Test support for fulgur's privileged tests and the demo: network namespaces that clean up
 //! after themselves, a client/load-balancer/backends topology, echo servers, and packet builders.
 
+pub mod announce;
 pub mod conformance;
 pub mod corpus;
 pub mod echo;

@@ -300,7 +300,7 @@ impl Topology {
 
 /// Attaches the trivial pass program to `iface` inside `ns`; the link lives as long as the
 /// returned handle.
-fn attach_pass(ns: &NetNs, iface: &'static str) -> anyhow::Result<FdLink> {
+pub fn attach_pass(ns: &NetNs, iface: &'static str) -> anyhow::Result<FdLink> {
     in_netns(ns, move || {
         let pins = Pins::new(format!("/sys/fs/bpf/{}", unique_token("fgps")));
         let sizes = Sizes {
