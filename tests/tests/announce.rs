@@ -14,7 +14,7 @@ use etherparse::ArpOperation;
 use fulgur_agent::dataplane::XdpAttachMode;
 use fulgur_tests::{
     announce::{
-        CLIENT_IFACE, GATEWAY, GATEWAY6, GRPC, Link, METRICS, NOBODY, NODE, NODE_IFACE,
+        CLIENT_IFACE, GATEWAY, GATEWAY6, GRPC, Link, METRICS, NOBODY, NODE, NODE_IFACE, NODE6,
         is_advertisement, is_arp, mac_text,
     },
     packets::diff,
@@ -165,8 +165,12 @@ fn announced_and_answered(mode: XdpAttachMode) {
         .arp(&socket, NODE, ANSWER)
         .expect("the kernel answers its own");
     assert_eq!(&own[6..12], &link.node_mac);
+    let own6 = link
+        .solicit(&socket, NODE6, ANSWER)
+        .expect("the kernel answers its own IPv6 address");
+    assert_eq!(&own6[6..12], &link.node_mac);
     assert_eq!(link.arp(&socket, NOBODY, SILENCE), None);
-    assert!(counter(&link, "announce_not_ours") >= not_ours + 2);
+    assert!(counter(&link, "announce_not_ours") >= not_ours + 3);
 
     let metrics = link.metrics().unwrap();
     for address in gateways() {
