@@ -25,8 +25,9 @@ pub const SUPPORTED_FEATURES: [&str; 5] = [
     "TCPRoute",
     "UDPRoute",
 ];
-/// The dataplane's weight ceiling; endpoint weights are scaled to fit under it.
-const MAX_WEIGHT: f64 = 1_000_000.0;
+/// The dataplane's weight ceiling (the contract's limit); endpoint weights are scaled to fit
+/// under it.
+const MAX_WEIGHT: f64 = fulgur_common::limits::MAX_WEIGHT as f64;
 
 pub struct Config<'a> {
     pub controller_name: &'a str,

@@ -1,14 +1,11 @@
-//! The service set the agent programs, as read from a services file, and its validation.
+//! The service set the agent programs and its one validation, for both sources: a services
+//! file (read here) and a gRPC apply (converted in `grpc.rs`).
 
-use std::{collections::BTreeSet, fmt, net::IpAddr, path::Path};
+use std::{collections::BTreeSet, fmt, net::IpAddr, ops::Deref, path::Path};
 
+use fulgur_common::limits::{MAX_BACKENDS_PER_SERVICE, MAX_WEIGHT};
 use serde::{Deserialize, Serialize};
 
-/// Upper bound on backends per service (the Gateway API allows 16 backendRefs, each a Service
-/// with possibly many endpoints).
-pub const MAX_BACKENDS_PER_SERVICE: usize = 1024;
-/// Gateway API weight range.
-pub const MAX_WEIGHT: u32 = 1_000_000;
 /// Announced addresses at most (the size of the pinned announced-addresses map).
 pub const MAX_ANNOUNCED: usize = fulgur_common::defaults::MAX_ANNOUNCED as usize;
 
@@ -20,10 +17,19 @@ pub enum Protocol {
 }
 
 impl Protocol {
+    /// The IP protocol number, as the maps hold it.
     pub const fn number(self) -> u8 {
         match self {
             Protocol::Tcp => fulgur_common::PROTO_TCP,
             Protocol::Udp => fulgur_common::PROTO_UDP,
+        }
+    }
+
+    pub const fn from_number(number: u8) -> Option<Protocol> {
+        match number {
+            fulgur_common::PROTO_TCP => Some(Protocol::Tcp),
+            fulgur_common::PROTO_UDP => Some(Protocol::Udp),
+            _ => None,
         }
     }
 }
@@ -108,59 +114,111 @@ pub enum ConfigError {
     },
 }
 
-impl ServiceSet {
-    /// Reads and validates a YAML (or JSON) services file.
-    pub fn from_file(path: &Path) -> Result<Self, ConfigError> {
-        let shown = path.display().to_string();
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
-            path: shown.clone(),
-            source,
-        })?;
-        let set: ServiceSet = serde_yaml::from_str(&text).map_err(|source| ConfigError::Parse {
-            path: shown.clone(),
-            source,
-        })?;
-        set.validate().map_err(|errors| ConfigError::Invalid {
-            path: shown,
-            errors,
-        })?;
-        Ok(set)
-    }
+/// A service set that passed [`Draft::validate`]: the only kind the map writer takes.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ValidServiceSet(ServiceSet);
 
-    /// Checks everything and reports every problem at once.
-    pub fn validate(&self) -> Result<(), Vec<FieldError>> {
+impl Deref for ValidServiceSet {
+    type Target = ServiceSet;
+
+    fn deref(&self) -> &ServiceSet {
+        &self.0
+    }
+}
+
+/// A value as its source gave it: parsed, or what is wrong with it.
+pub type Parsed<T> = Result<T, String>;
+
+/// A service set as a source reads it, before its validation. Values that did not parse carry
+/// their problem, so every problem of an input is reported at once.
+pub struct Draft {
+    pub services: Vec<DraftService>,
+    pub announce: Vec<Parsed<IpAddr>>,
+    /// The reject weight's name in field paths: the file's `rejectWeight`, the proto's
+    /// `reject_weight`.
+    pub reject_weight_field: &'static str,
+}
+
+pub struct DraftService {
+    pub vip: Parsed<IpAddr>,
+    /// Wider than a port, so that the proto's out-of-range values are reported here too.
+    pub port: u32,
+    pub protocol: Parsed<Protocol>,
+    pub backends: Vec<DraftBackend>,
+    pub reject_weight: u32,
+}
+
+pub struct DraftBackend {
+    pub address: Parsed<IpAddr>,
+    pub port: u32,
+    pub weight: u32,
+    /// On another node (the proto's `remote`; a services file has none).
+    pub remote: bool,
+}
+
+/// A port from 1 to 65535.
+fn port(value: u32) -> Result<u16, String> {
+    match u16::try_from(value) {
+        Ok(port) if port > 0 => Ok(port),
+        _ => Err(format!("{value} is not a port (1-65535)")),
+    }
+}
+
+fn problem(errors: &mut Vec<FieldError>, path: String, message: String) {
+    errors.push(FieldError { path, message });
+}
+
+/// Records `value`'s problem, if it has one, under `path`.
+fn report<T>(errors: &mut Vec<FieldError>, path: String, value: &Parsed<T>) {
+    if let Err(message) = value {
+        problem(errors, path, message.clone());
+    }
+}
+
+fn weight(value: u32) -> Result<u32, String> {
+    if value > MAX_WEIGHT {
+        Err(format!("{value} is above {MAX_WEIGHT}"))
+    } else {
+        Ok(value)
+    }
+}
+
+impl Draft {
+    /// Checks everything and reports every problem at once, each with its field path.
+    pub fn validate(self) -> Result<ValidServiceSet, Vec<FieldError>> {
         let mut errors = Vec::new();
         let mut seen = BTreeSet::new();
-        for (i, service) in self.services.iter().enumerate() {
+        let mut services = Vec::with_capacity(self.services.len());
+        for (i, service) in self.services.into_iter().enumerate() {
             let at = |field: &str| format!("services[{i}].{field}");
-            let mut fail =
-                |path: String, message: String| errors.push(FieldError { path, message });
-            if service.port == 0 {
-                fail(at("port"), "must be 1-65535".into());
-            }
-            if service.vip.is_unspecified() || service.vip.is_multicast() {
-                fail(
+            let service_port = port(service.port);
+            report(&mut errors, at("port"), &service_port);
+            let vip = service.vip.and_then(|vip| {
+                if vip.is_unspecified() || vip.is_multicast() {
+                    Err(format!("{vip} cannot be a service address"))
+                } else {
+                    Ok(vip)
+                }
+            });
+            report(&mut errors, at("vip"), &vip);
+            report(&mut errors, at("protocol"), &service.protocol);
+            report(
+                &mut errors,
+                at(self.reject_weight_field),
+                &weight(service.reject_weight),
+            );
+            if let (Ok(vip), Ok(protocol)) = (&vip, &service.protocol)
+                && !seen.insert((*vip, service.port, *protocol))
+            {
+                problem(
+                    &mut errors,
                     at("vip"),
-                    format!("{} cannot be a service address", service.vip),
+                    format!("duplicate service {protocol} {vip}:{}", service.port),
                 );
             }
-            if service.reject_weight > MAX_WEIGHT {
-                fail(
-                    at("rejectWeight"),
-                    format!("{} is above {MAX_WEIGHT}", service.reject_weight),
-                );
-            }
-            if !seen.insert((service.vip, service.port, service.protocol)) {
-                fail(
-                    at("vip"),
-                    format!(
-                        "duplicate service {} {}:{}",
-                        service.protocol, service.vip, service.port
-                    ),
-                );
-            }
-            if service.backends.len() > MAX_BACKENDS_PER_SERVICE {
-                fail(
+            if service.backends.len() > MAX_BACKENDS_PER_SERVICE as usize {
+                problem(
+                    &mut errors,
                     at("backends"),
                     format!(
                         "{} backends, at most {MAX_BACKENDS_PER_SERVICE} are allowed",
@@ -168,79 +226,151 @@ impl ServiceSet {
                     ),
                 );
             }
+            let mut backends = Vec::with_capacity(service.backends.len());
             let mut backends_seen = BTreeSet::new();
-            for (j, backend) in service.backends.iter().enumerate() {
+            for (j, backend) in service.backends.into_iter().enumerate() {
                 let at = |field: &str| format!("services[{i}].backends[{j}].{field}");
-                if backend.address.is_ipv4() != service.vip.is_ipv4() {
-                    fail(
+                let address = backend.address.and_then(|address| match &vip {
+                    Ok(vip) if address.is_ipv4() != vip.is_ipv4() => Err(format!(
+                        "{address} is not in the address family of the service address {vip}"
+                    )),
+                    _ => Ok(address),
+                });
+                report(&mut errors, at("address"), &address);
+                let backend_port = port(backend.port);
+                report(&mut errors, at("port"), &backend_port);
+                report(&mut errors, at("weight"), &weight(backend.weight));
+                if backend.remote {
+                    problem(
+                        &mut errors,
+                        at("remote"),
+                        "this agent has no SNAT (it does not list the \"remote-backends\" feature): \
+                         a flow to another node's backend would be answered from that node's \
+                         address, so the state is refused"
+                            .into(),
+                    );
+                }
+                if let Ok(address) = &address
+                    && !backends_seen.insert((*address, backend.port))
+                {
+                    problem(
+                        &mut errors,
                         at("address"),
-                        format!(
-                            "{} is not in the address family of the service address {}",
-                            backend.address, service.vip
-                        ),
+                        format!("duplicate backend {address}:{}", backend.port),
                     );
                 }
-                if backend.port == 0 {
-                    fail(at("port"), "must be 1-65535".into());
-                }
-                if backend.weight > MAX_WEIGHT {
-                    fail(
-                        at("weight"),
-                        format!("{} is above {MAX_WEIGHT}", backend.weight),
-                    );
-                }
-                if !backends_seen.insert((backend.address, backend.port)) {
-                    fail(
-                        at("address"),
-                        format!("duplicate backend {}:{}", backend.address, backend.port),
-                    );
+                if let (Ok(address), Ok(port)) = (address, backend_port) {
+                    backends.push(BackendSpec {
+                        address,
+                        port,
+                        weight: backend.weight,
+                    });
                 }
             }
+            if let (Ok(vip), Ok(port), Ok(protocol)) = (vip, service_port, service.protocol) {
+                services.push(ServiceSpec {
+                    vip,
+                    port,
+                    protocol,
+                    backends,
+                    reject_weight: service.reject_weight,
+                });
+            }
         }
-        errors.extend(announce_errors(&self.announce));
+        let announce = announced(self.announce, &mut errors);
         if errors.is_empty() {
-            Ok(())
+            Ok(ValidServiceSet(ServiceSet { services, announce }))
         } else {
             Err(errors)
         }
     }
 }
 
+impl ServiceSet {
+    /// Reads and validates a YAML (or JSON) services file.
+    pub fn from_file(path: &Path) -> Result<ValidServiceSet, ConfigError> {
+        let shown = path.display().to_string();
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: shown.clone(),
+            source,
+        })?;
+        Self::parse(&text, shown)
+    }
+
+    /// Parses and validates the text of a services file; `origin` names it in errors.
+    pub fn parse(text: &str, origin: String) -> Result<ValidServiceSet, ConfigError> {
+        let set: ServiceSet = serde_yaml::from_str(text).map_err(|source| ConfigError::Parse {
+            path: origin.clone(),
+            source,
+        })?;
+        set.validate().map_err(|errors| ConfigError::Invalid {
+            path: origin,
+            errors,
+        })
+    }
+
+    /// The one validation ([`Draft::validate`]), with the file's field names.
+    pub fn validate(&self) -> Result<ValidServiceSet, Vec<FieldError>> {
+        Draft {
+            services: self
+                .services
+                .iter()
+                .map(|s| DraftService {
+                    vip: Ok(s.vip),
+                    port: s.port.into(),
+                    protocol: Ok(s.protocol),
+                    backends: s
+                        .backends
+                        .iter()
+                        .map(|b| DraftBackend {
+                            address: Ok(b.address),
+                            port: b.port.into(),
+                            weight: b.weight,
+                            remote: false,
+                        })
+                        .collect(),
+                    reject_weight: s.reject_weight,
+                })
+                .collect(),
+            announce: self.announce.iter().copied().map(Ok).collect(),
+            reject_weight_field: "rejectWeight",
+        }
+        .validate()
+    }
+}
+
 /// Announced addresses must be unicast addresses a neighbour could ask for, each listed once.
-fn announce_errors(addresses: &[IpAddr]) -> Vec<FieldError> {
-    let mut errors = Vec::new();
+fn announced(addresses: Vec<Parsed<IpAddr>>, errors: &mut Vec<FieldError>) -> Vec<IpAddr> {
     if addresses.len() > MAX_ANNOUNCED {
-        errors.push(FieldError {
-            path: "announce".into(),
-            message: format!(
+        problem(
+            errors,
+            "announce".into(),
+            format!(
                 "{} addresses, at most {MAX_ANNOUNCED} are allowed",
                 addresses.len()
             ),
-        });
+        );
     }
     let mut seen = BTreeSet::new();
-    for (i, address) in addresses.iter().enumerate() {
-        let problem = match address {
+    let mut valid = Vec::with_capacity(addresses.len());
+    for (i, address) in addresses.into_iter().enumerate() {
+        let address = address.and_then(|address| match address {
             a if a.is_unspecified() || a.is_multicast() || a.is_loopback() => {
-                Some(format!("{a} cannot be announced (not a unicast address)"))
+                Err(format!("{a} cannot be announced (not a unicast address)"))
             }
             IpAddr::V4(a) if a.is_broadcast() => {
-                Some(format!("{a} cannot be announced (broadcast)"))
+                Err(format!("{a} cannot be announced (broadcast)"))
             }
-            IpAddr::V6(a) if a.is_unicast_link_local() => Some(format!(
+            IpAddr::V6(a) if a.is_unicast_link_local() => Err(format!(
                 "{a} cannot be announced (link-local: every interface has its own)"
             )),
-            a if !seen.insert(*a) => Some(format!("duplicate address {a}")),
-            _ => None,
-        };
-        if let Some(message) = problem {
-            errors.push(FieldError {
-                path: format!("announce[{i}]"),
-                message,
-            });
-        }
+            a if !seen.insert(a) => Err(format!("duplicate address {a}")),
+            a => Ok(a),
+        });
+        report(errors, format!("announce[{i}]"), &address);
+        valid.extend(address);
     }
-    errors
+    valid
 }
 
 #[cfg(test)]
@@ -256,7 +386,7 @@ mod tests {
         let set = parse(
             "services:\n- vip: 192.0.2.10\n  port: 80\n  protocol: TCP\n  backends:\n  - {address: 203.0.113.2, port: 8080}\n",
         );
-        assert_eq!(set.validate(), Ok(()));
+        assert_eq!(*set.validate().unwrap(), set);
         assert_eq!(set.services[0].backends[0].weight, 1);
     }
 

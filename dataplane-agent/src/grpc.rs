@@ -15,10 +15,7 @@ use fulgur_proto::v1::{
 use tonic::{Request, Response, Status};
 
 use crate::{
-    config::{
-        BackendSpec, FieldError, MAX_BACKENDS_PER_SERVICE, MAX_WEIGHT, Protocol, ServiceSet,
-        ServiceSpec,
-    },
+    config::{Draft, DraftBackend, DraftService, FieldError, Parsed, Protocol, ValidServiceSet},
     inspect::{self, Traffic},
     metrics::Metrics,
     writer::{ApplyReport, WriteError},
@@ -27,7 +24,7 @@ use crate::{
 /// What the service programs: the map writer in the agent, a fake in tests.
 pub trait Programmer: Send + 'static {
     /// Makes the dataplane hold `set`, its announced addresses included.
-    fn apply(&mut self, set: &ServiceSet) -> Result<ApplyReport, WriteError>;
+    fn apply(&mut self, set: &ValidServiceSet) -> Result<ApplyReport, WriteError>;
     fn stats(&self) -> Result<inspect::Report, String>;
     /// Stops answering ARP / NDP for every announced address at once (the lease ran out).
     fn withdraw_announced(&mut self) -> Result<(), WriteError>;
@@ -137,108 +134,68 @@ fn field(path: String, message: impl Into<String>) -> FieldError {
     }
 }
 
-/// Converts and validates a desired state, collecting every problem with its field path.
-pub fn to_service_set(state: &v1::DesiredState) -> Result<ServiceSet, Vec<FieldError>> {
-    let mut errors = Vec::new();
-    let mut services = Vec::with_capacity(state.services.len());
-    let port = |p: u32, path: String, errors: &mut Vec<FieldError>| match u16::try_from(p) {
-        Ok(p) if p > 0 => p,
-        _ => {
-            errors.push(field(path, format!("{p} is not a port (1-65535)")));
-            0
-        }
-    };
-    let address =
-        |text: &str, path: String, errors: &mut Vec<FieldError>| match text.parse::<IpAddr>() {
-            Ok(ip) => Some(ip),
-            Err(_) => {
-                errors.push(field(path, format!("{text:?} is not an IP address")));
-                None
-            }
-        };
-    for (i, s) in state.services.iter().enumerate() {
-        let at = |f: &str| format!("services[{i}].{f}");
-        let vip = address(&s.vip, at("vip"), &mut errors);
-        let service_port = port(s.port, at("port"), &mut errors);
-        let protocol = match v1::Protocol::try_from(s.protocol) {
-            Ok(v1::Protocol::Tcp) => Some(Protocol::Tcp),
-            Ok(v1::Protocol::Udp) => Some(Protocol::Udp),
-            _ => {
-                errors.push(field(
-                    at("protocol"),
-                    "must be PROTOCOL_TCP or PROTOCOL_UDP",
-                ));
-                None
-            }
-        };
-        if s.backends.len() > MAX_BACKENDS_PER_SERVICE {
-            errors.push(field(
-                at("backends"),
-                format!(
-                    "{} backends, at most {MAX_BACKENDS_PER_SERVICE} are allowed",
-                    s.backends.len()
-                ),
-            ));
-        }
-        if s.reject_weight > MAX_WEIGHT {
-            errors.push(field(
-                at("reject_weight"),
-                format!("{} is above {MAX_WEIGHT}", s.reject_weight),
-            ));
-        }
-        let mut backends = Vec::with_capacity(s.backends.len());
-        for (j, b) in s.backends.iter().enumerate() {
-            let at = |f: &str| format!("services[{i}].backends[{j}].{f}");
-            let backend_address = address(&b.address, at("address"), &mut errors);
-            let backend_port = port(b.port, at("port"), &mut errors);
-            if b.weight > MAX_WEIGHT {
-                errors.push(field(
-                    at("weight"),
-                    format!("{} is above {MAX_WEIGHT}", b.weight),
-                ));
-            }
-            if b.remote {
-                errors.push(field(
-                    at("remote"),
-                    "this agent has no SNAT (it does not list the \"remote-backends\" feature): \
-                     a flow to another node's backend would be answered from that node's \
-                     address, so the state is refused",
-                ));
-            }
-            if let Some(address) = backend_address {
-                backends.push(BackendSpec {
-                    address,
-                    port: backend_port,
-                    weight: b.weight,
-                });
-            }
-        }
-        if let (Some(vip), Some(protocol)) = (vip, protocol) {
-            services.push(ServiceSpec {
-                vip,
-                port: service_port,
-                protocol,
-                backends,
-                reject_weight: s.reject_weight,
-            });
+impl From<Protocol> for v1::Protocol {
+    fn from(protocol: Protocol) -> Self {
+        match protocol {
+            Protocol::Tcp => v1::Protocol::Tcp,
+            Protocol::Udp => v1::Protocol::Udp,
         }
     }
-    let mut announce = Vec::with_capacity(state.announce.len());
-    for (i, text) in state.announce.iter().enumerate() {
-        if let Some(ip) = address(text, format!("announce[{i}]"), &mut errors) {
-            announce.push(ip);
-        }
-    }
-    if !errors.is_empty() {
-        return Err(errors);
-    }
-    let set = ServiceSet { services, announce };
-    set.validate()?;
-    Ok(set)
 }
 
+fn address(text: &str) -> Parsed<IpAddr> {
+    text.parse()
+        .map_err(|_| format!("{text:?} is not an IP address"))
+}
+
+/// Reads a desired state into the one validation of a service set ([`Draft::validate`]),
+/// which reports every problem with its proto field path.
+pub fn to_service_set(state: &v1::DesiredState) -> Result<ValidServiceSet, Vec<FieldError>> {
+    let services = state
+        .services
+        .iter()
+        .map(|s| DraftService {
+            vip: address(&s.vip),
+            port: s.port,
+            protocol: match v1::Protocol::try_from(s.protocol) {
+                Ok(v1::Protocol::Tcp) => Ok(Protocol::Tcp),
+                Ok(v1::Protocol::Udp) => Ok(Protocol::Udp),
+                _ => Err("must be PROTOCOL_TCP or PROTOCOL_UDP".into()),
+            },
+            backends: s
+                .backends
+                .iter()
+                .map(|b| DraftBackend {
+                    address: address(&b.address),
+                    port: b.port,
+                    weight: b.weight,
+                    remote: b.remote,
+                })
+                .collect(),
+            reject_weight: s.reject_weight,
+        })
+        .collect();
+    Draft {
+        services,
+        announce: state.announce.iter().map(|a| address(a)).collect(),
+        reject_weight_field: "reject_weight",
+    }
+    .validate()
+}
+
+/// Problems listed in one refusal: a status message travels in an HTTP/2 header, whose size
+/// the client limits (1025 copies of one backend are 1024 duplicates).
+const LISTED_PROBLEMS: usize = 100;
+
 fn invalid(errors: &[FieldError]) -> Status {
-    let lines: Vec<String> = errors.iter().map(ToString::to_string).collect();
+    let mut lines: Vec<String> = errors
+        .iter()
+        .take(LISTED_PROBLEMS)
+        .map(ToString::to_string)
+        .collect();
+    if errors.len() > LISTED_PROBLEMS {
+        lines.push(format!("... and {} more", errors.len() - LISTED_PROBLEMS));
+    }
     Status::invalid_argument(format!(
         "{} invalid field(s), nothing applied:\n{}",
         errors.len(),
@@ -310,7 +267,6 @@ impl<P: Programmer> Dataplane for DataplaneService<P> {
                 WriteError::Capacity { .. } => {
                     ("capacity", Status::resource_exhausted(e.to_string()))
                 }
-                WriteError::Invalid(errors) => ("invalid", invalid(&errors)),
                 other => ("error", Status::internal(other.to_string())),
             })?;
             applied.generation = state.generation;
@@ -379,11 +335,7 @@ impl<P: Programmer> Dataplane for DataplaneService<P> {
             .map(|s| v1::ServiceStats {
                 vip: s.vip.to_string(),
                 port: s.port.into(),
-                protocol: if s.protocol == "TCP" {
-                    v1::Protocol::Tcp
-                } else {
-                    v1::Protocol::Udp
-                } as i32,
+                protocol: v1::Protocol::from(s.protocol) as i32,
                 traffic: Some(traffic(&s.traffic)),
                 backends: s
                     .backends
@@ -402,5 +354,46 @@ impl<P: Programmer> Dataplane for DataplaneService<P> {
             .map(|(k, v)| ((*k).to_owned(), *v))
             .collect();
         Ok(Response::new(StatsResponse { counters, services }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_desired_state_is_checked_by_the_one_validation_with_proto_field_paths() {
+        let state = v1::DesiredState {
+            generation: 1,
+            services: vec![v1::Service {
+                vip: "not-an-ip".into(),
+                port: 70000,
+                protocol: v1::Protocol::Unspecified as i32,
+                backends: vec![v1::Backend {
+                    address: "203.0.113.2".into(),
+                    port: 0,
+                    weight: 2_000_000,
+                    ..Default::default()
+                }],
+                reject_weight: 1_000_001,
+            }],
+            ..Default::default()
+        };
+        let lines: Vec<String> = to_service_set(&state)
+            .unwrap_err()
+            .iter()
+            .map(ToString::to_string)
+            .collect();
+        assert_eq!(
+            lines,
+            [
+                "services[0].port: 70000 is not a port (1-65535)",
+                "services[0].vip: \"not-an-ip\" is not an IP address",
+                "services[0].protocol: must be PROTOCOL_TCP or PROTOCOL_UDP",
+                "services[0].reject_weight: 1000001 is above 1000000",
+                "services[0].backends[0].port: 0 is not a port (1-65535)",
+                "services[0].backends[0].weight: 2000000 is above 1000000",
+            ]
+        );
     }
 }

@@ -4,12 +4,12 @@ use std::{collections::BTreeMap, fmt::Write as _, net::IpAddr};
 
 use aya::maps::{Array, HashMap, Map, MapData, PerCpuArray};
 use fulgur_common::{
-    BACKEND_LIVE, Backend, ConntrackValue, Counter, FlowKey, LOOKUP_SLOTS_PER_ENTRY, LookupEntry,
-    PROTO_TCP, REJECT, ServiceKey, ServiceValue, TrafficStats, map_names,
+    BACKEND_LIVE, Backend, ConntrackValue, Counter, FlowKey, LookupEntry, REJECT, ServiceKey,
+    ServiceValue, TrafficStats, decode_addr, lookup_position, map_names,
 };
 use serde::Serialize;
 
-use crate::{dataplane::Pins, writer::decode_addr};
+use crate::{config::Protocol, dataplane::Pins};
 
 #[derive(Debug, thiserror::Error)]
 #[error("map {name} at {path}: {source}")]
@@ -49,7 +49,7 @@ impl BackendView {
 pub struct ServiceView {
     pub vip: IpAddr,
     pub port: u16,
-    pub protocol: &'static str,
+    pub protocol: Protocol,
     pub id: u32,
     pub table_size: u32,
     /// Table slots that reject (the reject weight).
@@ -60,7 +60,7 @@ pub struct ServiceView {
 
 #[derive(Debug, Serialize)]
 pub struct FlowView {
-    pub protocol: &'static str,
+    pub protocol: Protocol,
     pub client: String,
     pub service: String,
     pub backend: String,
@@ -127,8 +127,9 @@ fn open(pins: &Pins, name: &'static str) -> Result<Map, InspectError> {
     Map::from_map_data(MapData::from_pin(&path).map_err(err)?).map_err(err)
 }
 
-fn protocol_name(proto: u8) -> &'static str {
-    if proto == PROTO_TCP { "TCP" } else { "UDP" }
+/// The maps hold only TCP and UDP services and flows.
+fn protocol(proto: u8) -> Protocol {
+    Protocol::from_number(proto).unwrap_or(Protocol::Udp)
 }
 
 fn endpoint(addr: &fulgur_common::Addr, family: u8, port_be: u16) -> String {
@@ -185,11 +186,12 @@ pub fn read(pins: &Pins, max_flows: usize) -> Result<Report, InspectError> {
     for entry in services.iter() {
         let (key, value) = entry.map_err(err(map_names::SERVICES))?;
         let mut slots = BTreeMap::<u32, usize>::new();
-        for slot in value.table_base..value.table_base + value.table_size {
+        for slot in value.slots() {
+            let (entry, half) = lookup_position(slot);
             let pair = lookup
-                .get(&(slot / LOOKUP_SLOTS_PER_ENTRY), 0)
+                .get(&entry, 0)
                 .map_err(err(map_names::LOOKUP_TABLE))?;
-            let id = pair[(slot % LOOKUP_SLOTS_PER_ENTRY) as usize];
+            let id = pair[half];
             *slots.entry(id).or_default() += 1;
         }
         let reject_slots = slots.remove(&REJECT).unwrap_or(0);
@@ -209,7 +211,7 @@ pub fn read(pins: &Pins, max_flows: usize) -> Result<Report, InspectError> {
         service_views.push(ServiceView {
             vip: decode_addr(&key.addr, key.family),
             port: u16::from_be(key.port),
-            protocol: protocol_name(key.proto),
+            protocol: protocol(key.proto),
             id: value.id,
             table_size: value.table_size,
             reject_slots,
@@ -231,7 +233,7 @@ pub fn read(pins: &Pins, max_flows: usize) -> Result<Report, InspectError> {
     for entry in conntrack.iter().take(max_flows) {
         let (key, value) = entry.map_err(err(map_names::CONNTRACK))?;
         flows.push(FlowView {
-            protocol: protocol_name(key.proto),
+            protocol: protocol(key.proto),
             client: endpoint(&key.src, key.family, key.src_port),
             service: endpoint(&key.dst, key.family, key.dst_port),
             backend: endpoint(&value.backend_addr, key.family, value.backend_port),

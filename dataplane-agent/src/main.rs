@@ -7,7 +7,7 @@ use clap::{Args, Parser, Subcommand};
 use fulgur_agent::{
     announce::{self, Announcer},
     bpf_log::{self, BpfLog},
-    config::ServiceSet,
+    config::{ServiceSet, ValidServiceSet},
     dataplane::{self, Dataplane, Pins, Sizes, XdpAttachMode},
     grpc::{DataplaneService, Programmer},
     inspect, maglev,
@@ -389,7 +389,7 @@ async fn shutdown() {
 
 async fn watch_services_file(
     path: Option<PathBuf>,
-    mut last: ServiceSet,
+    mut last: ValidServiceSet,
     mut programmer: MapProgrammer,
     metrics: Arc<Metrics>,
 ) -> anyhow::Result<()> {
@@ -427,7 +427,7 @@ struct MapProgrammer {
 }
 
 impl Programmer for MapProgrammer {
-    fn apply(&mut self, set: &ServiceSet) -> Result<ApplyReport, WriteError> {
+    fn apply(&mut self, set: &ValidServiceSet) -> Result<ApplyReport, WriteError> {
         let report = self.writer.apply(set);
         // Also after a failed write: announce what the map holds.
         self.announcer.update(self.writer.announced());

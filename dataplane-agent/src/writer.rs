@@ -12,13 +12,13 @@ use std::{
 
 use aya::maps::{HashMap, Map, MapData, MapError, PerCpuArray, PerCpuValues};
 use fulgur_common::{
-    ANNOUNCE_ACTIVE, Addr, AnnounceDevice, AnnounceKey, BACKEND_LIVE, Backend, FAMILY_IPV4,
-    FAMILY_IPV6, LOOKUP_SLOTS_PER_ENTRY, LookupEntry, NextHop, REJECT, ServiceKey, ServiceValue,
-    TrafficStats, addr_v4, addr_v6, map_names,
+    ANNOUNCE_ACTIVE, Addr, AnnounceDevice, AnnounceKey, BACKEND_LIVE, Backend,
+    LOOKUP_SLOTS_PER_ENTRY, LookupEntry, NextHop, REJECT, ServiceKey, ServiceValue, TrafficStats,
+    decode_addr, encode_addr, lookup_position, map_names,
 };
 
 use crate::{
-    config::{FieldError, ServiceSet, ServiceSpec},
+    config::{ServiceSpec, ValidServiceSet},
     maglev,
     mmap::{MmapArray, MmapError},
 };
@@ -34,8 +34,6 @@ pub enum WriteError {
         name: &'static str,
         source: MapError,
     },
-    #[error("invalid service set: {}", .0.iter().map(ToString::to_string).collect::<Vec<_>>().join("; "))]
-    Invalid(Vec<FieldError>),
     #[error("{needed} {what} needed, capacity is {capacity} (raise --{flag})")]
     Capacity {
         what: &'static str,
@@ -143,22 +141,6 @@ pub fn service_key(spec: &ServiceSpec) -> ServiceKey {
     }
 }
 
-pub fn encode_addr(ip: IpAddr) -> (Addr, u8) {
-    match ip {
-        IpAddr::V4(v4) => (addr_v4(v4.octets()), FAMILY_IPV4),
-        IpAddr::V6(v6) => (addr_v6(v6.octets()), FAMILY_IPV6),
-    }
-}
-
-pub fn decode_addr(addr: &Addr, family: u8) -> IpAddr {
-    let bytes: Vec<u8> = addr.iter().flat_map(|w| w.to_ne_bytes()).collect();
-    if family == FAMILY_IPV4 {
-        IpAddr::from([bytes[0], bytes[1], bytes[2], bytes[3]])
-    } else {
-        IpAddr::from(<[u8; 16]>::try_from(bytes).expect("16 bytes"))
-    }
-}
-
 fn identity(addr: &BackendAddr) -> u64 {
     let mut bytes = [0u8; 18];
     for (i, w) in addr.0.iter().enumerate() {
@@ -250,7 +232,7 @@ impl MapWriter {
             .map_err(map_err(map_names::SERVICES))?;
         for (key, value) in entries {
             let mut table = Vec::with_capacity(value.table_size as usize);
-            for slot in value.table_base..value.table_base + value.table_size {
+            for slot in value.slots() {
                 table.push(lookup_get(self.lookup.as_slice(), slot));
             }
             let mut backends = BTreeMap::new();
@@ -337,10 +319,9 @@ impl MapWriter {
             .map_err(map_err(map_names::ANNOUNCE_DEVICES))
     }
 
-    /// Makes the maps hold exactly `desired`. Validation and capacity are checked before the
-    /// first write; services that did not change are not touched.
-    pub fn apply(&mut self, desired: &ServiceSet) -> Result<ApplyReport, WriteError> {
-        desired.validate().map_err(WriteError::Invalid)?;
+    /// Makes the maps hold exactly `desired` (validated by its type). Capacity is checked before
+    /// the first write; services that did not change are not touched.
+    pub fn apply(&mut self, desired: &ValidServiceSet) -> Result<ApplyReport, WriteError> {
         self.check_capacity(desired)?;
         let announce: BTreeSet<IpAddr> = desired.announce.iter().copied().collect();
         let mut report = ApplyReport::default();
@@ -395,7 +376,7 @@ impl MapWriter {
         Ok(())
     }
 
-    fn check_capacity(&self, desired: &ServiceSet) -> Result<(), WriteError> {
+    fn check_capacity(&self, desired: &ValidServiceSet) -> Result<(), WriteError> {
         if desired.services.len() > self.layout.max_services as usize {
             return Err(WriteError::Capacity {
                 what: "services",
@@ -584,12 +565,13 @@ fn reset<T: aya::Pod + Default>(
 }
 
 fn lookup_get(entries: &[LookupEntry], slot: u32) -> u32 {
-    entries[(slot / LOOKUP_SLOTS_PER_ENTRY) as usize][(slot % LOOKUP_SLOTS_PER_ENTRY) as usize]
+    let (entry, half) = lookup_position(slot);
+    entries[entry as usize][half]
 }
 
 fn lookup_set(entries: &mut [LookupEntry], slot: u32, id: u32) {
-    entries[(slot / LOOKUP_SLOTS_PER_ENTRY) as usize][(slot % LOOKUP_SLOTS_PER_ENTRY) as usize] =
-        id;
+    let (entry, half) = lookup_position(slot);
+    entries[entry as usize][half] = id;
 }
 
 enum Change {

@@ -2,8 +2,8 @@
 //! lookup table indexed by the flow hash. A table slot may say "reject".
 
 use fulgur_common::{
-    Addr, BACKEND_LIVE, Backend, ConntrackValue, Counter, FlowKey, LOOKUP_SLOTS_PER_ENTRY, REJECT,
-    ReverseNatValue, ServiceValue, hash::flow_hash,
+    Addr, BACKEND_LIVE, Backend, ConntrackValue, Counter, FlowKey, REJECT, ReverseNatValue,
+    ServiceValue, hash::flow_hash, lookup_position,
 };
 
 use crate::{
@@ -55,13 +55,11 @@ pub fn choose(flow: &FlowKey, service: &ServiceValue) -> Choice {
     if service.table_size == 0 {
         return Choice::Reject;
     }
-    let slot = service
-        .table_base
-        .wrapping_add(flow_hash(flow) % service.table_size);
-    let Some(pair) = LOOKUP.get(slot / LOOKUP_SLOTS_PER_ENTRY) else {
+    let (entry, half) = lookup_position(service.slot(flow_hash(flow)));
+    let Some(pair) = LOOKUP.get(entry) else {
         return Choice::Reject;
     };
-    let backend_id = pair[(slot % LOOKUP_SLOTS_PER_ENTRY) as usize];
+    let backend_id = pair[half];
     if backend_id == REJECT {
         return Choice::Reject;
     }

@@ -8,7 +8,7 @@ use std::{
 };
 
 use fulgur_agent::{
-    config::ServiceSet,
+    config::{Protocol, ServiceSet, ValidServiceSet},
     grpc::{DataplaneService, Programmer},
     inspect::{self, BackendView, ServiceView, Traffic},
     metrics::Metrics,
@@ -27,7 +27,7 @@ pub struct Fake {
 }
 
 impl Programmer for Fake {
-    fn apply(&mut self, set: &ServiceSet) -> Result<ApplyReport, WriteError> {
+    fn apply(&mut self, set: &ValidServiceSet) -> Result<ApplyReport, WriteError> {
         if let Some(capacity) = *self.capacity.lock().unwrap()
             && set.services.len() > capacity
         {
@@ -38,7 +38,7 @@ impl Programmer for Fake {
                 flag: "max-services",
             });
         }
-        self.applied.lock().unwrap().push(set.clone());
+        self.applied.lock().unwrap().push(ServiceSet::clone(set));
         Ok(ApplyReport {
             added: set.services.len(),
             ..Default::default()
@@ -61,7 +61,7 @@ impl Programmer for Fake {
             services: vec![ServiceView {
                 vip: "192.0.2.10".parse().unwrap(),
                 port: 80,
-                protocol: "TCP",
+                protocol: Protocol::Tcp,
                 id: 0,
                 table_size: 13,
                 reject_slots: 0,

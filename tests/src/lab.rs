@@ -185,8 +185,8 @@ impl Lab {
     }
 
     pub fn apply_yaml(&mut self, yaml: &str) -> anyhow::Result<()> {
-        let set: ServiceSet = serde_yaml::from_str(yaml)?;
-        self.writer.apply(&set)?;
+        self.writer
+            .apply(&ServiceSet::parse(yaml, "the test's services".into())?)?;
         Ok(())
     }
 

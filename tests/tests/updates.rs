@@ -138,9 +138,9 @@ fn a_service_being_rewritten_never_fails_a_packet() {
     let flips = Arc::new(AtomicUsize::new(0));
     let flipper = {
         let (stop, flips) = (stop.clone(), flips.clone());
-        let sets: Vec<ServiceSet> = sets
+        let sets: Vec<_> = sets
             .iter()
-            .map(|s| serde_yaml::from_str(s).unwrap())
+            .map(|s| ServiceSet::parse(s, "a test set".into()).unwrap())
             .collect();
         std::thread::spawn(move || {
             let sizes = Sizes {

@@ -55,8 +55,39 @@ pub const PROTO_UDP: u8 = 17;
 pub const PROTO_ICMP: u8 = 1;
 pub const PROTO_ICMPV6: u8 = 58;
 
+/// Limits of the controller↔agent contract: the agent refuses a service set beyond them and the
+/// controller scales what it sends to fit (see `dataplane.proto`).
+pub mod limits {
+    /// Highest backend (and reject) weight; the Gateway API's weight range.
+    pub const MAX_WEIGHT: u32 = 1_000_000;
+    /// Backends per service (the Gateway API allows 16 backendRefs, each a Service with possibly
+    /// many endpoints).
+    pub const MAX_BACKENDS_PER_SERVICE: u32 = 1024;
+}
+
 /// An address as four 32-bit words in network byte order. IPv4 uses word 0 only.
 pub type Addr = [u32; 4];
+
+/// An IP address as the maps hold it: the [`Addr`] and its family.
+pub const fn encode_addr(ip: core::net::IpAddr) -> (Addr, u8) {
+    match ip {
+        core::net::IpAddr::V4(v4) => (addr_v4(v4.octets()), FAMILY_IPV4),
+        core::net::IpAddr::V6(v6) => (addr_v6(v6.octets()), FAMILY_IPV6),
+    }
+}
+
+/// The IP address an [`Addr`] of `family` holds.
+pub fn decode_addr(addr: &Addr, family: u8) -> core::net::IpAddr {
+    let mut octets = [0u8; 16];
+    for (chunk, word) in octets.chunks_exact_mut(4).zip(addr) {
+        chunk.copy_from_slice(&word.to_ne_bytes());
+    }
+    if family == FAMILY_IPV4 {
+        core::net::IpAddr::from([octets[0], octets[1], octets[2], octets[3]])
+    } else {
+        core::net::IpAddr::from(octets)
+    }
+}
 
 /// Builds an [`Addr`] from IPv4 octets.
 #[inline(always)]
@@ -119,6 +150,28 @@ pub const BACKEND_LIVE: u8 = 1;
 /// kernel aligns mmap-able elements to 8 bytes.
 pub type LookupEntry = [u32; 2];
 pub const LOOKUP_SLOTS_PER_ENTRY: u32 = 2;
+
+/// Where table slot `slot` sits in the lookup-table map: the element, and the slot within it.
+#[inline(always)]
+pub const fn lookup_position(slot: u32) -> (u32, usize) {
+    (
+        slot / LOOKUP_SLOTS_PER_ENTRY,
+        (slot % LOOKUP_SLOTS_PER_ENTRY) as usize,
+    )
+}
+
+impl ServiceValue {
+    /// The table slot a flow with hash `hash` falls on; the table must not be empty.
+    #[inline(always)]
+    pub const fn slot(&self, hash: u32) -> u32 {
+        self.table_base.wrapping_add(hash % self.table_size)
+    }
+
+    /// Every slot of this service's table.
+    pub const fn slots(&self) -> core::ops::Range<u32> {
+        self.table_base..self.table_base + self.table_size
+    }
+}
 
 /// A lookup-table entry that rejects the flow (the weight of invalid backendRefs).
 pub const REJECT: u32 = u32::MAX;
@@ -501,4 +554,37 @@ pub mod log_levels {
     pub const OFF: u8 = 0;
     pub const WARN: u8 = 2;
     pub const DEBUG: u8 = 4;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use core::net::IpAddr;
+
+    #[test]
+    fn addresses_round_trip_through_the_map_encoding() {
+        for text in ["192.0.2.10", "2001:db8::1", "::ffff:192.0.2.1"] {
+            let ip: IpAddr = text.parse().unwrap();
+            let (addr, family) = encode_addr(ip);
+            assert_eq!(decode_addr(&addr, family), ip, "{text}");
+        }
+        let (addr, family) = encode_addr("192.0.2.10".parse().unwrap());
+        assert_eq!((&addr[1..], family), (&[0; 3][..], FAMILY_IPV4));
+        assert_eq!(addr[0].to_ne_bytes(), [192, 0, 2, 10], "network byte order");
+    }
+
+    #[test]
+    fn table_slots_pack_two_per_lookup_element() {
+        let service = ServiceValue {
+            id: 3,
+            table_base: 7 * 13,
+            table_size: 13,
+            flags: 0,
+        };
+        assert_eq!(service.slot(0), 91);
+        assert_eq!(service.slot(13 + 4), 95);
+        assert_eq!(service.slots(), 91..104);
+        assert_eq!(lookup_position(91), (45, 1));
+        assert_eq!(lookup_position(92), (46, 0));
+    }
 }
