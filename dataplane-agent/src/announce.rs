@@ -13,10 +13,10 @@ use std::{
 };
 
 use aya::maps::{HashMap, Map, MapData};
-use fulgur_common::{AnnounceDevice, AnnounceKey, csum, map_names};
+use fulgur_common::{AnnounceDevice, AnnounceKey, csum, decode_addr, map_names};
 use serde::Serialize;
 
-use crate::{dataplane::Pins, writer::decode_addr};
+use crate::dataplane::Pins;
 
 /// How many times an address is announced when it starts, and how far apart.
 pub const REPEATS: usize = 3;
