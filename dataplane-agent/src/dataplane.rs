@@ -84,6 +84,13 @@ pub enum DataplaneError {
         pinned: u32,
         wanted: u32,
     },
+    #[error("map {name} is missing from the eBPF object")]
+    MissingMap { name: &'static str },
+    #[error("map {name}: {source}")]
+    Map {
+        name: &'static str,
+        source: aya::maps::MapError,
+    },
     #[error("interface {iface} does not exist")]
     UnknownInterface { iface: String },
     #[error("TC egress hook on {iface}: {message}")]
@@ -323,6 +330,7 @@ impl Dataplane {
             }
         }
         replace_outgrown_counters(&pins)?;
+        replace_next_hops_without_epoch(&pins)?;
         let mut loader = EbpfLoader::new();
         loader.default_map_pin_directory(pins.maps());
         let level = bpf_log.level();
@@ -331,6 +339,8 @@ impl Dataplane {
             loader.map_max_entries(name, entries);
         }
         let mut ebpf = loader.load(EBPF_OBJECT)?;
+        // A new epoch map holds 0, the mark of an empty next hop: moved on before any run.
+        move_next_hop_epoch_on(&mut ebpf)?;
         for name in [program_names::XDP_INGRESS, program_names::XDP_PASS] {
             xdp_program(&mut ebpf, name)?
                 .load()
@@ -548,6 +558,35 @@ fn replace_outgrown_counters(pins: &Pins) -> Result<(), DataplaneError> {
     );
     fs::remove_file(&path).map_err(|source| DataplaneError::Io {
         action: "removing the outgrown pin",
+        path,
+        source,
+    })
+}
+
+fn move_next_hop_epoch_on(ebpf: &mut Ebpf) -> Result<(), DataplaneError> {
+    let name = map_names::NEXT_HOP_EPOCH;
+    let err = |source| DataplaneError::Map { name, source };
+    let map = ebpf
+        .map_mut(name)
+        .ok_or(DataplaneError::MissingMap { name })?;
+    let mut epoch: aya::maps::Array<_, u32> = aya::maps::Array::try_from(map).map_err(err)?;
+    let current = epoch.get(&0, 0).map_err(err)?;
+    epoch
+        .set(0, fulgur_common::next_epoch(current), 0)
+        .map_err(err)
+}
+
+/// Next hops pinned by an agent that predates the next-hop epoch have another layout (an expiry
+/// time where the epoch and path now sit). They are a cache: the pin is replaced, and the first
+/// packet to each backend resolves its next hop again.
+fn replace_next_hops_without_epoch(pins: &Pins) -> Result<(), DataplaneError> {
+    let path = pins.map(map_names::NEXT_HOPS);
+    if !path.exists() || pins.map(map_names::NEXT_HOP_EPOCH).exists() {
+        return Ok(());
+    }
+    tracing::info!("the pinned next-hop cache predates the next-hop epoch: replacing it");
+    fs::remove_file(&path).map_err(|source| DataplaneError::Io {
+        action: "removing the next-hop cache pin of another layout",
         path,
         source,
     })

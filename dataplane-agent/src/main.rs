@@ -347,11 +347,15 @@ fn log_paths(changed: &[paths::Decision], node: &paths::NodeScan) {
     }
 }
 
-/// Devices come and go (a veth per pod): decisions follow within a second.
+/// Devices come and go (a veth per pod): decisions follow within a second. Cached next hops
+/// are resolved again every second too, so a neighbour's new MAC is seen within one.
 async fn rescan_paths(mut maps: PathMaps, mode: dataplane::XdpAttachMode, forwarding: Forwarding) {
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     loop {
         tick.tick().await;
+        if let Err(e) = maps.refresh_next_hops() {
+            error!("moving the next-hop epoch on: {e}");
+        }
         let node = match paths::scan() {
             Ok(node) => node,
             Err(e) => {

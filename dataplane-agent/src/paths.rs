@@ -8,8 +8,10 @@
 
 use std::{collections::BTreeMap, io};
 
-use aya::maps::{DevMapHash, HashMap, Map, MapData, PerCpuArray};
-use fulgur_common::{EgressPath, NextHop, PATH_FAST, PATH_KERNEL, PathReason, map_names};
+use aya::maps::{Array, DevMapHash, HashMap, Map, MapData, PerCpuArray};
+use fulgur_common::{
+    EgressPath, NextHop, PATH_FAST, PATH_KERNEL, PathReason, map_names, next_epoch,
+};
 use serde::Serialize;
 
 use crate::{
@@ -143,10 +145,12 @@ pub fn fast_refusal(scan: &NodeScan, decisions: &[Decision]) -> Option<String> {
     })
 }
 
-/// The two maps the decisions live in.
+/// The two maps the decisions live in, and the epoch that tells the XDP program's cached next
+/// hops (which carry a device's path) when to look again.
 pub struct PathMaps {
     egress: HashMap<MapData, u32, EgressPath>,
     redirect: DevMapHash<MapData>,
+    epoch: Array<MapData, u32>,
     current: BTreeMap<u32, Decision>,
 }
 
@@ -176,11 +180,26 @@ impl PathMaps {
         let egress: HashMap<MapData, u32, EgressPath> =
             HashMap::try_from(egress).map_err(map(map_names::EGRESS_PATHS))?;
         let redirect = DevMapHash::try_from(redirect).map_err(map(map_names::REDIRECT_DEVICES))?;
+        let epoch =
+            take(map_names::NEXT_HOP_EPOCH).ok_or(PathError::Missing(map_names::NEXT_HOP_EPOCH))?;
+        let epoch = Array::try_from(epoch).map_err(map(map_names::NEXT_HOP_EPOCH))?;
         Ok(PathMaps {
             egress,
             redirect,
+            epoch,
             current: BTreeMap::new(),
         })
+    }
+
+    /// Moves the epoch on: every cached next hop is resolved again (FIB, neighbour and path) at
+    /// its next packet. Called after each rescan, so a neighbour's new MAC is seen within one.
+    pub fn refresh_next_hops(&mut self) -> Result<(), PathError> {
+        let err = |source| PathError::Map {
+            name: map_names::NEXT_HOP_EPOCH,
+            source,
+        };
+        let epoch = self.epoch.get(&0, 0).map_err(err)?;
+        self.epoch.set(0, next_epoch(epoch), 0).map_err(err)
     }
 
     /// Writes `decisions` (the whole set: devices not in it lose theirs) and returns the ones
@@ -194,8 +213,10 @@ impl PathMaps {
         let wanted: BTreeMap<u32, &Decision> = decisions.iter().map(|d| (d.ifindex, d)).collect();
         // Stale entries first: pinned ones from a previous agent too.
         let pinned: Vec<u32> = self.egress.keys().filter_map(Result::ok).collect();
+        let mut removed = false;
         for ifindex in pinned {
             if !wanted.contains_key(&ifindex) {
+                removed = true;
                 let _ = self.egress.remove(&ifindex);
                 let _ = self.redirect.remove(ifindex);
                 self.current.remove(&ifindex);
@@ -231,6 +252,10 @@ impl PathMaps {
             }
             self.current.insert(ifindex, d.clone());
             changed.push(d.clone());
+        }
+        // After the decisions are written: a next hop resolved from here on sees them.
+        if removed || !changed.is_empty() {
+            self.refresh_next_hops()?;
         }
         Ok(changed)
     }
@@ -308,8 +333,8 @@ pub fn backend_path(
         .and_then(|per_cpu| {
             per_cpu
                 .iter()
-                .filter(|h| h.expires_ns != 0)
-                .max_by_key(|h| h.expires_ns)
+                .filter(|h| h.epoch != 0)
+                .max_by_key(|h| h.epoch)
                 .copied()
         });
     match hop {

@@ -6,13 +6,13 @@
 use aya_ebpf::{
     EbpfContext as _,
     bindings::{BPF_FIB_LKUP_RET_SUCCESS, bpf_fib_lookup as FibParams, xdp_action},
-    helpers::generated::{bpf_fib_lookup, bpf_ktime_get_coarse_ns},
+    helpers::generated::bpf_fib_lookup,
     programs::XdpContext,
 };
-use fulgur_common::{Counter, NEXT_HOP_TTL_NS, NextHop, PATH_FAST, csum};
+use fulgur_common::{Counter, NextHop, PATH_FAST, PATH_KERNEL, csum};
 
 use crate::{
-    maps::{EGRESS_PATHS, NEXT_HOPS, REDIRECT_DEVICES},
+    maps::{EGRESS_PATHS, NEXT_HOP_EPOCH, NEXT_HOPS, REDIRECT_DEVICES},
     parse::{Frame, Ip, L4Packet},
     stats::count,
 };
@@ -41,9 +41,9 @@ impl Route {
     }
 }
 
-/// Sends a translated packet towards backend `backend_id`. The FIB result is cached per backend
-/// and CPU for [`NEXT_HOP_TTL_NS`]: a FIB and neighbour lookup costs more than everything else
-/// on the path together.
+/// Sends a translated packet towards backend `backend_id`. The FIB result and the egress
+/// device's path are cached per backend and CPU until the agent moves the epoch on: a FIB and
+/// neighbour lookup costs more than everything else on the path together.
 #[inline(always)]
 pub fn forward(ctx: &XdpContext, frame: &Frame, route: &Route, backend_id: u32) -> u32 {
     // SAFETY: every pointer in `frame` and `route` was bounds checked by the parser.
@@ -58,29 +58,36 @@ pub fn forward(ctx: &XdpContext, frame: &Frame, route: &Route, backend_id: u32) 
         let Some(hop) = NEXT_HOPS.get_ptr_mut(backend_id) else {
             return to_kernel();
         };
-        let now = bpf_ktime_get_coarse_ns();
-        if (*hop).expires_ns <= now {
+        let Some(&epoch) = NEXT_HOP_EPOCH.get(0) else {
+            return to_kernel();
+        };
+        if (*hop).epoch != epoch {
             let mut params = fib_params(ctx, route);
             let rc = bpf_fib_lookup(ctx.as_ptr(), &mut params, size_of::<FibParams>() as i32, 0);
             if rc != BPF_FIB_LKUP_RET_SUCCESS as i64 {
                 return to_kernel();
             }
+            // A device without a decision (new since the agent's last scan) takes the kernel
+            // path; its decision moves the epoch on.
+            let fast = EGRESS_PATHS
+                .get(params.ifindex)
+                .is_some_and(|egress| egress.path == PATH_FAST);
+            let (d, s) = (params.dmac, params.smac);
             *hop = NextHop {
                 ifindex: params.ifindex,
-                smac: params.smac,
-                dmac: params.dmac,
-                expires_ns: now + NEXT_HOP_TTL_NS,
+                macs: [
+                    d[0], d[1], d[2], d[3], d[4], d[5], s[0], s[1], s[2], s[3], s[4], s[5],
+                ],
+                epoch,
+                path: if fast { PATH_FAST } else { PATH_KERNEL },
+                pad: [0; 3],
             };
         }
-        let out = (*hop).ifindex;
-        // A device without a decision (new since the agent's last scan) takes the kernel path.
-        let fast = EGRESS_PATHS
-            .get(out)
-            .is_some_and(|egress| egress.path == PATH_FAST);
-        if !fast {
+        if (*hop).path != PATH_FAST {
             count(Counter::KernelPath);
             return xdp_action::XDP_PASS;
         }
+        let out = (*hop).ifindex;
         let transmit = out == ctx.ingress_ifindex() as u32;
         // Before any rewrite: a packet the device cannot take goes to the kernel as it is.
         if !transmit
@@ -96,16 +103,31 @@ pub fn forward(ctx: &XdpContext, frame: &Frame, route: &Route, backend_id: u32) 
         match route.ip {
             Ip::V4(ip) => {
                 let ttl_word = ip.cast::<u8>().add(8).cast::<u16>();
-                let old_word = ttl_word.read_unaligned();
+                // 2-byte aligned, as the frame is.
+                let old_word = ttl_word.read();
                 (*ip).ttl -= 1;
-                let new_word = ttl_word.read_unaligned();
+                let new_word = ttl_word.read();
                 let ip_check = u16::from_ne_bytes((*ip).check);
                 (*ip).check = csum::replace16(ip_check, old_word, new_word).to_ne_bytes();
             }
             Ip::V6(ip) => (*ip).hop_limit -= 1,
         }
-        (*frame.eth).dst_addr = (*hop).dmac;
-        (*frame.eth).src_addr = (*hop).smac;
+        // Copied as six 16-bit words, one by one: an array copy from a map value into the packet
+        // compiles to a byte-by-byte memmove. Frames start at least 2-byte aligned (NET_IP_ALIGN
+        // is 0 or 2), as do the cached MACs.
+        let from = core::ptr::addr_of!((*hop).macs).cast::<u16>();
+        let to = frame.eth.cast::<u16>();
+        let words = [
+            from.read(),
+            from.add(1).read(),
+            from.add(2).read(),
+            from.add(3).read(),
+            from.add(4).read(),
+            from.add(5).read(),
+        ];
+        for (i, word) in words.into_iter().enumerate() {
+            to.add(i).write(word);
+        }
         if transmit {
             count(Counter::Transmit);
             return xdp_action::XDP_TX;

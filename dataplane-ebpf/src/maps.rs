@@ -53,6 +53,10 @@ pub static BACKEND_STATS: PerCpuArray<TrafficStats> =
 #[map(name = "FULGUR_NEXT_HOPS")]
 pub static NEXT_HOPS: PerCpuArray<NextHop> = PerCpuArray::pinned(defaults::MAX_BACKENDS, 0);
 
+/// Entry 0: the epoch cached next hops must carry to be trusted; moved on by the agent.
+#[map(name = "FULGUR_NEXT_HOP_EPOCH")]
+pub static NEXT_HOP_EPOCH: Array<u32> = Array::pinned(1, 0);
+
 /// Egress ifindex → the path its packets take (fast or kernel) and why; written by the agent.
 #[map(name = "FULGUR_EGRESS_PATHS")]
 pub static EGRESS_PATHS: HashMap<u32, EgressPath> = HashMap::pinned(defaults::EGRESS_DEVICES, 0);

@@ -210,6 +210,20 @@ impl Lab {
         Ok((result.return_value, out))
     }
 
+    /// As [`Lab::xdp`], with the programs of `dataplane` (loaded over this lab's pins).
+    pub fn xdp_on(&self, dataplane: &Dataplane, packet: &[u8]) -> anyhow::Result<(u32, Vec<u8>)> {
+        let mut out = vec![0u8; packet.len() + 256];
+        let result = self.test_run_xdp_on(
+            dataplane,
+            program_names::XDP_INGRESS,
+            packet,
+            Some(&mut out),
+            1,
+        )?;
+        out.truncate(result.data_size_out as usize);
+        Ok((result.return_value, out))
+    }
+
     pub fn run_xdp(
         &self,
         name: &str,

@@ -24,6 +24,9 @@ pub mod map_names {
     pub const REDIRECT_DEVICES: &str = "FULGUR_REDIRECT_DEVICES";
     pub const ANNOUNCED: &str = "FULGUR_ANNOUNCED";
     pub const ANNOUNCE_DEVICES: &str = "FULGUR_ANNOUNCE_DEVICES";
+    /// One `u32`: the agent moves it on when egress paths change and every path rescan (so a
+    /// neighbour's new MAC is seen within a rescan); cached next hops of another epoch are stale.
+    pub const NEXT_HOP_EPOCH: &str = "FULGUR_NEXT_HOP_EPOCH";
 }
 
 /// Program names as compiled into the object.
@@ -176,20 +179,31 @@ impl ServiceValue {
 /// A lookup-table entry that rejects the flow (the weight of invalid backendRefs).
 pub const REJECT: u32 = u32::MAX;
 
-/// A cached FIB result for one backend, per CPU: where to send its packets without a FIB and
-/// neighbour lookup on every packet.
+/// A cached FIB result for one backend, per CPU: where to send its packets, and by which path,
+/// without a FIB and neighbour lookup (and a path lookup) on every packet.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct NextHop {
     pub ifindex: u32,
-    pub smac: [u8; 6],
-    pub dmac: [u8; 6],
-    /// `bpf_ktime_get_coarse_ns` after which the entry must be looked up again; 0 = empty.
-    pub expires_ns: u64,
+    /// The Ethernet destination then source address, as they go into the frame: 4-byte aligned
+    /// here and at the frame's start, so they are copied as three words.
+    pub macs: [u8; 12],
+    /// The [`NEXT_HOP_EPOCH`](map_names::NEXT_HOP_EPOCH) the entry was resolved in; it is
+    /// trusted while the epoch stays. 0 = empty (the epoch is never 0).
+    pub epoch: u32,
+    /// [`PATH_FAST`] or [`PATH_KERNEL`]: the egress device's path at that epoch.
+    pub path: u8,
+    pub pad: [u8; 3],
 }
 
-/// How long a cached next hop is trusted (a neighbour's new MAC is seen within this time).
-pub const NEXT_HOP_TTL_NS: u64 = 500_000_000;
+/// The next epoch after `epoch`: cached next hops of older epochs are resolved again. Skips 0,
+/// the mark of an empty entry.
+pub const fn next_epoch(epoch: u32) -> u32 {
+    match epoch.wrapping_add(1) {
+        0 => 1,
+        next => next,
+    }
+}
 
 /// How a translated packet leaves, decided per egress device by the agent.
 pub const PATH_FAST: u8 = 1;
@@ -586,5 +600,12 @@ mod tests {
         assert_eq!(service.slots(), 91..104);
         assert_eq!(lookup_position(91), (45, 1));
         assert_eq!(lookup_position(92), (46, 0));
+    }
+
+    #[test]
+    fn the_next_hop_epoch_never_becomes_the_empty_mark() {
+        assert_eq!(next_epoch(0), 1);
+        assert_eq!(next_epoch(1), 2);
+        assert_eq!(next_epoch(u32::MAX), 1);
     }
 }
