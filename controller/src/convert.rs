@@ -2,7 +2,7 @@
 //! the Snapshot's model. Both providers go through here, so a manifest file and a cluster object
 //! mean the same thing. Defaults of the Gateway API fields are filled in here.
 
-use std::net::IpAddr;
+use std::{collections::BTreeMap, net::IpAddr};
 
 use k8s_openapi::{
     api::{core::v1 as core, discovery::v1 as discovery},
@@ -295,6 +295,7 @@ pub fn endpoint_slice(
         return Ok(None);
     };
     let mut ready_addresses = Vec::new();
+    let mut nodes = BTreeMap::new();
     for endpoint in &slice.endpoints {
         let conditions = endpoint.conditions.clone().unwrap_or_default();
         // Unset ready means ready; terminating endpoints get no new flows.
@@ -306,6 +307,9 @@ pub fn endpoint_slice(
                 .parse()
                 .map_err(|_| format!("{address:?} is not an IP address"))?;
             ready_addresses.push(ip);
+            if let Some(node) = endpoint.node_name.as_ref().filter(|n| !n.is_empty()) {
+                nodes.insert(ip, node.clone());
+            }
         }
     }
     Ok(Some(model::EndpointSlice {
@@ -318,5 +322,6 @@ pub fn endpoint_slice(
             .filter_map(|p| Some((port_name(p.name.as_deref()), u16::try_from(p.port?).ok()?)))
             .collect(),
         ready_addresses,
+        nodes,
     }))
 }

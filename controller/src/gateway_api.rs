@@ -147,6 +147,9 @@ api_names!(
         AddressNotUsable,
         Pending,
         NoResources,
+        // Gateways, implementation-specific: why no node announces an address.
+        NoAnnouncer,
+        FailingOver,
         // Routes
         NoMatchingParent,
         NotAllowedByListeners,

@@ -4,6 +4,7 @@
 //! it meets the agents only through `fulgur.dataplane.v1`.
 
 pub mod agents;
+pub mod announce;
 pub mod backends;
 pub mod convert;
 pub mod file;

@@ -8,6 +8,7 @@ use std::{path::PathBuf, sync::Arc, time::Duration};
 use anyhow::{Context as _, bail};
 use clap::Parser;
 use fulgur_controller::{
+    agents::AnnounceSettings,
     kubernetes::{self, lease::LeaseSettings},
     metrics::{self, Metrics},
     standalone,
@@ -31,9 +32,19 @@ struct Cli {
     /// With `--provider file`: where statuses are written (multi-document YAML).
     #[arg(long)]
     status_file: Option<PathBuf>,
-    /// An agent's gRPC address, `https://HOST:PORT` (or `http://` with --insecure). Repeat.
+    /// An agent: `NODE=URL`, its node as EndpointSlice `nodeName` names it, and its gRPC
+    /// address `https://HOST:PORT` (or `http://` with --insecure); a bare URL's node is named
+    /// after its host. Repeat.
     #[arg(long = "agent")]
     agents: Vec<String>,
+    /// How long the agent announcing a Gateway address may be lost (no RPC answered) before
+    /// the address moves to another in-sync agent. Must exceed --announce-lease.
+    #[arg(long, default_value = "2s", value_parser = humantime::parse_duration)]
+    announce_failover: Duration,
+    /// The agents stop announcing when no RPC reached them for this long; they are called at
+    /// least every third of it.
+    #[arg(long, default_value = "1s", value_parser = humantime::parse_duration)]
+    announce_lease: Duration,
     /// Plaintext gRPC to the agents.
     #[arg(long, conflicts_with_all = ["tls_cert", "tls_key", "ca"])]
     insecure: bool,
@@ -91,6 +102,7 @@ fn main() -> anyhow::Result<()> {
         .init();
     let cli = Cli::parse();
     let tls = if cli.insecure { None } else { Some(tls(&cli)?) };
+    let announce = announce_settings(&cli)?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -112,6 +124,7 @@ fn main() -> anyhow::Result<()> {
                 tls,
                 controller_name: cli.controller_name.clone(),
                 address_pools: cli.address_pools.clone(),
+                announce,
             };
             runtime.block_on(async {
                 let metrics = serve_metrics(&cli).await?;
@@ -126,7 +139,7 @@ fn main() -> anyhow::Result<()> {
                      in a cluster agents are found through their pods (--agent-selector)"
                 );
             }
-            let settings = kubernetes_settings(&cli, tls)?;
+            let settings = kubernetes_settings(&cli, tls, announce)?;
             runtime.block_on(async {
                 let client = kube::Client::try_default()
                     .await
@@ -150,9 +163,26 @@ async fn serve_metrics(cli: &Cli) -> anyhow::Result<Arc<Metrics>> {
     Ok(metrics)
 }
 
+/// The lease must end before the failover bound, so a lost announcer has stopped before its
+/// address moves.
+fn announce_settings(cli: &Cli) -> anyhow::Result<AnnounceSettings> {
+    let lease = cli.announce_lease;
+    if lease < Duration::from_millis(30) || lease.as_millis() > u128::from(u32::MAX) {
+        bail!("--announce-lease must be between 30ms and u32::MAX ms");
+    }
+    if lease >= cli.announce_failover {
+        bail!("--announce-lease must be shorter than --announce-failover");
+    }
+    Ok(AnnounceSettings {
+        lease,
+        failover: cli.announce_failover,
+    })
+}
+
 fn kubernetes_settings(
     cli: &Cli,
     tls: Option<ClientTlsConfig>,
+    announce: AnnounceSettings,
 ) -> anyhow::Result<kubernetes::Settings> {
     let identity = match &cli.identity {
         Some(identity) => identity.clone(),
@@ -172,6 +202,7 @@ fn kubernetes_settings(
             port: cli.agent_port,
             tls,
         },
+        announce,
         rediscover_every: Duration::from_secs(10),
         lease: LeaseSettings {
             namespace: cli.lease_namespace.clone(),

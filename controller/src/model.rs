@@ -194,6 +194,8 @@ pub struct EndpointSlice {
     pub ports: Vec<(Option<String>, u16)>,
     /// Ready endpoints' addresses (terminating and not-ready ones are left out by the provider).
     pub ready_addresses: Vec<IpAddr>,
+    /// The node each ready address runs on (`endpoints[].nodeName`), where the slice names one.
+    pub nodes: BTreeMap<IpAddr, String>,
 }
 
 /// What the agents report about the desired state (Gateway `Programmed`).
@@ -208,6 +210,29 @@ pub enum Dataplane {
     NoResources(String),
     /// An agent refused the state as invalid.
     Invalid(String),
+}
+
+/// Who announces the Gateway addresses (ARP / NDP), as the agents report it.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub enum Announcements {
+    /// Nothing to wait for: no agents are configured (as [`Dataplane::Programmed`]).
+    #[default]
+    NotChecked,
+    /// What the agents do about each address; an address not listed is not assigned yet.
+    Checked(BTreeMap<IpAddr, Announcement>),
+}
+
+/// What the agents do about one Gateway address.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Announcement {
+    /// An in-sync agent, on this node, announces it.
+    Announced { node: String },
+    /// Given to the agent on this node, which has not applied it yet.
+    Assigned { node: String },
+    /// Its announcer's agent was lost; another takes over once the failover bound has passed.
+    FailingOver { node: String },
+    /// No in-sync agent can announce it; says why.
+    NoAnnouncer(String),
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -225,6 +250,7 @@ pub struct Snapshot {
     /// Previous conditions, to keep lastTransitionTime when nothing changed.
     pub previous_conditions: BTreeMap<String, Vec<Condition>>,
     pub dataplane: Dataplane,
+    pub announcements: Announcements,
 }
 
 /// A status condition, shaped as in Kubernetes.

@@ -4,14 +4,13 @@
 
 use std::sync::Arc;
 
-use fulgur_proto::v1;
 use tracing::info;
 
 use crate::{
-    agents::Agents,
+    agents::{Agents, ClusterState},
     backends::EmptyBackends,
     metrics::Metrics,
-    model::Snapshot,
+    model::{Announcements, Snapshot},
     status::{self, ObjectStatus},
     translate::{self, BackendRefKey, Config},
 };
@@ -28,7 +27,7 @@ pub struct Reconciled {
 pub struct Reconciler {
     controller_name: String,
     address_pools: Vec<ipnet::IpNet>,
-    last_services: Option<Vec<v1::Service>>,
+    last_state: Option<ClusterState>,
     empty_backends: EmptyBackends,
     metrics: Arc<Metrics>,
 }
@@ -42,7 +41,7 @@ impl Reconciler {
         Reconciler {
             controller_name,
             address_pools,
-            last_services: None,
+            last_state: None,
             empty_backends: EmptyBackends::default(),
             metrics,
         }
@@ -57,17 +56,34 @@ impl Reconciler {
             address_pools: &self.address_pools,
             now: &now,
         };
-        let out = translate::translate(&config, snapshot);
+        let mut out = translate::translate(&config, snapshot);
         self.metrics.reconciles.inc();
         self.metrics.desired_services.set(out.services.len() as i64);
         let no_endpoints = self.empty_backends.update(&out, &self.metrics);
-        if self.last_services.as_ref() != Some(&out.services) {
-            let generation = agents.set_desired(out.services.clone());
+        let state = ClusterState {
+            services: out.services.clone(),
+            endpoint_nodes: out.endpoint_nodes.clone(),
+            announce: out.announce.clone(),
+        };
+        if self.last_state.as_ref() != Some(&state) {
+            let generation = agents.set_cluster_state(state.clone());
             info!(
                 services = out.services.len(),
-                generation, "desired state changed"
+                addresses = out.announce.len(),
+                generation,
+                "desired state changed"
             );
-            self.last_services = Some(out.services.clone());
+            self.last_state = Some(state);
+            // New addresses were just planned: their first status says to whom they went,
+            // not that they wait for a plan.
+            if let Announcements::Checked(before) = &snapshot.announcements {
+                let planned = agents.announcements();
+                if out.announce.iter().any(|a| before.get(a) != planned.get(a)) {
+                    let mut fresh = snapshot.clone();
+                    fresh.announcements = Announcements::Checked(planned);
+                    out = translate::translate(&config, &fresh);
+                }
+            }
         }
         Reconciled {
             documents: status::documents(&out),

@@ -13,10 +13,10 @@ use tonic::transport::ClientTlsConfig;
 use tracing::{error, info, warn};
 
 use crate::{
-    agents::{Agents, AgentsError},
+    agents::{AgentsError, AnnounceSettings, Agents},
     file,
     metrics::Metrics,
-    model::Dataplane,
+    model::{Announcements, Dataplane},
     reconcile::Reconciler,
     shutdown, status,
 };
@@ -54,8 +54,10 @@ fn fingerprint(dir: &Path) -> Vec<(PathBuf, u64, Option<SystemTime>)> {
 pub struct Settings {
     pub manifests: PathBuf,
     pub status_file: PathBuf,
-    /// Agents' gRPC URLs.
+    /// Agents: `NODE=URL`, or a bare gRPC URL (its node is named after its host).
     pub agents: Vec<String>,
+    /// Announcement lease and failover bound.
+    pub announce: AnnounceSettings,
     /// `None`: plaintext (`--insecure`).
     pub tls: Option<ClientTlsConfig>,
     pub controller_name: String,
@@ -90,8 +92,9 @@ pub async fn run(settings: Settings, metrics: Arc<Metrics>) -> Result<(), Error>
         tls,
         controller_name,
         address_pools,
+        announce,
     } = settings;
-    let agents = Agents::spawn(&agent_urls, tls)?;
+    let agents = Agents::spawn_with(&agent_urls, tls, announce)?;
     let mut reconciler = Reconciler::new(controller_name, address_pools, metrics.clone());
     let previous = status::read_previous(&status_file);
     let mut previous_conditions = previous.conditions;
@@ -128,9 +131,12 @@ pub async fn run(settings: Settings, metrics: Arc<Metrics>) -> Result<(), Error>
     let mut agents_tick = tokio::time::interval(Duration::from_millis(200));
     let dataplane = || {
         if agent_urls.is_empty() {
-            Dataplane::Programmed
+            (Dataplane::Programmed, Announcements::NotChecked)
         } else {
-            agents.dataplane()
+            (
+                agents.dataplane(),
+                Announcements::Checked(agents.announcements()),
+            )
         }
     };
     let mut last_dataplane = None;
@@ -185,7 +191,7 @@ pub async fn run(settings: Settings, metrics: Arc<Metrics>) -> Result<(), Error>
             continue;
         };
         let snapshot = &mut loaded.snapshot;
-        snapshot.dataplane = dataplane_now;
+        (snapshot.dataplane, snapshot.announcements) = dataplane_now;
         snapshot.previous_conditions = previous_conditions.clone();
         snapshot.previous_addresses = previous_addresses.clone();
         let docs = reconciler.reconcile(snapshot, &agents).documents;

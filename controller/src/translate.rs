@@ -12,7 +12,7 @@ use fulgur_proto::v1;
 use crate::{
     gateway_api::{ConditionType, GROUP, Reason},
     model::{
-        BackendRef, Condition, Dataplane, EndpointSlice, FromNamespaces, Gateway, Listener,
+        Announcement, Announcements, BackendRef, Condition, Dataplane, EndpointSlice, FromNamespaces, Gateway, Listener,
         ObjectRef, ParentRef, Route, RouteGroupKind, RouteKind, Service, Snapshot,
     },
 };
@@ -103,8 +103,12 @@ pub struct BackendRefKey {
 
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct Output {
-    /// What every node's agent must run.
+    /// What every node's agent must run, before [`node_services`] marks remote backends.
     pub services: Vec<v1::Service>,
+    /// The node of each endpoint whose EndpointSlice names one (`endpoints[].nodeName`).
+    pub endpoint_nodes: BTreeMap<IpAddr, String>,
+    /// The Gateway addresses served: each must be announced by exactly one node.
+    pub announce: BTreeSet<IpAddr>,
     /// The backendRefs of the routes that receive traffic, by what they resolve to.
     pub backend_refs: BTreeMap<BackendRefKey, BackendRefState>,
     pub classes: BTreeMap<String, ClassStatus>,
@@ -432,8 +436,18 @@ pub fn translate(config: &Config, snapshot: &Snapshot) -> Output {
         .collect();
     let (services, backend_refs) =
         dataplane_services(snapshot, &lookup, &listeners, &addresses, &winners);
+    let endpoint_nodes = snapshot
+        .endpoint_slices
+        .iter()
+        .flat_map(|slice| slice.nodes.iter().map(|(a, n)| (*a, n.clone())))
+        .collect();
     Output {
         services,
+        endpoint_nodes,
+        announce: addresses
+            .values()
+            .flat_map(|a| a.served().iter().copied())
+            .collect(),
         backend_refs,
         classes: class_statuses(config, snapshot, &ours),
         gateways: gateway_statuses,
@@ -766,7 +780,7 @@ fn gateway_status(
         g.set(ConditionType::Programmed, false, Reason::Invalid, "");
     } else {
         match &snapshot.dataplane {
-            Dataplane::Programmed => g.set(ConditionType::Programmed, true, Reason::Programmed, ""),
+            Dataplane::Programmed => set_announced(&mut g, snapshot, addresses.served()),
             Dataplane::Pending(why) => g.set(
                 ConditionType::Programmed,
                 false,
@@ -796,6 +810,49 @@ fn gateway_status(
         conditions: g.done(),
         listeners: statuses,
     }
+}
+
+/// Programmed once the agents run the state: True only while an in-sync agent announces each
+/// of the Gateway's addresses (the first that is not says why).
+fn set_announced(g: &mut Conditions, snapshot: &Snapshot, served: &[IpAddr]) {
+    let checked = match &snapshot.announcements {
+        Announcements::NotChecked => {
+            return g.set(ConditionType::Programmed, true, Reason::Programmed, "");
+        }
+        Announcements::Checked(checked) => checked,
+    };
+    let mut announced = Vec::new();
+    for address in served {
+        let (reason, message) = match checked.get(address) {
+            Some(Announcement::Announced { node }) => {
+                announced.push(format!("{address} by node {node}"));
+                continue;
+            }
+            Some(Announcement::Assigned { node }) => (
+                Reason::Pending,
+                format!("{address} is given to the agent on node {node}, not applied yet"),
+            ),
+            Some(Announcement::FailingOver { node }) => (
+                Reason::FailingOver,
+                format!(
+                    "{address}: the agent on node {node} that announced it is lost; \
+                     another in-sync agent takes it over after the failover bound"
+                ),
+            ),
+            Some(Announcement::NoAnnouncer(why)) => (Reason::NoAnnouncer, format!("{address}: {why}")),
+            None => (
+                Reason::Pending,
+                format!("{address} is not assigned to an agent yet"),
+            ),
+        };
+        return g.set(ConditionType::Programmed, false, reason, message);
+    }
+    g.set(
+        ConditionType::Programmed,
+        true,
+        Reason::Programmed,
+        format!("announced: {}", announced.join(", ")),
+    );
 }
 
 /// Route statuses per parent, and the winning (oldest attached) route of each listener.
@@ -1029,4 +1086,43 @@ fn dataplane_service(
         reject_weight: scaled(reject),
     };
     (service, states)
+}
+
+/// What the agent on `node` runs: every service, each backend marked `remote` unless its
+/// EndpointSlice puts it on `node`. An endpoint without `nodeName` counts as local on every node
+/// (no SNAT, the client address kept: as before nodes were known). Without `remote_backends`
+/// (an older agent, which would forward a remote backend's flows without SNAT and have the
+/// replies miss it), remote backends are left out; a service left with no backend rejects.
+pub fn node_services(
+    services: &[v1::Service],
+    endpoint_nodes: &BTreeMap<IpAddr, String>,
+    node: &str,
+    remote_backends: bool,
+) -> Vec<v1::Service> {
+    let remote = |backend: &v1::Backend| {
+        backend
+            .address
+            .parse::<IpAddr>()
+            .ok()
+            .and_then(|a| endpoint_nodes.get(&a))
+            .is_some_and(|n| n != node)
+    };
+    services
+        .iter()
+        .map(|service| {
+            let mut service = service.clone();
+            if remote_backends {
+                for backend in &mut service.backends {
+                    backend.remote = remote(backend);
+                }
+            } else {
+                let had_backends = !service.backends.is_empty();
+                service.backends.retain(|b| !remote(b));
+                if had_backends && service.backends.is_empty() {
+                    service.reject_weight = service.reject_weight.max(1);
+                }
+            }
+            service
+        })
+        .collect()
 }

@@ -63,11 +63,13 @@ ports: [{name: http, port: 3000, protocol: TCP}]
 endpoints:
 - addresses: [203.0.113.2]
   conditions: {ready: true}
+  nodeName: node-1
 - addresses: [203.0.113.3]
   conditions: {ready: false}
 - addresses: [203.0.113.4]
   conditions: {ready: true, terminating: true}
 - addresses: [203.0.113.5]
+  nodeName: ""
 ---
 apiVersion: v1
 kind: ConfigMap
@@ -151,6 +153,11 @@ fn a_folder_of_manifests_becomes_a_snapshot() {
         .map(|a| a.to_string())
         .collect();
     assert_eq!(ready, ["203.0.113.2", "203.0.113.5"]);
+    // endpoints[].nodeName, where set (empty is unknown).
+    assert_eq!(
+        s.endpoint_slices[0].nodes,
+        [("203.0.113.2".parse().unwrap(), "node-1".to_owned())].into()
+    );
     assert_eq!(s.classes[0].name, "fulgur");
 }
 

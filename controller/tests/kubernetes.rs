@@ -120,7 +120,12 @@ async fn cluster(route_version: &str, grant_version: &str) -> FakeKube {
 
 /// An in-process agent, and its pod for the controller to find.
 async fn start_agent(fake: &FakeKube, node: &str) -> SocketAddr {
-    let addr = serve(Fake::default(), None).await;
+    start_agent_like(fake, node, Fake::current()).await
+}
+
+/// As [`start_agent`], with this fake (an older agent: no features).
+async fn start_agent_like(fake: &FakeKube, node: &str, agent: Fake) -> SocketAddr {
+    let addr = serve(agent, None).await;
     fake.apply(agent_pod(node, addr));
     addr
 }
@@ -135,6 +140,7 @@ fn settings(identity: &str, pool: &str) -> Settings {
             port: 1,
             tls: None,
         },
+        announce: Default::default(),
         rediscover_every: Duration::from_millis(200),
         lease: LeaseSettings {
             namespace: "fulgur-system".into(),
@@ -572,7 +578,9 @@ async fn agents_come_and_go_with_their_pods() {
 #[tokio::test]
 async fn only_the_lease_holder_acts_and_a_follower_takes_over() {
     let fake = cluster("v1", "v1").await;
-    let agent = start_agent(&fake, "node-1").await;
+    // An older agent (no "announce"): the pooled Gateway's Programmed stays False/NoAnnouncer,
+    // so its status does not change once the address is in.
+    let agent = start_agent_like(&fake, "node-1", Fake::default()).await;
 
     let a = controller(&fake, "replica-a", "198.51.100.0/28");
     eventually("replica-a holds the lease", || async {
@@ -580,8 +588,8 @@ async fn only_the_lease_holder_acts_and_a_follower_takes_over() {
     })
     .await;
     let b = controller(&fake, "replica-b", "203.0.113.64/28");
-    // Synced first, so the Gateway below is Programmed in its first patch (not Pending, then
-    // Programmed): any second patch would be the follower's.
+    // Synced first, so the Gateway below has its final Programmed condition in its first
+    // patch (not Pending, then another): any second patch would be the follower's.
     eventually("the agent synced by replica-a", || async {
         let Ok(mut client) = DataplaneClient::connect(format!("http://{agent}")).await else {
             return false;
@@ -864,7 +872,7 @@ async fn programmed_tells_whether_the_agents_run_the_state() {
     })
     .await;
     // An agent whose maps are too small refuses the state: NoResources, and an Event on its pod.
-    let fake_agent = Fake::default();
+    let fake_agent = Fake::current();
     *fake_agent.capacity.lock().unwrap() = Some(0);
     let agent = serve(fake_agent.clone(), None).await;
     fake.apply(agent_pod("node-1", agent));

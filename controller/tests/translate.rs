@@ -5,7 +5,7 @@ use std::{collections::BTreeMap, net::IpAddr};
 
 use fulgur_controller::{
     model::*,
-    translate::{Config, Output, translate},
+    translate::{Config, Output, node_services, translate},
 };
 use fulgur_proto::v1;
 
@@ -111,6 +111,7 @@ fn service(namespace: &str, name: &str, endpoints: &[&str]) -> (Service, Endpoin
             service_name: name.into(),
             ports: vec![(Some("web".into()), 3000), (Some("web-udp".into()), 3000)],
             ready_addresses: endpoints.iter().map(|e| e.parse().unwrap()).collect(),
+            nodes: Default::default(),
         },
     )
 }
@@ -1169,4 +1170,140 @@ fn an_ip_address_without_a_value_asks_the_pool() {
         (false, "AddressNotAssigned")
     );
     assert!(programmed.message.contains("--address-pool"));
+}
+
+#[test]
+fn programmed_needs_an_in_sync_announcer_for_each_address() {
+    let mut s = snapshot(
+        vec![gateway("gw", vec![tcp("tcp", 80)], "192.0.2.10")],
+        vec![],
+        vec![],
+    );
+    let programmed = |s: &Snapshot| {
+        let out = run(s);
+        let c = out.gateways[&ObjectRef::new("gateway-conformance-infra", "gw")]
+            .conditions
+            .iter()
+            .find(|c| c.type_ == "Programmed")
+            .cloned()
+            .unwrap();
+        (c.status, c.reason, c.message)
+    };
+    let address: IpAddr = "192.0.2.10".parse().unwrap();
+    assert_eq!(
+        run(&s).announce,
+        [address].into(),
+        "the served address is to be announced"
+    );
+    let with = |a: Announcement| Announcements::Checked([(address, a)].into());
+    s.announcements = Announcements::Checked(BTreeMap::new());
+    assert_eq!(
+        programmed(&s),
+        (
+            false,
+            "Pending".into(),
+            "192.0.2.10 is not assigned to an agent yet".into()
+        )
+    );
+    s.announcements = with(Announcement::NoAnnouncer(
+        "no in-sync agent can announce it (n1: its agent does not list the \"announce\" feature)"
+            .into(),
+    ));
+    let (status, reason, message) = programmed(&s);
+    assert_eq!((status, reason.as_str()), (false, "NoAnnouncer"));
+    assert!(message.starts_with("192.0.2.10: no in-sync agent"), "{message}");
+    s.announcements = with(Announcement::Assigned { node: "n1".into() });
+    assert_eq!(
+        programmed(&s),
+        (
+            false,
+            "Pending".into(),
+            "192.0.2.10 is given to the agent on node n1, not applied yet".into()
+        )
+    );
+    s.announcements = with(Announcement::FailingOver { node: "n1".into() });
+    let (status, reason, message) = programmed(&s);
+    assert_eq!((status, reason.as_str()), (false, "FailingOver"));
+    assert!(message.contains("node n1"), "{message}");
+    s.announcements = with(Announcement::Announced { node: "n2".into() });
+    assert_eq!(
+        programmed(&s),
+        (
+            true,
+            "Programmed".into(),
+            "announced: 192.0.2.10 by node n2".into()
+        )
+    );
+    // The agents' refusal still comes first.
+    s.dataplane = Dataplane::Invalid("services[0].port: 0".into());
+    assert_eq!(programmed(&s).1, "Invalid");
+}
+
+#[test]
+fn each_node_gets_its_backends_marked_local_or_remote() {
+    let (svc, mut slice) = service(
+        "gateway-conformance-infra",
+        "svc",
+        &["203.0.113.1", "203.0.113.2", "203.0.113.3"],
+    );
+    slice.nodes = [
+        ("203.0.113.1".parse().unwrap(), "n1".to_owned()),
+        ("203.0.113.2".parse().unwrap(), "n2".to_owned()),
+    ]
+    .into();
+    let s = snapshot(
+        vec![gateway("gw", vec![tcp("tcp", 80)], "192.0.2.10")],
+        vec![route(
+            RouteKind::Tcp,
+            "r",
+            "2026-01-01T00:00:00Z",
+            vec![parent("gw")],
+            vec![backend("svc", 8080, 1)],
+        )],
+        vec![(svc, slice)],
+    );
+    let out = run(&s);
+    assert_eq!(out.endpoint_nodes.len(), 2);
+    let marks = |services: &[v1::Service]| -> Vec<(String, bool)> {
+        services[0]
+            .backends
+            .iter()
+            .map(|b| (b.address.clone(), b.remote))
+            .collect()
+    };
+    let on = |node: &str, remote_backends: bool| {
+        node_services(&out.services, &out.endpoint_nodes, node, remote_backends)
+    };
+    // 203.0.113.3 has no nodeName: local everywhere.
+    assert_eq!(
+        marks(&on("n1", true)),
+        [
+            ("203.0.113.1".into(), false),
+            ("203.0.113.2".into(), true),
+            ("203.0.113.3".into(), false)
+        ]
+    );
+    assert_eq!(
+        marks(&on("n2", true)),
+        [
+            ("203.0.113.1".into(), true),
+            ("203.0.113.2".into(), false),
+            ("203.0.113.3".into(), false)
+        ]
+    );
+    // An older agent (no "remote-backends") gets only what it can reach without SNAT.
+    assert_eq!(
+        marks(&on("n1", false)),
+        [
+            ("203.0.113.1".into(), false),
+            ("203.0.113.3".into(), false)
+        ]
+    );
+    assert_eq!(on("n1", false)[0].reject_weight, 0);
+    // Everything remote: it rejects rather than forward without SNAT.
+    let mut only_n2 = out.clone();
+    only_n2.services[0].backends.retain(|b| b.address == "203.0.113.2");
+    let old = node_services(&only_n2.services, &out.endpoint_nodes, "n1", false);
+    assert!(old[0].backends.is_empty());
+    assert!(old[0].reject_weight > 0, "{old:?}");
 }

@@ -13,6 +13,7 @@
 use std::{
     net::{IpAddr, SocketAddr},
     sync::{Arc, Mutex},
+    time::Instant,
 };
 
 use fulgur_proto::v1::{
@@ -32,6 +33,25 @@ pub struct Fake {
     pub capacity: Arc<Mutex<Option<usize>>>,
     /// What `Get` lists in `features` (none, as an older agent, unless a test sets them).
     pub features: Arc<Mutex<Vec<String>>>,
+    /// When each RPC (Apply, Get, Stats) arrived: each renews an agent's announce lease.
+    pub rpcs: Arc<Mutex<Vec<Instant>>>,
+    /// When each state in `applied` was applied.
+    pub applied_at: Arc<Mutex<Vec<Instant>>>,
+}
+
+impl Fake {
+    /// A fake that lists these features in `Get` (`fulgur_proto::features`).
+    pub fn with_features(features: &[&str]) -> Fake {
+        let fake = Fake::default();
+        *fake.features.lock().unwrap() = features.iter().map(|f| (*f).to_owned()).collect();
+        fake
+    }
+
+    /// A fake of a current agent: remote backends and announcement.
+    pub fn current() -> Fake {
+        use fulgur_proto::features;
+        Fake::with_features(&[features::REMOTE_BACKENDS, features::ANNOUNCE])
+    }
 }
 
 /// One served agent: what it applied last (a new agent starts at generation 0).
@@ -99,6 +119,7 @@ impl Dataplane for FakeService {
         &self,
         request: Request<ApplyRequest>,
     ) -> Result<Response<ApplyResponse>, Status> {
+        self.fake.rpcs.lock().unwrap().push(Instant::now());
         let state = request
             .into_inner()
             .state
@@ -145,11 +166,13 @@ impl Dataplane for FakeService {
             ..Default::default()
         };
         self.fake.applied.lock().unwrap().push(state.clone());
+        self.fake.applied_at.lock().unwrap().push(Instant::now());
         *current = state;
         Ok(Response::new(response))
     }
 
     async fn get(&self, _request: Request<GetRequest>) -> Result<Response<GetResponse>, Status> {
+        self.fake.rpcs.lock().unwrap().push(Instant::now());
         let state = self.current.lock().unwrap().clone();
         let features = self.fake.features.lock().unwrap().clone();
         Ok(Response::new(GetResponse {
@@ -163,6 +186,7 @@ impl Dataplane for FakeService {
         &self,
         _request: Request<StatsRequest>,
     ) -> Result<Response<StatsResponse>, Status> {
+        self.fake.rpcs.lock().unwrap().push(Instant::now());
         let current = self.current.lock().unwrap();
         let services = current
             .services

@@ -19,11 +19,11 @@ use super::{
     stores::{Invalid, Patched, Stores, observed_status, reference, status_id},
 };
 use crate::{
-    agents::{Agents, AgentsError, SyncState},
+    agents::{AgentTarget, Agents, AgentsError, SyncState},
     backends::no_endpoints_message,
     gateway_api::Kind,
     metrics::Metrics,
-    model::{Dataplane, ObjectRef},
+    model::{Announcements, Dataplane, ObjectRef},
     reconcile::Reconciler,
     status::{self, ObjectStatus, StatusDoc},
 };
@@ -50,10 +50,11 @@ pub(super) struct Leader {
     patched: Patched,
     /// Invalid objects already reported, by uid and resourceVersion.
     reported: BTreeSet<(String, String)>,
-    agent_pods: BTreeMap<String, ObjectReference>,
+    agent_pods: BTreeMap<String, (AgentTarget, ObjectReference)>,
     agent_states: BTreeMap<String, SyncState>,
     /// What the last reconcile was told about the dataplane.
-    dataplane: Option<Dataplane>,
+    /// What the agents said at the last reconcile: the dataplane, and who announces what.
+    dataplane: Option<(Dataplane, Announcements)>,
     metrics: Arc<Metrics>,
 }
 
@@ -89,7 +90,7 @@ impl Leader {
             metrics.clone(),
         );
         Ok(Leader {
-            agents: Agents::spawn(&[], settings.agents.tls.clone())?,
+            agents: Agents::spawn_with(&[], settings.agents.tls.clone(), settings.announce)?,
             recorder: Recorder::new(client.clone(), reporter),
             client,
             settings,
@@ -137,14 +138,18 @@ impl Leader {
         // Fixed or deleted objects are forgotten, so the set does not grow with churn.
         self.reported.retain(|key| still_invalid.contains(key));
         self.agent_pods = stores.agents(&self.settings.agents);
-        let urls: Vec<String> = self.agent_pods.keys().cloned().collect();
+        let targets: Vec<AgentTarget> = self.agent_pods.values().map(|(t, _)| t.clone()).collect();
         let mut done = true;
-        if let Err(e) = self.agents.set_agents(&urls) {
+        if let Err(e) = self.agents.set_agents(&targets) {
             error!("agents: {e}");
             done = false;
         }
         snapshot.dataplane = self.agents.dataplane();
-        self.dataplane = Some(snapshot.dataplane.clone());
+        snapshot.announcements = Announcements::Checked(self.agents.announcements());
+        self.dataplane = Some((
+            snapshot.dataplane.clone(),
+            snapshot.announcements.clone(),
+        ));
         let reconciled = self.reconciler.reconcile(&snapshot, &self.agents);
         for key in reconciled.no_endpoints {
             let kind = key.route_kind.kind();
@@ -312,13 +317,17 @@ impl Leader {
                 _ => continue,
             };
             if was.is_none_or(|w| std::mem::discriminant(w) != std::mem::discriminant(state))
-                && let Some(pod) = self.agent_pods.get(url)
+                && let Some((_, pod)) = self.agent_pods.get(url)
             {
                 self.event(pod, reason, format!("{url}: {error}")).await;
             }
         }
         self.metrics.set_agents(states.values());
         self.agent_states = states;
-        self.dataplane.as_ref() != Some(&self.agents.dataplane())
+        let now = (
+            self.agents.dataplane(),
+            Announcements::Checked(self.agents.announcements()),
+        );
+        self.dataplane.as_ref() != Some(&now)
     }
 }

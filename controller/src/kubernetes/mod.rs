@@ -75,6 +75,8 @@ pub struct Settings {
     pub controller_name: String,
     pub address_pools: Vec<ipnet::IpNet>,
     pub agents: AgentDiscovery,
+    /// Announcement lease and failover bound.
+    pub announce: crate::agents::AnnounceSettings,
     pub lease: LeaseSettings,
     /// How often kinds the cluster did not serve are looked for again.
     pub rediscover_every: Duration,

@@ -21,6 +21,7 @@ use tracing::{info, warn};
 
 use super::{AgentDiscovery, Error, Settings};
 use crate::{
+    agents::AgentTarget,
     convert,
     gateway_api::{GROUP, Kind, STATUS_API_VERSION},
     model::{ObjectRef, Snapshot},
@@ -330,7 +331,12 @@ impl Stores {
     }
 
     /// Agents' gRPC URLs by pod: pods with an IP that are not being deleted.
-    pub(super) fn agents(&self, discovery: &AgentDiscovery) -> BTreeMap<String, ObjectReference> {
+    /// The agent pods by URL, each with its node (`spec.nodeName`; the pod's address until the
+    /// pod is scheduled) and a reference to it for Events.
+    pub(super) fn agents(
+        &self,
+        discovery: &AgentDiscovery,
+    ) -> BTreeMap<String, (AgentTarget, ObjectReference)> {
         let scheme = if discovery.tls.is_some() {
             "https"
         } else {
@@ -351,7 +357,17 @@ impl Stores {
                     .and_then(|p| u16::try_from(p.container_port).ok())
                     .unwrap_or(discovery.port);
                 let url = format!("{scheme}://{}", std::net::SocketAddr::new(ip, port));
-                Some((url, pod.object_ref(&())))
+                let node = pod
+                    .spec
+                    .as_ref()
+                    .and_then(|s| s.node_name.clone())
+                    .filter(|n| !n.is_empty())
+                    .unwrap_or_else(|| ip.to_string());
+                let target = AgentTarget {
+                    node,
+                    url: url.clone(),
+                };
+                Some((url, (target, pod.object_ref(&()))))
             })
             .collect()
     }

@@ -444,6 +444,7 @@ mod translate {
                     ready_addresses: (0..4)
                         .map(|e| format!("10.200.{}.{}", r % 250, e + 1).parse().unwrap())
                         .collect(),
+                    nodes: Default::default(),
                 });
             }
             s.routes.push(Route {
