@@ -69,6 +69,10 @@ pub struct ClusterState {
 pub struct AgentTarget {
     pub node: String,
     pub url: String,
+    /// The node was given (`NODE=URL`, a pod's `spec.nodeName`), not named after the URL's
+    /// host: only then are backends on other nodes marked remote. A bare URL's agent counts
+    /// every backend as local, as before nodes were known, so existing setups keep working.
+    pub node_given: bool,
 }
 
 impl AgentTarget {
@@ -85,6 +89,7 @@ impl AgentTarget {
             return Ok(AgentTarget {
                 node: node.to_owned(),
                 url: url.to_owned(),
+                node_given: true,
             });
         }
         let host = spec
@@ -95,6 +100,7 @@ impl AgentTarget {
         Ok(AgentTarget {
             node: host,
             url: spec.to_owned(),
+            node_given: false,
         })
     }
 }
@@ -292,6 +298,7 @@ impl Agents {
             let sync = AgentSync {
                 url: target.url.clone(),
                 node: target.node.clone(),
+                node_given: target.node_given,
                 endpoint,
                 desired: self.desired.subscribe(),
                 shared: self.shared.clone(),
@@ -483,6 +490,7 @@ struct View {
 struct AgentSync {
     url: String,
     node: String,
+    node_given: bool,
     endpoint: Endpoint,
     desired: watch::Receiver<Desired>,
     shared: Arc<Mutex<Shared>>,
@@ -550,7 +558,7 @@ impl AgentSync {
             services: translate::node_services(
                 &desired.services,
                 &desired.endpoint_nodes,
-                &self.node,
+                self.node_given.then_some(self.node.as_str()),
                 features.contains(features::REMOTE_BACKENDS),
             ),
             announce: if announces {

@@ -83,7 +83,10 @@ pub fn plan(
     failover: Duration,
 ) -> Plan {
     let mut plan = Plan {
-        lists: agents.keys().map(|k| (k.clone(), BTreeSet::new())).collect(),
+        lists: agents
+            .keys()
+            .map(|k| (k.clone(), BTreeSet::new()))
+            .collect(),
         ..Plan::default()
     };
     for address in addresses {

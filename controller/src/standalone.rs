@@ -13,7 +13,7 @@ use tonic::transport::ClientTlsConfig;
 use tracing::{error, info, warn};
 
 use crate::{
-    agents::{AgentsError, AnnounceSettings, Agents},
+    agents::{Agents, AgentsError, AnnounceSettings},
     file,
     metrics::Metrics,
     model::{Announcements, Dataplane},

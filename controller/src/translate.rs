@@ -12,8 +12,9 @@ use fulgur_proto::v1;
 use crate::{
     gateway_api::{ConditionType, GROUP, Reason},
     model::{
-        Announcement, Announcements, BackendRef, Condition, Dataplane, EndpointSlice, FromNamespaces, Gateway, Listener,
-        ObjectRef, ParentRef, Route, RouteGroupKind, RouteKind, Service, Snapshot,
+        Announcement, Announcements, BackendRef, Condition, Dataplane, EndpointSlice,
+        FromNamespaces, Gateway, Listener, ObjectRef, ParentRef, Route, RouteGroupKind, RouteKind,
+        Service, Snapshot,
     },
 };
 
@@ -839,7 +840,9 @@ fn set_announced(g: &mut Conditions, snapshot: &Snapshot, served: &[IpAddr]) {
                      another in-sync agent takes it over after the failover bound"
                 ),
             ),
-            Some(Announcement::NoAnnouncer(why)) => (Reason::NoAnnouncer, format!("{address}: {why}")),
+            Some(Announcement::NoAnnouncer(why)) => {
+                (Reason::NoAnnouncer, format!("{address}: {why}"))
+            }
             None => (
                 Reason::Pending,
                 format!("{address} is not assigned to an agent yet"),
@@ -1090,16 +1093,18 @@ fn dataplane_service(
 
 /// What the agent on `node` runs: every service, each backend marked `remote` unless its
 /// EndpointSlice puts it on `node`. An endpoint without `nodeName` counts as local on every node
-/// (no SNAT, the client address kept: as before nodes were known). Without `remote_backends`
+/// (no SNAT, the client address kept: as before nodes were known), and so does every endpoint
+/// for an agent whose node is not known (`None`: a bare `--agent URL`). Without `remote_backends`
 /// (an older agent, which would forward a remote backend's flows without SNAT and have the
 /// replies miss it), remote backends are left out; a service left with no backend rejects.
 pub fn node_services(
     services: &[v1::Service],
     endpoint_nodes: &BTreeMap<IpAddr, String>,
-    node: &str,
+    node: Option<&str>,
     remote_backends: bool,
 ) -> Vec<v1::Service> {
     let remote = |backend: &v1::Backend| {
+        let Some(node) = node else { return false };
         backend
             .address
             .parse::<IpAddr>()

@@ -1211,7 +1211,10 @@ fn programmed_needs_an_in_sync_announcer_for_each_address() {
     ));
     let (status, reason, message) = programmed(&s);
     assert_eq!((status, reason.as_str()), (false, "NoAnnouncer"));
-    assert!(message.starts_with("192.0.2.10: no in-sync agent"), "{message}");
+    assert!(
+        message.starts_with("192.0.2.10: no in-sync agent"),
+        "{message}"
+    );
     s.announcements = with(Announcement::Assigned { node: "n1".into() });
     assert_eq!(
         programmed(&s),
@@ -1272,7 +1275,12 @@ fn each_node_gets_its_backends_marked_local_or_remote() {
             .collect()
     };
     let on = |node: &str, remote_backends: bool| {
-        node_services(&out.services, &out.endpoint_nodes, node, remote_backends)
+        node_services(
+            &out.services,
+            &out.endpoint_nodes,
+            Some(node),
+            remote_backends,
+        )
     };
     // 203.0.113.3 has no nodeName: local everywhere.
     assert_eq!(
@@ -1294,16 +1302,19 @@ fn each_node_gets_its_backends_marked_local_or_remote() {
     // An older agent (no "remote-backends") gets only what it can reach without SNAT.
     assert_eq!(
         marks(&on("n1", false)),
-        [
-            ("203.0.113.1".into(), false),
-            ("203.0.113.3".into(), false)
-        ]
+        [("203.0.113.1".into(), false), ("203.0.113.3".into(), false)]
     );
     assert_eq!(on("n1", false)[0].reject_weight, 0);
     // Everything remote: it rejects rather than forward without SNAT.
     let mut only_n2 = out.clone();
-    only_n2.services[0].backends.retain(|b| b.address == "203.0.113.2");
-    let old = node_services(&only_n2.services, &out.endpoint_nodes, "n1", false);
+    only_n2.services[0]
+        .backends
+        .retain(|b| b.address == "203.0.113.2");
+    let old = node_services(&only_n2.services, &out.endpoint_nodes, Some("n1"), false);
     assert!(old[0].backends.is_empty());
     assert!(old[0].reject_weight > 0, "{old:?}");
+    // An agent of unknown node (a bare --agent URL): everything local, as before.
+    let unknown = node_services(&out.services, &out.endpoint_nodes, None, true);
+    assert!(unknown[0].backends.iter().all(|b| !b.remote), "{unknown:?}");
+    assert_eq!(unknown[0].backends.len(), 3);
 }

@@ -146,10 +146,7 @@ impl Leader {
         }
         snapshot.dataplane = self.agents.dataplane();
         snapshot.announcements = Announcements::Checked(self.agents.announcements());
-        self.dataplane = Some((
-            snapshot.dataplane.clone(),
-            snapshot.announcements.clone(),
-        ));
+        self.dataplane = Some((snapshot.dataplane.clone(), snapshot.announcements.clone()));
         let reconciled = self.reconciler.reconcile(&snapshot, &self.agents);
         for key in reconciled.no_endpoints {
             let kind = key.route_kind.kind();

@@ -331,8 +331,8 @@ impl Stores {
     }
 
     /// Agents' gRPC URLs by pod: pods with an IP that are not being deleted.
-    /// The agent pods by URL, each with its node (`spec.nodeName`; the pod's address until the
-    /// pod is scheduled) and a reference to it for Events.
+    /// The agent pods by URL, each with its node (`spec.nodeName`; else named after the pod's
+    /// address, with every backend local to it) and a reference to it for Events.
     pub(super) fn agents(
         &self,
         discovery: &AgentDiscovery,
@@ -361,10 +361,10 @@ impl Stores {
                     .spec
                     .as_ref()
                     .and_then(|s| s.node_name.clone())
-                    .filter(|n| !n.is_empty())
-                    .unwrap_or_else(|| ip.to_string());
+                    .filter(|n| !n.is_empty());
                 let target = AgentTarget {
-                    node,
+                    node_given: node.is_some(),
+                    node: node.unwrap_or_else(|| ip.to_string()),
                     url: url.clone(),
                 };
                 Some((url, (target, pod.object_ref(&()))))
