@@ -1,0 +1,325 @@
+//! The standalone controller binary with two agents on two nodes (`--agent n1=URL --agent
+//! n2=URL`), both fake agents over real gRPC: which agent gets which backends as remote, who
+//! announces the pooled Gateway address, the lease renewal, failover when the announcer stops
+//! answering, and what the status file says meanwhile.
+
+use std::{
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use fulgur_proto::v1;
+use fulgur_testkit::fake_agent::{Fake, serve_until};
+
+const LEASE: Duration = Duration::from_millis(300);
+const FAILOVER: Duration = Duration::from_millis(900);
+const ADDRESS: &str = "198.51.100.1";
+
+const MANIFESTS: &str = r#"
+apiVersion: gateway.networking.k8s.io/v1
+kind: GatewayClass
+metadata: {name: fulgur}
+spec: {controllerName: fulgur.dev/gateway-controller}
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: Gateway
+metadata: {name: gw, namespace: apps}
+spec:
+  gatewayClassName: fulgur
+  listeners: [{name: tcp, port: 80, protocol: TCP}]
+---
+apiVersion: gateway.networking.k8s.io/v1alpha2
+kind: TCPRoute
+metadata: {name: web, namespace: apps}
+spec:
+  parentRefs: [{name: gw}]
+  rules: [{backendRefs: [{name: web, port: 8080}]}]
+---
+apiVersion: v1
+kind: Service
+metadata: {name: web, namespace: apps}
+spec: {ports: [{port: 8080, protocol: TCP}]}
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata:
+  name: web-1
+  namespace: apps
+  labels: {kubernetes.io/service-name: web}
+addressType: IPv4
+ports: [{name: "", port: 8080, protocol: TCP}]
+endpoints:
+- addresses: [203.0.113.1]
+  nodeName: n1
+- addresses: [203.0.113.2]
+  nodeName: n2
+- addresses: [203.0.113.3]
+"#;
+
+struct Controller {
+    child: Child,
+    dir: PathBuf,
+}
+
+impl Drop for Controller {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+fn free_addr() -> SocketAddr {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+}
+
+/// An agent on a fixed address that can be stopped and started again (a new agent process).
+struct Node {
+    addr: SocketAddr,
+    fake: Fake,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+}
+
+impl Node {
+    async fn start(addr: SocketAddr) -> Node {
+        let fake = Fake::current();
+        let (stop, stopped) = tokio::sync::oneshot::channel();
+        serve_until(fake.clone(), addr, stopped).await;
+        Node {
+            addr,
+            fake,
+            stop: Some(stop),
+        }
+    }
+
+    fn stop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+    }
+
+    fn last(&self) -> Option<v1::DesiredState> {
+        self.fake.applied.lock().unwrap().last().cloned()
+    }
+
+    fn announces(&self) -> bool {
+        self.last()
+            .is_some_and(|s| s.announce.iter().any(|a| a == ADDRESS))
+    }
+
+    /// When it applied the first state since `since` that announces the address.
+    fn first_announcing(&self, since: Instant) -> Option<Instant> {
+        let applied = self.fake.applied.lock().unwrap();
+        let at = self.fake.applied_at.lock().unwrap();
+        applied
+            .iter()
+            .zip(at.iter())
+            .find(|(s, t)| **t >= since && s.announce.iter().any(|a| a == ADDRESS))
+            .map(|(_, t)| *t)
+    }
+}
+
+fn programmed(status_file: &Path) -> Option<(String, String, String)> {
+    let text = std::fs::read_to_string(status_file).ok()?;
+    for doc in serde_yaml::Deserializer::from_str(&text) {
+        let value: serde_yaml::Value = serde::Deserialize::deserialize(doc).ok()?;
+        if value["kind"] != "Gateway" {
+            continue;
+        }
+        let c = value["status"]["conditions"]
+            .as_sequence()?
+            .iter()
+            .find(|c| c["type"] == "Programmed")?;
+        let field = |f: &str| c[f].as_str().unwrap_or_default().to_owned();
+        return Some((field("status"), field("reason"), field("message")));
+    }
+    None
+}
+
+async fn eventually(what: &str, timeout: Duration, mut check: impl FnMut() -> bool) {
+    let deadline = Instant::now() + timeout;
+    while !check() {
+        assert!(Instant::now() < deadline, "timed out waiting for: {what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+fn remote_marks(state: &v1::DesiredState) -> Vec<(String, bool)> {
+    state.services[0]
+        .backends
+        .iter()
+        .map(|b| (b.address.clone(), b.remote))
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_nodes_one_announcer_remote_backends_and_failover() {
+    let dir = std::env::temp_dir().join(format!("fulgur-multinode-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(dir.join("manifests")).unwrap();
+    std::fs::write(dir.join("manifests/all.yaml"), MANIFESTS).unwrap();
+    let status_file = dir.join("status.yaml");
+    let mut nodes = [
+        Node::start(free_addr()).await,
+        Node::start(free_addr()).await,
+    ];
+    let child = Command::new(env!("CARGO_BIN_EXE_fulgur-controller"))
+        .args(["--provider", "file", "--insecure"])
+        .arg("--manifests")
+        .arg(dir.join("manifests"))
+        .arg("--status-file")
+        .arg(&status_file)
+        .args(["--address-pool", "198.51.100.0/30"])
+        .args(["--agent", &format!("n1=http://{}", nodes[0].addr)])
+        .args(["--agent", &format!("n2=http://{}", nodes[1].addr)])
+        .args(["--announce-lease", "300ms", "--announce-failover", "900ms"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let _controller = Controller {
+        child,
+        dir: dir.clone(),
+    };
+
+    // Each node: its own endpoint local, the other's remote, the one without nodeName local.
+    eventually("both agents programmed", Duration::from_secs(10), || {
+        nodes
+            .iter()
+            .all(|n| n.last().is_some_and(|s| !s.services.is_empty()))
+    })
+    .await;
+    let n1 = nodes[0].last().unwrap();
+    let n2 = nodes[1].last().unwrap();
+    assert_eq!(
+        remote_marks(&n1),
+        [
+            ("203.0.113.1".into(), false),
+            ("203.0.113.2".into(), true),
+            ("203.0.113.3".into(), false)
+        ]
+    );
+    assert_eq!(
+        remote_marks(&n2),
+        [
+            ("203.0.113.1".into(), true),
+            ("203.0.113.2".into(), false),
+            ("203.0.113.3".into(), false)
+        ]
+    );
+    assert_eq!(n1.announce_lease_ms, 300);
+
+    // Exactly one node announces the pooled address; the status says which. (At start the
+    // first agent in contact may take it and hand it to the hash's winner once that one is in.)
+    let announcers = |nodes: &[Node]| -> Vec<usize> {
+        (0..nodes.len()).filter(|i| nodes[*i].announces()).collect()
+    };
+    eventually(
+        "Programmed by the one announcer",
+        Duration::from_secs(10),
+        || {
+            let now = announcers(&nodes);
+            now.len() == 1
+                && programmed(&status_file).is_some_and(|(s, r, m)| {
+                    s == "True"
+                        && r == "Programmed"
+                        && m == format!("announced: {ADDRESS} by node n{}", now[0] + 1)
+                })
+        },
+    )
+    .await;
+    let owner = announcers(&nodes)[0];
+    let other = 1 - owner;
+    // Rendezvous is deterministic: the same node wins whichever agent came first.
+    let winner = 1; // n1 wins 198.51.100.1 (the hash of (address, node) is fixed)
+    assert_eq!(owner + 1, winner);
+
+    // The lease is renewed: no gap between RPCs reaches the lease.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    for node in &nodes {
+        let rpcs = node.fake.rpcs.lock().unwrap().clone();
+        let recent: Vec<Instant> = rpcs
+            .iter()
+            .copied()
+            .filter(|t| t.elapsed() < Duration::from_millis(900))
+            .collect();
+        let gap = recent
+            .windows(2)
+            .map(|w| w[1] - w[0])
+            .max()
+            .unwrap_or(Duration::MAX);
+        assert!(
+            recent.len() >= 3 && gap < LEASE,
+            "{} RPCs, gap {gap:?}",
+            recent.len()
+        );
+    }
+
+    // The announcer stops answering: the other takes over only after the failover bound
+    // since the last RPC the lost one received, and within a bound.
+    nodes[owner].stop();
+    let stopped = Instant::now();
+    let mut saw_failing_over = false;
+    eventually("the other node announces", Duration::from_secs(5), || {
+        saw_failing_over |= programmed(&status_file).is_some_and(|(_, r, _)| r == "FailingOver");
+        nodes[other].announces()
+    })
+    .await;
+    let took_over = nodes[other].first_announcing(stopped).unwrap();
+    let last_rpc = *nodes[owner].fake.rpcs.lock().unwrap().last().unwrap();
+    assert!(
+        took_over >= last_rpc + FAILOVER,
+        "taken over {:?} after the lost agent's last RPC",
+        took_over - last_rpc
+    );
+    let failover_time = took_over - stopped;
+    eprintln!("failover took {failover_time:?} after the agent stopped");
+    assert!(
+        failover_time < FAILOVER + Duration::from_millis(800),
+        "{failover_time:?}"
+    );
+    assert!(
+        saw_failing_over,
+        "Programmed=False/FailingOver while failing over"
+    );
+    let other_name = format!("n{}", other + 1);
+    eventually(
+        "Programmed by the other node",
+        Duration::from_secs(3),
+        || programmed(&status_file).is_some_and(|(s, _, m)| s == "True" && m.contains(&other_name)),
+    )
+    .await;
+
+    // The lost agent comes back (a new process, nothing applied): its first state does not
+    // announce; it gets the address back (it wins the hash) only after the other gave it up.
+    let addr = nodes[owner].addr;
+    let restarted = Instant::now();
+    nodes[owner] = Node::start(addr).await;
+    eventually(
+        "the returning node announces again",
+        Duration::from_secs(5),
+        || nodes[owner].announces(),
+    )
+    .await;
+    let first = nodes[owner].fake.applied.lock().unwrap()[0].clone();
+    assert!(first.announce.is_empty(), "{first:?}");
+    let back = nodes[owner].first_announcing(restarted).unwrap();
+    let given_up = {
+        let applied = nodes[other].fake.applied.lock().unwrap();
+        let at = nodes[other].fake.applied_at.lock().unwrap();
+        applied
+            .iter()
+            .zip(at.iter())
+            .rev()
+            .find(|(s, _)| s.announce.is_empty())
+            .map(|(_, t)| *t)
+            .expect("the other node gave the address up")
+    };
+    assert!(given_up <= back, "never two announcers");
+    assert!(!nodes[other].announces());
+}
