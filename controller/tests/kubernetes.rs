@@ -924,3 +924,76 @@ async fn gateway_api_kinds_installed_after_the_controller_are_picked_up() {
     })
     .await;
 }
+
+/// Each agent's whole state as it answers Get.
+async fn agent_state(addr: SocketAddr) -> v1::DesiredState {
+    let Ok(mut client) = DataplaneClient::connect(format!("http://{addr}")).await else {
+        return v1::DesiredState::default();
+    };
+    match client.get(GetRequest {}).await {
+        Ok(r) => r.into_inner().state.unwrap_or_default(),
+        Err(_) => v1::DesiredState::default(),
+    }
+}
+
+#[tokio::test]
+async fn agents_get_their_nodes_view_and_one_announces_each_address() {
+    let fake = cluster("v1", "v1").await;
+    fake.apply(tcp_route("v1", "web"));
+    // WORLD's endpoints: 203.0.113.2 on node-1, 203.0.113.3 on node-2.
+    let n1 = start_agent(&fake, "node-1").await;
+    let n2 = start_agent(&fake, "node-2").await;
+    // An older agent (no features) on a third node.
+    let n3 = start_agent_like(&fake, "node-3", Fake::default()).await;
+    let _controller = controller(&fake, "replica-a", "198.51.100.0/28");
+    let marks = |state: &v1::DesiredState| -> Vec<(String, bool)> {
+        let mut marks: Vec<(String, bool)> = state
+            .services
+            .iter()
+            .flat_map(|s| s.backends.iter().map(|b| (b.address.clone(), b.remote)))
+            .collect();
+        marks.sort();
+        marks
+    };
+    eventually("every node's view", || async {
+        marks(&agent_state(n1).await)
+            == [("203.0.113.2".into(), false), ("203.0.113.3".into(), true)]
+            && marks(&agent_state(n2).await)
+                == [("203.0.113.2".into(), true), ("203.0.113.3".into(), false)]
+            && agent_state(n3).await.services.len() == 1
+    })
+    .await;
+    // The older agent: neither endpoint is on node-3, so no backend (it rejects), and it is
+    // never asked to announce.
+    let old = agent_state(n3).await;
+    assert!(old.services[0].backends.is_empty(), "{old:?}");
+    assert!(old.services[0].reject_weight > 0, "{old:?}");
+    let gateway_programmed = || {
+        let gw = fake.get(GW, "Gateway", "apps", "gw").unwrap();
+        let c = condition(&gw["status"]["conditions"], "Programmed").clone();
+        (
+            c["status"].as_str().map(str::to_owned),
+            c["message"].as_str().map(str::to_owned).unwrap_or_default(),
+        )
+    };
+    eventually("Programmed, announced by node-1 or node-2", || async {
+        let (status, message) = gateway_programmed();
+        status.as_deref() == Some("True")
+            && (message.ends_with("by node node-1") || message.ends_with("by node node-2"))
+    })
+    .await;
+    let announcing: Vec<bool> = [
+        agent_state(n1).await,
+        agent_state(n2).await,
+        agent_state(n3).await,
+    ]
+    .iter()
+    .map(|s| !s.announce.is_empty())
+    .collect();
+    assert_eq!(
+        announcing.iter().filter(|a| **a).count(),
+        1,
+        "one announcer: {announcing:?}"
+    );
+    assert!(!announcing[2], "the older agent never announces");
+}
