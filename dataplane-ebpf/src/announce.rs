@@ -16,8 +16,7 @@ use crate::{
     stats::count,
 };
 
-/// The ARP ethertype as it sits in the packet.
-pub const ETH_P_ARP: u16 = 0x0806u16.to_be();
+pub use fulgur_common::consts::ETH_P_ARP;
 
 /// An Ethernet/IPv4 ARP message (RFC 826).
 const ARP_LEN: usize = 28;

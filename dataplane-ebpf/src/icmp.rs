@@ -5,16 +5,15 @@
 use aya_ebpf::programs::XdpContext;
 use fulgur_common::{
     BACKEND_LIVE, Counter, FAMILY_IPV4, FAMILY_IPV6, FlowKey, PROTO_ICMP, PROTO_ICMPV6, PROTO_TCP,
-    PROTO_UDP, addr_v4, addr_v6,
+    PROTO_UDP, addr_bytes, addr_eq, addr_v4, addr_v6,
+    consts::IPV4_FRAGMENT_BITS,
     icmp::{self, Checksums, Rewrite, layout},
 };
 
 use crate::{
     forward::{self, Route},
     maps::{BACKENDS, CONNTRACK},
-    nat::addr_bytes,
-    parse::{ETH_P_IPV4, Frame, IPV4_FRAGMENT_BITS, Ip, ptr_at},
-    select::addr_eq,
+    parse::{ETH_P_IPV4, Frame, Ip, ptr_at},
     stats::count,
 };
 

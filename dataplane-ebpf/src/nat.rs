@@ -1,6 +1,6 @@
 //! Destination NAT on ingress, with incremental IP and L4 checksum updates.
 
-use fulgur_common::{Addr, PROTO_UDP, csum};
+use fulgur_common::{Addr, PROTO_UDP, addr_bytes, csum};
 
 use crate::{
     parse::{Ip, L4Packet},
@@ -37,19 +37,4 @@ pub fn dnat(pkt: &L4Packet, old_addr: &Addr, to: &Target) {
             pkt.check.write_unaligned(l4_check);
         }
     }
-}
-
-/// The 16 bytes of an IPv6 [`Addr`].
-#[inline(always)]
-pub fn addr_bytes(addr: &Addr) -> [u8; 16] {
-    let [a, b, c, d] = [
-        addr[0].to_ne_bytes(),
-        addr[1].to_ne_bytes(),
-        addr[2].to_ne_bytes(),
-        addr[3].to_ne_bytes(),
-    ];
-    [
-        a[0], a[1], a[2], a[3], b[0], b[1], b[2], b[3], c[0], c[1], c[2], c[3], d[0], d[1], d[2],
-        d[3],
-    ]
 }

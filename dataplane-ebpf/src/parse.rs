@@ -1,33 +1,67 @@
-//! Bounds-checked header parsing for XDP. Anything truncated or invalid is reported, never read.
+//! Bounds-checked header parsing, one parser for XDP ingress and TC egress. Anything truncated
+//! or invalid is reported, never read.
 
-use aya_ebpf::programs::XdpContext;
-use fulgur_common::{Addr, Counter, FAMILY_IPV4, FAMILY_IPV6, PROTO_TCP, PROTO_UDP};
+use aya_ebpf::programs::{TcContext, XdpContext};
+pub use fulgur_common::consts::{ETH_P_IPV4, ETH_P_IPV6};
+use fulgur_common::{
+    Addr, Counter, FAMILY_IPV4, FAMILY_IPV6, PROTO_TCP, PROTO_UDP,
+    consts::{
+        ETH_P_8021Q, IPV4_FRAGMENT_BITS, IPV6_AUTH, IPV6_DEST_OPTS, IPV6_FRAGMENT, IPV6_HOP_BY_HOP,
+        IPV6_MAX_EXT_HEADERS, IPV6_ROUTING, VLAN_TAG_LEN,
+    },
+};
 use network_types::{
     eth::EthHdr,
     ip::{Ipv4Hdr, Ipv6Hdr},
 };
 
-/// Ethertypes as they sit in the packet (big endian read natively).
-pub const ETH_P_IPV4: u16 = 0x0800u16.to_be();
-pub const ETH_P_IPV6: u16 = 0x86ddu16.to_be();
-pub const ETH_P_8021Q: u16 = 0x8100u16.to_be();
-pub const VLAN_TAG_LEN: usize = 4;
-/// The more-fragments flag and fragment offset of the IPv4 flags/offset word: any fragment.
-/// Fragments are never translated: without reassembly only the first carries the ports.
-pub const IPV4_FRAGMENT_BITS: u16 = 0x3fff;
+/// The packet as the parser sees it, in XDP or in TC: directly readable bytes from `data()` to
+/// `data_end()`.
+pub trait Packet {
+    fn data(&self) -> usize;
+    fn data_end(&self) -> usize;
+    /// The packet holds `len` bytes from its start. In XDP that is the frame; a TC skb's
+    /// datagram may go on past `data_end()` in paged data (GSO, GRO), which the headers never do.
+    fn holds(&self, len: usize) -> bool;
+}
 
-/// IPv6 extension headers we walk over.
-const IPV6_HOP_BY_HOP: u8 = 0;
-const IPV6_ROUTING: u8 = 43;
-const IPV6_FRAGMENT: u8 = 44;
-const IPV6_AUTH: u8 = 51;
-const IPV6_DEST_OPTS: u8 = 60;
-/// How many extension headers we follow before giving up (and passing the packet).
-pub const IPV6_MAX_EXT_HEADERS: usize = 6;
+impl Packet for XdpContext {
+    #[inline(always)]
+    fn data(&self) -> usize {
+        XdpContext::data(self)
+    }
+
+    #[inline(always)]
+    fn data_end(&self) -> usize {
+        XdpContext::data_end(self)
+    }
+
+    #[inline(always)]
+    fn holds(&self, len: usize) -> bool {
+        self.data() + len <= self.data_end()
+    }
+}
+
+impl Packet for TcContext {
+    #[inline(always)]
+    fn data(&self) -> usize {
+        TcContext::data(self)
+    }
+
+    #[inline(always)]
+    fn data_end(&self) -> usize {
+        TcContext::data_end(self)
+    }
+
+    #[inline(always)]
+    fn holds(&self, len: usize) -> bool {
+        len <= self.len() as usize
+    }
+}
 
 /// Returns a pointer to a `T` at `offset`, or `None` if it would cross the end of the packet.
 #[inline(always)]
-pub fn ptr_at<T>(ctx: &XdpContext, offset: usize) -> Option<*mut T> {
+pub fn ptr_at<T>(ctx: &impl Packet, offset: usize) -> Option<*mut T> {
     let start = ctx.data();
     if start + offset + size_of::<T>() > ctx.data_end() {
         return None;
@@ -45,7 +79,7 @@ pub struct Frame {
 }
 
 #[inline(always)]
-pub fn ethernet(ctx: &XdpContext) -> Result<Frame, Counter> {
+pub fn ethernet(ctx: &impl Packet) -> Result<Frame, Counter> {
     let eth: *mut EthHdr = ptr_at(ctx, 0).ok_or(Counter::PassMalformed)?;
     // SAFETY: bounds checked by ptr_at.
     let ether_type = unsafe { (*eth).ether_type };
@@ -127,7 +161,7 @@ impl L4Packet {
 /// Checks the TCP or UDP header at `l4`, which the IP header says spans `l4_len` bytes.
 #[inline(always)]
 fn transport(
-    ctx: &XdpContext,
+    ctx: &impl Packet,
     ip: Ip,
     l3: usize,
     l4: usize,
@@ -169,7 +203,7 @@ fn transport(
 }
 
 #[inline(always)]
-pub fn ipv4(ctx: &XdpContext, l3: usize) -> Result<L4Packet, Counter> {
+pub fn ipv4(ctx: &impl Packet, l3: usize) -> Result<L4Packet, Counter> {
     let ip: *mut Ipv4Hdr = ptr_at(ctx, l3).ok_or(Counter::PassMalformed)?;
     // SAFETY: bounds checked by ptr_at.
     let (vihl, tot_len, frags, proto) = unsafe {
@@ -188,7 +222,7 @@ pub fn ipv4(ctx: &XdpContext, l3: usize) -> Result<L4Packet, Counter> {
         return Err(Counter::PassFragment);
     }
     // The frame must hold the datagram.
-    if ctx.data() + l3 + tot_len > ctx.data_end() {
+    if !ctx.holds(l3 + tot_len) {
         return Err(Counter::PassMalformed);
     }
     transport(
@@ -202,7 +236,7 @@ pub fn ipv4(ctx: &XdpContext, l3: usize) -> Result<L4Packet, Counter> {
 }
 
 #[inline(always)]
-pub fn ipv6(ctx: &XdpContext, l3: usize) -> Result<L4Packet, Counter> {
+pub fn ipv6(ctx: &impl Packet, l3: usize) -> Result<L4Packet, Counter> {
     let ip: *mut Ipv6Hdr = ptr_at(ctx, l3).ok_or(Counter::PassMalformed)?;
     // SAFETY: bounds checked by ptr_at.
     let (version, payload_len, mut next) = unsafe {
@@ -212,7 +246,7 @@ pub fn ipv6(ctx: &XdpContext, l3: usize) -> Result<L4Packet, Counter> {
             (*ip).next_hdr,
         )
     };
-    if version != 6 || ctx.data() + l3 + Ipv6Hdr::LEN + payload_len > ctx.data_end() {
+    if version != 6 || !ctx.holds(l3 + Ipv6Hdr::LEN + payload_len) {
         return Err(Counter::PassMalformed);
     }
     let mut offset = l3 + Ipv6Hdr::LEN;

@@ -6,10 +6,9 @@ use aya_ebpf::{
     helpers::generated::{bpf_xdp_adjust_head, bpf_xdp_adjust_tail},
     programs::XdpContext,
 };
-use fulgur_common::{Addr, Counter, PROTO_ICMP, PROTO_ICMPV6, PROTO_TCP, csum};
+use fulgur_common::{Addr, Counter, PROTO_ICMP, PROTO_ICMPV6, PROTO_TCP, addr_bytes, csum};
 
 use crate::{
-    nat::addr_bytes,
     parse::{Frame, Ip, L4Packet, ptr_at},
     stats::count,
 };

@@ -3,19 +3,13 @@
 
 use fulgur_common::{
     Addr, BACKEND_LIVE, Backend, ConntrackValue, Counter, FlowKey, REJECT, ReverseNatValue,
-    ServiceValue, hash::flow_hash, lookup_position,
+    ServiceValue, addr_eq, hash::flow_hash, lookup_position,
 };
 
 use crate::{
     maps::{BACKENDS, CONNTRACK, LOOKUP, REVNAT},
     stats::{self, count},
 };
-
-/// Compared word by word: a slice compare would become a memcmp call BPF cannot make.
-#[inline(always)]
-pub fn addr_eq(a: &Addr, b: &Addr) -> bool {
-    a[0] == b[0] && a[1] == b[1] && a[2] == b[2] && a[3] == b[3]
-}
 
 /// The backend a packet goes to.
 pub struct Target {

@@ -948,3 +948,171 @@ pub fn icmp_error(
     .unwrap();
     out
 }
+
+/// TC's verdict for every egress case: the packet always leaves.
+pub const TC_ACT_OK: u32 = 0;
+
+/// The client port of the flow the egress cases reply to; the caller tracks it first (a
+/// `Kind::TcpSyn` from [`to_service`] through XDP).
+pub const EGRESS_TRACKED_PORT: u16 = 44000;
+
+/// A backend's TCP reply to the client's `port`, as it leaves towards the client.
+pub fn backend_reply(f: &Family, backend_port: u16, client_port: u16) -> Pkt {
+    Pkt {
+        eth_src: OUT_MAC,
+        eth_dst: CLIENT_MAC,
+        ..Pkt::new(
+            Kind::TcpData,
+            (f.backend, backend_port),
+            (f.client, client_port),
+        )
+    }
+}
+
+/// One case per TC egress outcome of this family: the translated reply, and a packet for every
+/// reason a packet leaves untouched (each with its exact bytes: unchanged).
+pub fn egress_cases(f: &Family) -> Vec<Case> {
+    let egress = |name: &str, input: Vec<u8>, output, counter| Case {
+        name: format!("{} egress: {name}", f.name),
+        input,
+        verdict: TC_ACT_OK,
+        output,
+        counter,
+    };
+    let untouched =
+        |name: &str, input: Vec<u8>, counter| egress(name, input, Expect::Unchanged, counter);
+    let reply = backend_reply(f, 8080, EGRESS_TRACKED_PORT);
+    let full = reply.build();
+    let v4 = matches!(f.vip, IpAddr::V4(_));
+    let mut cases = vec![
+        egress(
+            "reply of a tracked flow: from the service address",
+            full.clone(),
+            Expect::Exactly(
+                Pkt {
+                    src: f.vip,
+                    src_port: 80,
+                    ..reply.clone()
+                }
+                .build(),
+            ),
+            Counter::ReplyTranslated,
+        ),
+        untouched(
+            "reply of an untracked flow",
+            backend_reply(f, 8080, 44999).build(),
+            Counter::EgressNotReply,
+        ),
+        untouched(
+            "tracked reply with its TCP header cut short",
+            full[..reply.l4_offset() + 10].to_vec(),
+            Counter::EgressMalformed,
+        ),
+    ];
+    let mut wrong_version = full.clone();
+    wrong_version[14] = if v4 { 0x65 } else { 0x45 };
+    cases.push(untouched(
+        "tracked reply with the wrong IP version",
+        wrong_version,
+        Counter::EgressMalformed,
+    ));
+    let mut fragment = full.clone();
+    if v4 {
+        fragment[14 + 6..14 + 8].copy_from_slice(&0x2000u16.to_be_bytes());
+        let header = etherparse::Ipv4HeaderSlice::from_slice(&fragment[14..34])
+            .unwrap()
+            .to_header();
+        fragment[24..26].copy_from_slice(&header.calc_header_checksum().to_be_bytes());
+    } else {
+        fragment[14 + 6] = 44;
+        let payload_len = u16::from_be_bytes([fragment[18], fragment[19]]) + 8;
+        fragment[18..20].copy_from_slice(&payload_len.to_be_bytes());
+        fragment.splice(54..54, [6, 0, 0, 1, 0, 0, 0, 1]);
+    }
+    cases.push(untouched(
+        "tracked reply, first fragment",
+        fragment,
+        Counter::EgressFragment,
+    ));
+    if !v4 {
+        // (name, next header, extension header bytes)
+        let extensions: [(&str, u8, &[u8]); 2] = [
+            (
+                "tracked reply with an authentication header",
+                51,
+                &[6, 2, 0, 0, 0, 0, 1, 0, 0, 0, 0, 1, 0, 0, 0, 0],
+            ),
+            (
+                "tracked reply with a routing header, segments left",
+                43,
+                &[6, 0, 4, 1, 0, 0, 0, 0],
+            ),
+        ];
+        for (name, next, header) in extensions {
+            let mut extended = full.clone();
+            extended[14 + 6] = next;
+            let payload_len =
+                u16::from_be_bytes([extended[18], extended[19]]) + header.len() as u16;
+            extended[18..20].copy_from_slice(&payload_len.to_be_bytes());
+            extended.splice(54..54, header.iter().copied());
+            cases.push(untouched(name, extended, Counter::EgressUnsupported));
+        }
+    }
+    let mut echo = Vec::new();
+    let builder = PacketBuilder::ethernet2(OUT_MAC, CLIENT_MAC);
+    match (f.backend, f.client) {
+        (IpAddr::V4(b), IpAddr::V4(c)) => builder
+            .ipv4(b.octets(), c.octets(), 64)
+            .icmpv4_echo_request(1, 1)
+            .write(&mut echo, b"ping"),
+        (IpAddr::V6(b), IpAddr::V6(c)) => builder
+            .ipv6(b.octets(), c.octets(), 64)
+            .icmpv6_echo_request(1, 1)
+            .write(&mut echo, b"ping"),
+        _ => unreachable!(),
+    }
+    .unwrap();
+    cases.push(untouched(
+        "ICMP echo from the backend",
+        echo,
+        Counter::EgressNotTcpUdp,
+    ));
+    cases.push(untouched(
+        "ICMP error from the backend about an untracked flow",
+        icmp_error(
+            (OUT_MAC, CLIENT_MAC),
+            f.backend,
+            f.client,
+            64,
+            false,
+            &quoted(Kind::Udp, (f.client, 44998), (f.backend, 5353)),
+        ),
+        Counter::EgressNotReply,
+    ));
+    // The quote stops before the ports (the lengths say so).
+    let quote_cut = icmp_error(
+        (OUT_MAC, CLIENT_MAC),
+        f.backend,
+        f.client,
+        64,
+        false,
+        &quoted(Kind::Udp, (f.client, 44998), (f.backend, 5353))[..if v4 { 24 } else { 44 }],
+    );
+    cases.push(untouched(
+        "ICMP error whose quote stops before the ports",
+        quote_cut,
+        Counter::EgressMalformed,
+    ));
+    if v4 {
+        let mut arp = OUT_MAC.to_vec();
+        arp.extend_from_slice(&CLIENT_MAC);
+        arp.extend_from_slice(&[0x08, 0x06]);
+        arp.extend_from_slice(&[0, 1, 8, 0, 6, 4, 0, 1]);
+        arp.extend_from_slice(&OUT_MAC);
+        arp.extend_from_slice(&[203, 0, 113, 1]);
+        arp.extend_from_slice(&[0; 6]);
+        arp.extend_from_slice(&[198, 51, 100, 1]);
+        cases.push(untouched("an ARP request", arp, Counter::EgressNotIp));
+    }
+    cases
+}

@@ -98,6 +98,49 @@ fn announcement_follows_the_announced_set_and_the_registered_devices() {
 }
 
 #[test]
+fn egress_corpus() {
+    let lab = lab();
+    let mut cases = Vec::new();
+    for f in [V4, V6] {
+        let syn = corpus::to_service(&f, Kind::TcpSyn, f.vip, corpus::EGRESS_TRACKED_PORT);
+        assert_eq!(lab.xdp(&syn.build()).unwrap().0, XDP_REDIRECT, "{}", f.name);
+        cases.extend(corpus::egress_cases(&f));
+    }
+    // Every egress reason has a case, but a failed helper (BPF_PROG_TEST_RUN's skb is linear
+    // and writable, so the helpers do not fail there).
+    for counter in Counter::ALL {
+        if counter.name().starts_with("egress_") && counter != Counter::EgressRewriteFailed {
+            assert!(
+                cases.iter().any(|c| c.counter == counter),
+                "no egress case for {counter:?}"
+            );
+        }
+    }
+    let mut failures = Vec::new();
+    for case in &cases {
+        let before = lab.counter(case.counter).unwrap();
+        let (verdict, output) = lab.tc(&case.input).expect("test run");
+        let moved = lab.counter(case.counter).unwrap() - before;
+        let expected = case.expected_output();
+        if verdict as u32 != case.verdict || output != expected || moved != 1 {
+            failures.push(format!(
+                "case {:?}: verdict {verdict}, {:?} moved by {moved}\n{}",
+                case.name,
+                case.counter,
+                diff(expected, &output)
+            ));
+        }
+    }
+    assert!(
+        failures.is_empty(),
+        "{} of {} cases failed:\n{}",
+        failures.len(),
+        cases.len(),
+        failures.join("\n")
+    );
+}
+
+#[test]
 fn egress_restores_the_service_address_on_replies() {
     let lab = lab();
     for f in [V4, V6] {

@@ -53,10 +53,38 @@ pub mod defaults {
 
 pub const FAMILY_IPV4: u8 = 4;
 pub const FAMILY_IPV6: u8 = 6;
-pub const PROTO_TCP: u8 = 6;
-pub const PROTO_UDP: u8 = 17;
-pub const PROTO_ICMP: u8 = 1;
-pub const PROTO_ICMPV6: u8 = 58;
+// The ABI's protocol numbers (service keys, flows) are the wire's.
+pub use consts::{PROTO_ICMP, PROTO_ICMPV6, PROTO_TCP, PROTO_UDP};
+
+/// Protocol numbers as packets carry them, for the XDP and the TC programs alike.
+pub mod consts {
+    pub const PROTO_ICMP: u8 = 1;
+    pub const PROTO_TCP: u8 = 6;
+    pub const PROTO_UDP: u8 = 17;
+    pub const PROTO_ICMPV6: u8 = 58;
+
+    /// Ethertypes as they sit in the packet (big endian read natively).
+    pub const ETH_P_IPV4: u16 = 0x0800u16.to_be();
+    pub const ETH_P_IPV6: u16 = 0x86ddu16.to_be();
+    pub const ETH_P_ARP: u16 = 0x0806u16.to_be();
+    pub const ETH_P_8021Q: u16 = 0x8100u16.to_be();
+    pub const ETH_HLEN: usize = 14;
+    pub const VLAN_TAG_LEN: usize = 4;
+
+    /// The more-fragments flag and fragment offset of the IPv4 flags/offset word: any
+    /// fragment. Fragments are never translated: without reassembly only the first carries the
+    /// ports.
+    pub const IPV4_FRAGMENT_BITS: u16 = 0x3fff;
+
+    /// IPv6 extension headers (next-header values) the parser walks over or refuses.
+    pub const IPV6_HOP_BY_HOP: u8 = 0;
+    pub const IPV6_ROUTING: u8 = 43;
+    pub const IPV6_FRAGMENT: u8 = 44;
+    pub const IPV6_AUTH: u8 = 51;
+    pub const IPV6_DEST_OPTS: u8 = 60;
+    /// How many extension headers the parser follows before giving up (and passing the packet).
+    pub const IPV6_MAX_EXT_HEADERS: usize = 6;
+}
 
 /// Limits of the controller↔agent contract: the agent refuses a service set beyond them and the
 /// controller scales what it sends to fit (see `dataplane.proto`).
@@ -70,6 +98,27 @@ pub mod limits {
 
 /// An address as four 32-bit words in network byte order. IPv4 uses word 0 only.
 pub type Addr = [u32; 4];
+
+/// Compared word by word: a slice compare would become a memcmp call BPF cannot make.
+#[inline(always)]
+pub fn addr_eq(a: &Addr, b: &Addr) -> bool {
+    a[0] == b[0] && a[1] == b[1] && a[2] == b[2] && a[3] == b[3]
+}
+
+/// The 16 bytes of an IPv6 [`Addr`], as the packet holds them.
+#[inline(always)]
+pub fn addr_bytes(addr: &Addr) -> [u8; 16] {
+    let [a, b, c, d] = [
+        addr[0].to_ne_bytes(),
+        addr[1].to_ne_bytes(),
+        addr[2].to_ne_bytes(),
+        addr[3].to_ne_bytes(),
+    ];
+    [
+        a[0], a[1], a[2], a[3], b[0], b[1], b[2], b[3], c[0], c[1], c[2], c[3], d[0], d[1], d[2],
+        d[3],
+    ]
+}
 
 /// An IP address as the maps hold it: the [`Addr`] and its family.
 pub const fn encode_addr(ip: core::net::IpAddr) -> (Addr, u8) {
@@ -440,10 +489,25 @@ pub enum Counter {
     /// A neighbour solicitation for an announced address whose frame had no room for the
     /// advertisement (no tailroom to grow into): passed.
     AnnounceNoRoom = 25,
+    /// TC egress: not IPv4/IPv6; left untouched.
+    EgressNotIp = 26,
+    /// TC egress: IP, but neither TCP/UDP nor an ICMP error about a tracked flow; untouched.
+    EgressNotTcpUdp = 27,
+    /// TC egress: TCP or UDP (or an ICMP error's quote) not from a tracked backend; untouched.
+    EgressNotReply = 28,
+    /// TC egress: headers truncated or invalid; untouched.
+    EgressMalformed = 29,
+    /// TC egress: an IPv4 or IPv6 fragment; untouched.
+    EgressFragment = 30,
+    /// TC egress: IPv6 with a routing header still in use, or AH; untouched.
+    EgressUnsupported = 31,
+    /// TC egress: a kernel helper failed while a reply was rewritten (the packet leaves as the
+    /// helper left it).
+    EgressRewriteFailed = 32,
 }
 
 impl Counter {
-    pub const COUNT: u32 = 26;
+    pub const COUNT: u32 = 33;
     pub const ALL: [Counter; Self::COUNT as usize] = [
         Counter::PassNotIp,
         Counter::PassNotTcpUdp,
@@ -471,6 +535,13 @@ impl Counter {
         Counter::AnnounceMalformed,
         Counter::AnnounceNoDevice,
         Counter::AnnounceNoRoom,
+        Counter::EgressNotIp,
+        Counter::EgressNotTcpUdp,
+        Counter::EgressNotReply,
+        Counter::EgressMalformed,
+        Counter::EgressFragment,
+        Counter::EgressUnsupported,
+        Counter::EgressRewriteFailed,
     ];
 
     /// A stable snake_case name, used for metrics labels and `inspect`.
@@ -502,6 +573,13 @@ impl Counter {
             Counter::AnnounceMalformed => "announce_malformed",
             Counter::AnnounceNoDevice => "announce_no_device",
             Counter::AnnounceNoRoom => "announce_no_room",
+            Counter::EgressNotIp => "egress_not_ip",
+            Counter::EgressNotTcpUdp => "egress_not_tcp_udp",
+            Counter::EgressNotReply => "egress_not_reply",
+            Counter::EgressMalformed => "egress_malformed",
+            Counter::EgressFragment => "egress_fragment",
+            Counter::EgressUnsupported => "egress_unsupported",
+            Counter::EgressRewriteFailed => "egress_rewrite_failed",
         }
     }
 }
