@@ -18,10 +18,53 @@ use crate::{
     resources,
 };
 
+/// Why an object cannot enter the Snapshot. The message goes to the operator as is (a file
+/// error, a Kubernetes Event on the object).
+#[derive(Debug, thiserror::Error)]
+pub enum ConvertError {
+    /// The spec does not have the type's shape (a reflected object; the file provider reads
+    /// its documents strictly itself).
+    #[error("spec: {0}")]
+    Spec(#[from] serde_json::Error),
+    #[error("unknown label selector operator {operator:?}")]
+    UnknownSelectorOperator { operator: String },
+    #[error("listener {listener}: {problem}")]
+    Listener {
+        listener: String,
+        problem: Box<ConvertError>,
+    },
+    #[error("from: Selector needs a selector")]
+    SelectorMissing,
+    #[error("unknown allowedRoutes.namespaces.from {from:?}")]
+    UnknownFrom { from: String },
+    #[error("hostname and tls are not allowed for {protocol}")]
+    HostnameOrTls { protocol: String },
+    #[error("{kind} v1 has exactly one rule, found {rules}")]
+    OneRuleAtV1 { kind: &'static str, rules: usize },
+    #[error("{address:?} is not an IP address")]
+    NotAnIp { address: String },
+}
+
+impl ConvertError {
+    /// A bounded label for metrics and logs.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            ConvertError::Spec(_) => "spec",
+            ConvertError::Listener { problem, .. } => problem.kind(),
+            ConvertError::UnknownSelectorOperator { .. }
+            | ConvertError::SelectorMissing
+            | ConvertError::UnknownFrom { .. } => "selector",
+            ConvertError::HostnameOrTls { .. } => "listener",
+            ConvertError::OneRuleAtV1 { .. } => "rules",
+            ConvertError::NotAnIp { .. } => "address",
+        }
+    }
+}
+
 /// One Gateway API object's spec, read the way its provider reads: strictly from a manifest
 /// document, or from a reflected cluster object.
 pub trait ReadSpec {
-    type Error: From<String>;
+    type Error: From<ConvertError>;
     fn gateway_class(&self) -> Result<resources::GatewayClassSpec, Self::Error>;
     fn gateway(&self) -> Result<resources::GatewaySpec, Self::Error>;
     /// TCPRoute and UDPRoute share one spec.
@@ -106,7 +149,9 @@ pub fn gateway_class(
     }
 }
 
-fn label_selector(selector: &resources::LabelSelector) -> Result<model::LabelSelector, String> {
+fn label_selector(
+    selector: &resources::LabelSelector,
+) -> Result<model::LabelSelector, ConvertError> {
     let mut match_expressions = Vec::new();
     for r in &selector.match_expressions {
         let values = r.values.iter().cloned().collect();
@@ -116,7 +161,11 @@ fn label_selector(selector: &resources::LabelSelector) -> Result<model::LabelSel
             "NotIn" => LabelRequirement::NotIn(key, values),
             "Exists" => LabelRequirement::Exists(key),
             "DoesNotExist" => LabelRequirement::DoesNotExist(key),
-            other => return Err(format!("unknown label selector operator {other:?}")),
+            other => {
+                return Err(ConvertError::UnknownSelectorOperator {
+                    operator: other.to_owned(),
+                });
+            }
         });
     }
     Ok(model::LabelSelector {
@@ -125,8 +174,11 @@ fn label_selector(selector: &resources::LabelSelector) -> Result<model::LabelSel
     })
 }
 
-fn listener(l: &resources::ListenerSpec) -> Result<Listener, String> {
-    let context = |e: String| format!("listener {}: {e}", l.name);
+fn listener(l: &resources::ListenerSpec) -> Result<Listener, ConvertError> {
+    let context = |problem| ConvertError::Listener {
+        listener: l.name.clone(),
+        problem: Box::new(problem),
+    };
     let allowed = l.allowed_routes.clone().unwrap_or_default();
     let namespaces = allowed.namespaces.unwrap_or_default();
     let from = match namespaces.from.as_deref().unwrap_or("Same") {
@@ -136,20 +188,19 @@ fn listener(l: &resources::ListenerSpec) -> Result<Listener, String> {
             let selector = namespaces
                 .selector
                 .as_ref()
-                .ok_or_else(|| context("from: Selector needs a selector".into()))?;
+                .ok_or_else(|| context(ConvertError::SelectorMissing))?;
             FromNamespaces::Selector(label_selector(selector).map_err(context)?)
         }
         other => {
-            return Err(context(format!(
-                "unknown allowedRoutes.namespaces.from {other:?}"
-            )));
+            return Err(context(ConvertError::UnknownFrom {
+                from: other.to_owned(),
+            }));
         }
     };
     if (l.protocol == "TCP" || l.protocol == "UDP") && (l.hostname.is_some() || l.tls.is_some()) {
-        return Err(context(format!(
-            "hostname and tls are not allowed for {}",
-            l.protocol
-        )));
+        return Err(context(ConvertError::HostnameOrTls {
+            protocol: l.protocol.clone(),
+        }));
     }
     Ok(Listener {
         name: l.name.clone(),
@@ -171,7 +222,7 @@ pub fn gateway(
     id: ObjectRef,
     meta: Meta,
     spec: &resources::GatewaySpec,
-) -> Result<model::Gateway, String> {
+) -> Result<model::Gateway, ConvertError> {
     Ok(model::Gateway {
         id,
         meta,
@@ -200,13 +251,12 @@ pub fn route(
     parent_refs: &[resources::ParentReference],
     rules: &[resources::RouteRule],
     single_rule: bool,
-) -> Result<model::Route, String> {
+) -> Result<model::Route, ConvertError> {
     if single_rule && rules.len() > 1 {
-        return Err(format!(
-            "{} v1 has exactly one rule, found {}",
-            kind.kind(),
-            rules.len()
-        ));
+        return Err(ConvertError::OneRuleAtV1 {
+            kind: kind.kind(),
+            rules: rules.len(),
+        });
     }
     Ok(model::Route {
         kind,
@@ -285,7 +335,7 @@ pub fn service(service: &core::Service) -> model::Service {
 /// `Ok(None)` for a slice that belongs to no Service (no `kubernetes.io/service-name` label).
 pub fn endpoint_slice(
     slice: &discovery::EndpointSlice,
-) -> Result<Option<model::EndpointSlice>, String> {
+) -> Result<Option<model::EndpointSlice>, ConvertError> {
     let Some(service_name) = slice
         .metadata
         .labels
@@ -303,9 +353,9 @@ pub fn endpoint_slice(
             continue;
         }
         for address in &endpoint.addresses {
-            let ip: IpAddr = address
-                .parse()
-                .map_err(|_| format!("{address:?} is not an IP address"))?;
+            let ip: IpAddr = address.parse().map_err(|_| ConvertError::NotAnIp {
+                address: address.clone(),
+            })?;
             ready_addresses.push(ip);
             if let Some(node) = endpoint.node_name.as_ref().filter(|n| !n.is_empty()) {
                 nodes.insert(ip, node.clone());

@@ -239,9 +239,9 @@ impl From<serde_yaml::Error> for AddError {
     }
 }
 
-impl From<String> for AddError {
-    fn from(e: String) -> Self {
-        AddError::Other(e)
+impl From<convert::ConvertError> for AddError {
+    fn from(e: convert::ConvertError) -> Self {
+        AddError::Other(e.to_string())
     }
 }
 

@@ -22,7 +22,7 @@ use tracing::{info, warn};
 use super::{AgentDiscovery, Error, Settings};
 use crate::{
     agents::AgentTarget,
-    convert,
+    convert::{self, ConvertError},
     gateway_api::{GROUP, Kind, STATUS_API_VERSION},
     model::{ObjectRef, Snapshot},
     resources,
@@ -152,26 +152,26 @@ pub(super) struct Stores {
     pods: Store<Pod>,
 }
 
-fn spec<T: DeserializeOwned>(object: &DynamicObject) -> Result<T, String> {
+fn spec<T: DeserializeOwned>(object: &DynamicObject) -> Result<T, ConvertError> {
     let spec = object.data.get("spec").cloned().unwrap_or_default();
-    serde_json::from_value(spec).map_err(|e| format!("spec: {e}"))
+    Ok(serde_json::from_value(spec)?)
 }
 
 /// A reflected Gateway API object; unknown fields are the API server's business.
 struct ReflectedObject<'a>(&'a DynamicObject);
 
 impl convert::ReadSpec for ReflectedObject<'_> {
-    type Error = String;
-    fn gateway_class(&self) -> Result<resources::GatewayClassSpec, String> {
+    type Error = ConvertError;
+    fn gateway_class(&self) -> Result<resources::GatewayClassSpec, ConvertError> {
         spec(self.0)
     }
-    fn gateway(&self) -> Result<resources::GatewaySpec, String> {
+    fn gateway(&self) -> Result<resources::GatewaySpec, ConvertError> {
         spec(self.0)
     }
-    fn route(&self) -> Result<resources::TCPRouteSpec, String> {
+    fn route(&self) -> Result<resources::TCPRouteSpec, ConvertError> {
         spec(self.0)
     }
-    fn reference_grant(&self) -> Result<resources::ReferenceGrantSpec, String> {
+    fn reference_grant(&self) -> Result<resources::ReferenceGrantSpec, ConvertError> {
         spec(self.0)
     }
 }
@@ -278,10 +278,10 @@ impl Stores {
                     ),
                     None => Ok(()),
                 };
-                if let Err(message) = result {
+                if let Err(problem) = result {
                     invalid.push(Invalid {
                         object: reference(&object, resource),
-                        message,
+                        message: problem.to_string(),
                     });
                 }
                 if *kind != "ReferenceGrant" {
@@ -306,9 +306,9 @@ impl Stores {
             match convert::endpoint_slice(&slice) {
                 Ok(Some(slice)) => snapshot.endpoint_slices.push(slice),
                 Ok(None) => {}
-                Err(message) => invalid.push(Invalid {
+                Err(problem) => invalid.push(Invalid {
                     object: slice.object_ref(&()),
-                    message,
+                    message: problem.to_string(),
                 }),
             }
         }
