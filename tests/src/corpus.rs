@@ -730,24 +730,10 @@ fn pass_cases(f: &Family, cases: &mut Vec<Case>, port: &mut impl FnMut() -> u16)
         Expect::Unchanged,
         Counter::PassNotService,
     ));
-    let mut echo = Vec::new();
-    let eth = PacketBuilder::ethernet2(CLIENT_MAC, IN_MAC);
-    match (f.client, f.vip) {
-        (IpAddr::V4(c), IpAddr::V4(v)) => eth
-            .ipv4(c.octets(), v.octets(), 64)
-            .icmpv4_echo_request(1, 1)
-            .write(&mut echo, b"ping"),
-        (IpAddr::V6(c), IpAddr::V6(v)) => eth
-            .ipv6(c.octets(), v.octets(), 64)
-            .icmpv6_echo_request(1, 1)
-            .write(&mut echo, b"ping"),
-        _ => unreachable!(),
-    }
-    .unwrap();
     cases.push(case(
         f,
         "ICMP echo to the service address",
-        echo,
+        echo((CLIENT_MAC, IN_MAC), f.client, f.vip),
         XDP_PASS,
         Expect::Unchanged,
         Counter::PassNotTcpUdp,
@@ -949,6 +935,25 @@ pub fn icmp_error(
     out
 }
 
+/// An ICMP or ICMPv6 echo request ("ping") from `from` to `to`.
+fn echo(eth: ([u8; 6], [u8; 6]), from: IpAddr, to: IpAddr) -> Vec<u8> {
+    let mut echo = Vec::new();
+    let builder = PacketBuilder::ethernet2(eth.0, eth.1);
+    match (from, to) {
+        (IpAddr::V4(f), IpAddr::V4(t)) => builder
+            .ipv4(f.octets(), t.octets(), 64)
+            .icmpv4_echo_request(1, 1)
+            .write(&mut echo, b"ping"),
+        (IpAddr::V6(f), IpAddr::V6(t)) => builder
+            .ipv6(f.octets(), t.octets(), 64)
+            .icmpv6_echo_request(1, 1)
+            .write(&mut echo, b"ping"),
+        _ => unreachable!(),
+    }
+    .unwrap();
+    echo
+}
+
 /// TC's verdict for every egress case: the packet always leaves.
 pub const TC_ACT_OK: u32 = 0;
 
@@ -1058,23 +1063,9 @@ pub fn egress_cases(f: &Family) -> Vec<Case> {
             cases.push(untouched(name, extended, Counter::EgressUnsupported));
         }
     }
-    let mut echo = Vec::new();
-    let builder = PacketBuilder::ethernet2(OUT_MAC, CLIENT_MAC);
-    match (f.backend, f.client) {
-        (IpAddr::V4(b), IpAddr::V4(c)) => builder
-            .ipv4(b.octets(), c.octets(), 64)
-            .icmpv4_echo_request(1, 1)
-            .write(&mut echo, b"ping"),
-        (IpAddr::V6(b), IpAddr::V6(c)) => builder
-            .ipv6(b.octets(), c.octets(), 64)
-            .icmpv6_echo_request(1, 1)
-            .write(&mut echo, b"ping"),
-        _ => unreachable!(),
-    }
-    .unwrap();
     cases.push(untouched(
         "ICMP echo from the backend",
-        echo,
+        echo((OUT_MAC, CLIENT_MAC), f.backend, f.client),
         Counter::EgressNotTcpUdp,
     ));
     cases.push(untouched(

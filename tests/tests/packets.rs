@@ -18,11 +18,17 @@ fn lab() -> Lab {
     lab
 }
 
-fn run_cases(lab: &Lab, cases: &[Case]) -> Vec<String> {
+/// Runs each case through `hook` (the XDP or the TC program): verdict, exact bytes, and its
+/// counter moved by one.
+fn run_cases(
+    lab: &Lab,
+    cases: &[Case],
+    hook: impl Fn(&Lab, &[u8]) -> (u32, Vec<u8>),
+) -> Vec<String> {
     let mut failures = Vec::new();
     for case in cases {
         let before = lab.counter(case.counter).unwrap();
-        let (verdict, output) = lab.xdp(&case.input).expect("test run");
+        let (verdict, output) = hook(lab, &case.input);
         let moved = lab.counter(case.counter).unwrap() - before;
         let expected = case.expected_output();
         if verdict != case.verdict || output != expected || moved != 1 {
@@ -47,7 +53,7 @@ fn ingress_corpus() {
         "the corpus shrank to {} cases",
         cases.len()
     );
-    let failures = run_cases(&lab, &cases);
+    let failures = run_cases(&lab, &cases, |lab, input| lab.xdp(input).expect("test run"));
     assert!(
         failures.is_empty(),
         "{} of {} cases failed:\n{}",
@@ -116,21 +122,10 @@ fn egress_corpus() {
             );
         }
     }
-    let mut failures = Vec::new();
-    for case in &cases {
-        let before = lab.counter(case.counter).unwrap();
-        let (verdict, output) = lab.tc(&case.input).expect("test run");
-        let moved = lab.counter(case.counter).unwrap() - before;
-        let expected = case.expected_output();
-        if verdict as u32 != case.verdict || output != expected || moved != 1 {
-            failures.push(format!(
-                "case {:?}: verdict {verdict}, {:?} moved by {moved}\n{}",
-                case.name,
-                case.counter,
-                diff(expected, &output)
-            ));
-        }
-    }
+    let failures = run_cases(&lab, &cases, |lab, input| {
+        let (verdict, output) = lab.tc(input).expect("test run");
+        (verdict as u32, output)
+    });
     assert!(
         failures.is_empty(),
         "{} of {} cases failed:\n{}",
