@@ -773,11 +773,11 @@ fn pass_cases(f: &Family, cases: &mut Vec<Case>, port: &mut impl FnMut() -> u16)
     }
     if matches!(f.vip, IpAddr::V6(_)) {
         // An authentication header: rewriting would break its integrity check.
-        let mut authenticated = to_service(f, Kind::TcpData, f.vip, port()).build();
-        authenticated[14 + 6] = 51;
-        let payload_len = u16::from_be_bytes([authenticated[18], authenticated[19]]) + 16;
-        authenticated[18..20].copy_from_slice(&payload_len.to_be_bytes());
-        authenticated.splice(54..54, [6, 2, 0, 0, 0, 0, 1, 0, 0, 0, 0, 1, 0, 0, 0, 0]);
+        let authenticated = with_extension_header(
+            to_service(f, Kind::TcpData, f.vip, port()).build(),
+            51,
+            &[6, 2, 0, 0, 0, 0, 1, 0, 0, 0, 0, 1, 0, 0, 0, 0],
+        );
         cases.push(case(
             f,
             "IPv6 authentication header",
@@ -787,11 +787,11 @@ fn pass_cases(f: &Family, cases: &mut Vec<Case>, port: &mut impl FnMut() -> u16)
             Counter::PassUnsupported,
         ));
         // A routing header with segments left: the destination is not the final one.
-        let mut routed = to_service(f, Kind::TcpData, f.vip, port()).build();
-        routed[14 + 6] = 43;
-        let payload_len = u16::from_be_bytes([routed[18], routed[19]]) + 8;
-        routed[18..20].copy_from_slice(&payload_len.to_be_bytes());
-        routed.splice(54..54, [6, 0, 4, 1, 0, 0, 0, 0]);
+        let routed = with_extension_header(
+            to_service(f, Kind::TcpData, f.vip, port()).build(),
+            43,
+            &[6, 0, 4, 1, 0, 0, 0, 0],
+        );
         cases.push(case(
             f,
             "IPv6 routing header with segments left",
@@ -935,6 +935,16 @@ pub fn icmp_error(
     out
 }
 
+/// An untagged IPv6 TCP or UDP frame with one extension header (`next`: its type; `header`
+/// starts with the next-header byte) between the IPv6 header and the transport header.
+fn with_extension_header(mut frame: Vec<u8>, next: u8, header: &[u8]) -> Vec<u8> {
+    frame[14 + 6] = next;
+    let payload_len = u16::from_be_bytes([frame[18], frame[19]]) + header.len() as u16;
+    frame[18..20].copy_from_slice(&payload_len.to_be_bytes());
+    frame.splice(54..54, header.iter().copied());
+    frame
+}
+
 /// An ICMP or ICMPv6 echo request ("ping") from `from` to `to`.
 fn echo(eth: ([u8; 6], [u8; 6]), from: IpAddr, to: IpAddr) -> Vec<u8> {
     let mut echo = Vec::new();
@@ -1029,10 +1039,7 @@ pub fn egress_cases(f: &Family) -> Vec<Case> {
             .to_header();
         fragment[24..26].copy_from_slice(&header.calc_header_checksum().to_be_bytes());
     } else {
-        fragment[14 + 6] = 44;
-        let payload_len = u16::from_be_bytes([fragment[18], fragment[19]]) + 8;
-        fragment[18..20].copy_from_slice(&payload_len.to_be_bytes());
-        fragment.splice(54..54, [6, 0, 0, 1, 0, 0, 0, 1]);
+        fragment = with_extension_header(fragment, 44, &[6, 0, 0, 1, 0, 0, 0, 1]);
     }
     cases.push(untouched(
         "tracked reply, first fragment",
@@ -1054,12 +1061,7 @@ pub fn egress_cases(f: &Family) -> Vec<Case> {
             ),
         ];
         for (name, next, header) in extensions {
-            let mut extended = full.clone();
-            extended[14 + 6] = next;
-            let payload_len =
-                u16::from_be_bytes([extended[18], extended[19]]) + header.len() as u16;
-            extended[18..20].copy_from_slice(&payload_len.to_be_bytes());
-            extended.splice(54..54, header.iter().copied());
+            let extended = with_extension_header(full.clone(), next, header);
             cases.push(untouched(name, extended, Counter::EgressUnsupported));
         }
     }

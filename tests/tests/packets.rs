@@ -18,13 +18,9 @@ fn lab() -> Lab {
     lab
 }
 
-/// Runs each case through `hook` (the XDP or the TC program): verdict, exact bytes, and its
-/// counter moved by one.
-fn run_cases(
-    lab: &Lab,
-    cases: &[Case],
-    hook: impl Fn(&Lab, &[u8]) -> (u32, Vec<u8>),
-) -> Vec<String> {
+/// Runs each case through `hook` (the XDP or the TC program) and fails naming every case whose
+/// verdict, exact bytes or counter (moved by one) is wrong.
+fn run_cases(lab: &Lab, cases: &[Case], hook: impl Fn(&Lab, &[u8]) -> (u32, Vec<u8>)) {
     let mut failures = Vec::new();
     for case in cases {
         let before = lab.counter(case.counter).unwrap();
@@ -41,7 +37,13 @@ fn run_cases(
             ));
         }
     }
-    failures
+    assert!(
+        failures.is_empty(),
+        "{} of {} cases failed:\n{}",
+        failures.len(),
+        cases.len(),
+        failures.join("\n")
+    );
 }
 
 #[test]
@@ -53,14 +55,7 @@ fn ingress_corpus() {
         "the corpus shrank to {} cases",
         cases.len()
     );
-    let failures = run_cases(&lab, &cases, |lab, input| lab.xdp(input).expect("test run"));
-    assert!(
-        failures.is_empty(),
-        "{} of {} cases failed:\n{}",
-        failures.len(),
-        cases.len(),
-        failures.join("\n")
-    );
+    run_cases(&lab, &cases, |lab, input| lab.xdp(input).expect("test run"));
 }
 
 /// Announcement follows the map: an address withdrawn (removed, or its lease expired) is no
@@ -122,17 +117,10 @@ fn egress_corpus() {
             );
         }
     }
-    let failures = run_cases(&lab, &cases, |lab, input| {
+    run_cases(&lab, &cases, |lab, input| {
         let (verdict, output) = lab.tc(input).expect("test run");
         (verdict as u32, output)
     });
-    assert!(
-        failures.is_empty(),
-        "{} of {} cases failed:\n{}",
-        failures.len(),
-        cases.len(),
-        failures.join("\n")
-    );
 }
 
 #[test]
