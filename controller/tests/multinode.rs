@@ -5,13 +5,16 @@
 
 use std::{
     net::SocketAddr,
-    path::{Path, PathBuf},
-    process::{Child, Command, Stdio},
+    path::Path,
+    process::{Command, Stdio},
     time::{Duration, Instant},
 };
 
 use fulgur_proto::v1;
-use fulgur_testkit::fake_agent::{Fake, serve_until};
+use fulgur_testkit::{
+    fake_agent::{Fake, serve_until},
+    process::{ChildInDir, free_local_addr},
+};
 
 const LEASE: Duration = Duration::from_millis(300);
 const FAILOVER: Duration = Duration::from_millis(900);
@@ -57,26 +60,6 @@ endpoints:
   nodeName: n2
 - addresses: [203.0.113.3]
 "#;
-
-struct Controller {
-    child: Child,
-    dir: PathBuf,
-}
-
-impl Drop for Controller {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
-}
-
-fn free_addr() -> SocketAddr {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-}
 
 /// An agent on a fixed address that can be stopped and started again (a new agent process).
 struct Node {
@@ -165,8 +148,8 @@ async fn two_nodes_one_announcer_remote_backends_and_failover() {
     std::fs::write(dir.join("manifests/all.yaml"), MANIFESTS).unwrap();
     let status_file = dir.join("status.yaml");
     let mut nodes = [
-        Node::start(free_addr()).await,
-        Node::start(free_addr()).await,
+        Node::start(free_local_addr()).await,
+        Node::start(free_local_addr()).await,
     ];
     let child = Command::new(env!("CARGO_BIN_EXE_fulgur-controller"))
         .args(["--provider", "file", "--insecure"])
@@ -182,7 +165,7 @@ async fn two_nodes_one_announcer_remote_backends_and_failover() {
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
-    let _controller = Controller {
+    let _controller = ChildInDir {
         child,
         dir: dir.clone(),
     };

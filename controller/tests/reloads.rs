@@ -3,11 +3,12 @@
 
 use std::{
     io::{Read as _, Write as _},
-    net::{SocketAddr, TcpListener, TcpStream},
-    path::PathBuf,
-    process::{Child, Command, Stdio},
+    net::{SocketAddr, TcpStream},
+    process::{Command, Stdio},
     time::{Duration, Instant},
 };
+
+use fulgur_testkit::process::{ChildInDir, free_local_addr};
 
 const MANIFESTS: &str = r#"
 apiVersion: gateway.networking.k8s.io/v1
@@ -23,26 +24,6 @@ spec:
   addresses: [{type: IPAddress, value: 192.0.2.10}]
   listeners: [{name: tcp, port: 80, protocol: TCP}]
 "#;
-
-struct Controller {
-    child: Child,
-    dir: PathBuf,
-}
-
-impl Drop for Controller {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
-}
-
-fn free_port() -> SocketAddr {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-}
 
 /// `fulgur_controller_manifest_reads_total`, or None while /metrics does not answer.
 fn reads(metrics: SocketAddr) -> Option<u64> {
@@ -76,7 +57,7 @@ fn an_idle_folder_is_read_once_and_an_edit_once_more() {
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(dir.join("manifests")).unwrap();
     std::fs::write(dir.join("manifests/gateway.yaml"), MANIFESTS).unwrap();
-    let metrics = free_port();
+    let metrics = free_local_addr();
     let child = Command::new(env!("CARGO_BIN_EXE_fulgur-controller"))
         .args(["--provider", "file", "--insecure"])
         .arg("--manifests")
@@ -88,7 +69,7 @@ fn an_idle_folder_is_read_once_and_an_edit_once_more() {
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
-    let _controller = Controller {
+    let _controller = ChildInDir {
         child,
         dir: dir.clone(),
     };

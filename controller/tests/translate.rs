@@ -973,6 +973,18 @@ fn unsupported_route_kinds_on_a_listener_and_backend_kinds() {
     assert!(service.backends.is_empty() && service.reject_weight > 0);
 }
 
+/// Gateway `gw`'s Programmed condition after a translate: (status, reason, message).
+fn programmed(s: &Snapshot) -> (bool, String, String) {
+    let out = run(s);
+    let c = out.gateways[&ObjectRef::new("gateway-conformance-infra", "gw")]
+        .conditions
+        .iter()
+        .find(|c| c.type_ == "Programmed")
+        .cloned()
+        .unwrap();
+    (c.status, c.reason, c.message)
+}
+
 #[test]
 fn programmed_follows_what_the_agents_report() {
     let mut s = snapshot(
@@ -980,16 +992,6 @@ fn programmed_follows_what_the_agents_report() {
         vec![],
         vec![],
     );
-    let programmed = |s: &Snapshot| {
-        let out = run(s);
-        let c = out.gateways[&ObjectRef::new("gateway-conformance-infra", "gw")]
-            .conditions
-            .iter()
-            .find(|c| c.type_ == "Programmed")
-            .cloned()
-            .unwrap();
-        (c.status, c.reason, c.message)
-    };
     assert_eq!(programmed(&s), (true, "Programmed".into(), String::new()));
     s.dataplane = Dataplane::Pending("no agents found".into());
     assert_eq!(
@@ -1179,16 +1181,6 @@ fn programmed_needs_an_in_sync_announcer_for_each_address() {
         vec![],
         vec![],
     );
-    let programmed = |s: &Snapshot| {
-        let out = run(s);
-        let c = out.gateways[&ObjectRef::new("gateway-conformance-infra", "gw")]
-            .conditions
-            .iter()
-            .find(|c| c.type_ == "Programmed")
-            .cloned()
-            .unwrap();
-        (c.status, c.reason, c.message)
-    };
     let address: IpAddr = "192.0.2.10".parse().unwrap();
     assert_eq!(
         run(&s).announce,
