@@ -12,11 +12,14 @@ use std::{
 
 use anyhow::{Context as _, bail};
 use aya::programs::links::FdLink;
-use etherparse::{ArpHardwareId, ArpOperation, ArpPacket, EtherType, Icmpv6Type, PacketBuilder};
+use etherparse::{ArpOperation, Icmpv6Type, PacketBuilder};
 use fulgur_agent::dataplane::XdpAttachMode;
 use fulgur_proto::v1::{self, dataplane_client::DataplaneClient};
 
-use crate::netns::{NetNs, in_netns};
+use crate::{
+    corpus,
+    netns::{NetNs, in_netns},
+};
 
 pub const NODE_IFACE: &str = "nd0";
 pub const CLIENT_IFACE: &str = "cl0";
@@ -114,21 +117,23 @@ impl Link {
     }
 
     pub fn arp_request(&self, target: Ipv4Addr) -> Vec<u8> {
-        arp_frame(
+        corpus::arp_frame(
             ArpOperation::REQUEST,
             (self.client_mac, CLIENT),
             ([0; 6], target),
             (self.client_mac, [0xff; 6]),
+            None,
         )
     }
 
     /// The reply a neighbour that owns `target` sends (RFC 826), from the node's MAC.
     pub fn expected_arp_reply(&self, target: Ipv4Addr) -> Vec<u8> {
-        arp_frame(
+        corpus::arp_frame(
             ArpOperation::REPLY,
             (self.node_mac, target),
             (self.client_mac, CLIENT),
             (self.node_mac, self.client_mac),
+            None,
         )
     }
 
@@ -158,11 +163,12 @@ impl Link {
 
     /// The gratuitous ARP the node sends when it starts announcing `address` (RFC 5227).
     pub fn expected_gratuitous_arp(&self, address: Ipv4Addr) -> Vec<u8> {
-        arp_frame(
+        corpus::arp_frame(
             ArpOperation::REQUEST,
             (self.node_mac, address),
             ([0; 6], address),
             (self.node_mac, [0xff; 6]),
+            None,
         )
     }
 
@@ -280,30 +286,6 @@ impl Link {
             Ok(response)
         })
     }
-}
-
-fn arp_frame(
-    operation: ArpOperation,
-    sender: ([u8; 6], Ipv4Addr),
-    target: ([u8; 6], Ipv4Addr),
-    eth: ([u8; 6], [u8; 6]),
-) -> Vec<u8> {
-    let arp = ArpPacket::new(
-        ArpHardwareId::ETHERNET,
-        EtherType::IPV4,
-        operation,
-        &sender.0,
-        &sender.1.octets(),
-        &target.0,
-        &target.1.octets(),
-    )
-    .unwrap();
-    let mut out = Vec::new();
-    PacketBuilder::ethernet2(eth.0, eth.1)
-        .arp(arp)
-        .write(&mut out)
-        .unwrap();
-    out
 }
 
 fn advertisement(

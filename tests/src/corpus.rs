@@ -245,8 +245,8 @@ pub fn ingress_cases() -> Vec<Case> {
     cases
 }
 
-/// An ARP message on the lab's client network (untagged unless `vlan`).
-fn arp_frame(
+/// An ARP message (untagged unless `vlan`).
+pub fn arp_frame(
     operation: ArpOperation,
     sender: ([u8; 6], Ipv4Addr),
     target: ([u8; 6], Ipv4Addr),
