@@ -13,7 +13,14 @@ use std::{
 };
 
 use aya::maps::{HashMap, Map, MapData};
-use fulgur_common::{AnnounceDevice, AnnounceKey, csum, decode_addr, map_names};
+use fulgur_common::{
+    AnnounceDevice, AnnounceKey,
+    consts::{
+        self, ALL_NODES_MAC, ARP_REQUEST, ETH_P_ARP, ETH_P_IPV6, NA_OVERRIDE, NDP_ADVERTISEMENT,
+        NDP_HOP_LIMIT, NDP_OPTION_TARGET_LINK_LAYER,
+    },
+    csum, decode_addr, map_names,
+};
 use serde::Serialize;
 
 use crate::dataplane::Pins;
@@ -22,14 +29,7 @@ use crate::dataplane::Pins;
 pub const REPEATS: usize = 3;
 pub const INTERVAL: Duration = Duration::from_millis(200);
 
-const ETH_P_ARP: u16 = 0x0806;
-const ETH_P_IPV6: u16 = 0x86dd;
 const BROADCAST: [u8; 6] = [0xff; 6];
-/// ff02::1 and its Ethernet group address (RFC 2464).
-const ALL_NODES: Ipv6Addr = Ipv6Addr::new(0xff02, 0, 0, 0, 0, 0, 0, 1);
-const ALL_NODES_MAC: [u8; 6] = [0x33, 0x33, 0, 0, 0, 1];
-const NDP_ADVERTISEMENT: u8 = 136;
-const NA_OVERRIDE: u8 = 0x20;
 
 /// A gratuitous ARP request (RFC 5227 "ARP Announcement"): sender and target address are both
 /// `ip`, the target hardware address is zero, sent to broadcast.
@@ -37,8 +37,9 @@ pub fn gratuitous_arp(mac: [u8; 6], ip: Ipv4Addr) -> Vec<u8> {
     let mut frame = Vec::with_capacity(42);
     frame.extend_from_slice(&BROADCAST);
     frame.extend_from_slice(&mac);
-    frame.extend_from_slice(&ETH_P_ARP.to_be_bytes());
-    frame.extend_from_slice(&[0, 1, 0x08, 0x00, 6, 4, 0, 1]);
+    frame.extend_from_slice(&ETH_P_ARP.to_ne_bytes());
+    frame.extend_from_slice(&[0, 1, 0x08, 0x00, 6, 4]);
+    frame.extend_from_slice(&ARP_REQUEST.to_be_bytes());
     frame.extend_from_slice(&mac);
     frame.extend_from_slice(&ip.octets());
     frame.extend_from_slice(&[0; 6]);
@@ -52,11 +53,11 @@ pub fn unsolicited_advertisement(mac: [u8; 6], ip: Ipv6Addr) -> Vec<u8> {
     let mut icmp = Vec::with_capacity(32);
     icmp.extend_from_slice(&[NDP_ADVERTISEMENT, 0, 0, 0, NA_OVERRIDE, 0, 0, 0]);
     icmp.extend_from_slice(&ip.octets());
-    icmp.extend_from_slice(&[2, 1]);
+    icmp.extend_from_slice(&[NDP_OPTION_TARGET_LINK_LAYER, 1]);
     icmp.extend_from_slice(&mac);
     let mut pseudo = Vec::with_capacity(40 + icmp.len());
     pseudo.extend_from_slice(&ip.octets());
-    pseudo.extend_from_slice(&ALL_NODES.octets());
+    pseudo.extend_from_slice(&consts::ALL_NODES);
     pseudo.extend_from_slice(&(icmp.len() as u32).to_be_bytes());
     pseudo.extend_from_slice(&[0, 0, 0, fulgur_common::PROTO_ICMPV6]);
     pseudo.extend_from_slice(&icmp);
@@ -69,12 +70,12 @@ pub fn unsolicited_advertisement(mac: [u8; 6], ip: Ipv6Addr) -> Vec<u8> {
     let mut frame = Vec::with_capacity(14 + 40 + icmp.len());
     frame.extend_from_slice(&ALL_NODES_MAC);
     frame.extend_from_slice(&mac);
-    frame.extend_from_slice(&ETH_P_IPV6.to_be_bytes());
+    frame.extend_from_slice(&ETH_P_IPV6.to_ne_bytes());
     frame.extend_from_slice(&[0x60, 0, 0, 0]);
     frame.extend_from_slice(&(icmp.len() as u16).to_be_bytes());
-    frame.extend_from_slice(&[fulgur_common::PROTO_ICMPV6, 255]);
+    frame.extend_from_slice(&[consts::PROTO_ICMPV6, NDP_HOP_LIMIT]);
     frame.extend_from_slice(&ip.octets());
-    frame.extend_from_slice(&ALL_NODES.octets());
+    frame.extend_from_slice(&consts::ALL_NODES);
     frame.extend_from_slice(&icmp);
     frame
 }

@@ -2,9 +2,7 @@
 //! back out of the ingress device with its MAC (XDP_TX), so clients on the node network reach
 //! the addresses on-link. Only ARP frames and ICMPv6 reach this module: TCP and UDP never do.
 
-use aya_ebpf::{
-    bindings::xdp_action, helpers::generated::bpf_xdp_adjust_tail, programs::XdpContext,
-};
+use aya_ebpf::{bindings::xdp_action, programs::XdpContext};
 use fulgur_common::{
     Addr, AnnounceKey, Counter, FAMILY_IPV4, FAMILY_IPV6, PROTO_ICMPV6, addr_v4, addr_v6, csum,
 };
@@ -12,31 +10,23 @@ use fulgur_common::{
 use crate::{
     maps::{ANNOUNCE_DEVICES, ANNOUNCED},
     parse::{Frame, ptr_at},
-    reject::pseudo_tail,
+    reject::{pseudo_tail, resize},
     stats::count,
 };
 
 pub use fulgur_common::consts::ETH_P_ARP;
+use fulgur_common::consts::{
+    ALL_NODES, ALL_NODES_MAC, ARP_REPLY, ARP_REQUEST, NA_OVERRIDE, NA_SOLICITED, NDP_ADVERTISEMENT,
+    NDP_HOP_LIMIT, NDP_OPTION_TARGET_LINK_LAYER, NDP_SOLICITATION,
+};
 
 /// An Ethernet/IPv4 ARP message (RFC 826).
 const ARP_LEN: usize = 28;
-const ARP_REQUEST: u16 = 1;
-const ARP_REPLY: u16 = 2;
 const IPV6_LEN: usize = 40;
 /// A neighbour solicitation without options: type, code, checksum, reserved, target.
 const NS_LEN: usize = 24;
 /// The advertisement we send: type, code, checksum, flags, target, target link-layer option.
 const NA_LEN: usize = 32;
-const NDP_SOLICITATION: u8 = 135;
-const NDP_ADVERTISEMENT: u8 = 136;
-/// RFC 4861: NDP messages are sent with hop limit 255 and dropped with any other.
-const NDP_HOP_LIMIT: u8 = 255;
-const NA_SOLICITED: u8 = 0x40;
-const NA_OVERRIDE: u8 = 0x20;
-const OPTION_TARGET_LINK_LAYER: u8 = 2;
-/// All-nodes multicast (ff02::1) and its Ethernet group address (RFC 2464).
-const ALL_NODES: [u8; 16] = [0xff, 2, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1];
-const ALL_NODES_MAC: [u8; 6] = [0x33, 0x33, 0, 0, 0, 1];
 
 /// The MAC of the ingress device, if the agent registered it as client-facing.
 #[inline(always)]
@@ -198,13 +188,14 @@ fn advertise(ctx: &XdpContext, frame: &Frame) -> Result<Counter, Counter> {
         + word(NDP_ADVERTISEMENT, 0)
         + word(flags, 0)
         + csum::sum_addr(&target)
-        + word(OPTION_TARGET_LINK_LAYER, 1)
+        + word(NDP_OPTION_TARGET_LINK_LAYER, 1)
         + word(mac[0], mac[1])
         + word(mac[2], mac[3])
         + word(mac[4], mac[5]);
     let check = (!csum::fold(sum)).to_ne_bytes();
 
-    resize(ctx, l3 + IPV6_LEN + NA_LEN)?;
+    // No tailroom to grow into (a solicitation without options): passed, counted.
+    resize(ctx, l3 + IPV6_LEN + NA_LEN).map_err(|()| Counter::AnnounceNoRoom)?;
     // Everything below is re-derived from the new packet bounds.
     let out: *mut [u8; 14 + IPV6_LEN + NA_LEN] =
         ptr_at(ctx, 0).ok_or(Counter::AnnounceMalformed)?;
@@ -241,26 +232,8 @@ fn advertise(ctx: &XdpContext, frame: &Frame) -> Result<Counter, Counter> {
         icmp.add(8).cast::<Addr>().write_unaligned(target);
         icmp.add(24)
             .cast::<[u8; 2]>()
-            .write_unaligned([OPTION_TARGET_LINK_LAYER, 1]);
+            .write_unaligned([NDP_OPTION_TARGET_LINK_LAYER, 1]);
         icmp.add(26).cast::<[u8; 6]>().write_unaligned(mac);
     }
     Ok(Counter::NdpAnswered)
-}
-
-/// Grows or trims the frame to `len` bytes.
-#[inline(always)]
-fn resize(ctx: &XdpContext, len: usize) -> Result<(), Counter> {
-    // black_box keeps LLVM from folding this into arithmetic on data_end, which the verifier
-    // refuses.
-    let current = core::hint::black_box(ctx.data_end() - ctx.data());
-    let delta = len as i32 - current as i32;
-    if delta == 0 {
-        return Ok(());
-    }
-    // SAFETY: the helper validates the new length itself.
-    match unsafe { bpf_xdp_adjust_tail(ctx.ctx, delta) } {
-        0 => Ok(()),
-        // No tailroom to grow into (a solicitation without options): passed, counted.
-        _ => Err(Counter::AnnounceNoRoom),
-    }
 }

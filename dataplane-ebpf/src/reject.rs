@@ -120,9 +120,9 @@ fn ipv6_header(next: u8, payload_len: usize, src: &Addr, dst: &Addr) -> [u8; IPV
     h
 }
 
-/// Trims the frame to `len` bytes.
+/// Grows or trims the frame to `len` bytes.
 #[inline(always)]
-fn trim_to(ctx: &XdpContext, len: usize) -> Result<(), ()> {
+pub fn resize(ctx: &XdpContext, len: usize) -> Result<(), ()> {
     // black_box keeps LLVM from folding this into `len - data_end + data`: the verifier allows
     // `data_end - data`, but no arithmetic on data_end itself.
     let current = core::hint::black_box(ctx.data_end() - ctx.data());
@@ -181,7 +181,7 @@ fn tcp_reset(ctx: &XdpContext, frame: &Frame, pkt: &L4Packet) -> Result<Counter,
                     .add(IPV4_LEN)
                     .cast::<[u8; TCP_LEN]>()
                     .write_unaligned(reset);
-                trim_to(ctx, l3 + IPV4_LEN + TCP_LEN)?;
+                resize(ctx, l3 + IPV4_LEN + TCP_LEN)?;
             }
             Ip::V6(_) => {
                 let out: *mut [u8; IPV6_LEN + TCP_LEN] = ptr_at(ctx, l3).ok_or(())?;
@@ -191,7 +191,7 @@ fn tcp_reset(ctx: &XdpContext, frame: &Frame, pkt: &L4Packet) -> Result<Counter,
                     .add(IPV6_LEN)
                     .cast::<[u8; TCP_LEN]>()
                     .write_unaligned(reset);
-                trim_to(ctx, l3 + IPV6_LEN + TCP_LEN)?;
+                resize(ctx, l3 + IPV6_LEN + TCP_LEN)?;
             }
         }
     }
@@ -226,7 +226,7 @@ fn port_unreachable(ctx: &XdpContext, frame: &Frame, pkt: &L4Packet) -> Result<C
     if unsafe { bpf_xdp_adjust_head(ctx.ctx, -(grow as i32)) } != 0 {
         return Err(());
     }
-    trim_to(ctx, grow + l3 + quote)?;
+    resize(ctx, grow + l3 + quote)?;
     // Everything below is re-derived from the new packet bounds.
     // SAFETY: every pointer comes from ptr_at, which checks the new bounds.
     unsafe {

@@ -84,6 +84,21 @@ pub mod consts {
     pub const IPV6_DEST_OPTS: u8 = 60;
     /// How many extension headers the parser follows before giving up (and passing the packet).
     pub const IPV6_MAX_EXT_HEADERS: usize = 6;
+
+    /// ARP operations (RFC 826), host order.
+    pub const ARP_REQUEST: u16 = 1;
+    pub const ARP_REPLY: u16 = 2;
+    /// Neighbour discovery (RFC 4861): ICMPv6 types, the hop limit every NDP message carries,
+    /// the advertisement flags and the target link-layer address option.
+    pub const NDP_SOLICITATION: u8 = 135;
+    pub const NDP_ADVERTISEMENT: u8 = 136;
+    pub const NDP_HOP_LIMIT: u8 = 255;
+    pub const NA_SOLICITED: u8 = 0x40;
+    pub const NA_OVERRIDE: u8 = 0x20;
+    pub const NDP_OPTION_TARGET_LINK_LAYER: u8 = 2;
+    /// All-nodes multicast (ff02::1) and its Ethernet group address (RFC 2464).
+    pub const ALL_NODES: [u8; 16] = [0xff, 2, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1];
+    pub const ALL_NODES_MAC: [u8; 6] = [0x33, 0x33, 0, 0, 0, 1];
 }
 
 /// Limits of the controller↔agent contract: the agent refuses a service set beyond them and the
