@@ -679,7 +679,21 @@ impl AgentSync {
                         announce_lease_ms: view.lease_ms,
                     }),
                 };
-                match client.apply(request).await {
+                let answer = {
+                    let apply = client.apply(request);
+                    tokio::pin!(apply);
+                    tokio::select! {
+                        answer = &mut apply => answer,
+                        _ = tokio::time::sleep(self.announce.lease) => {
+                            // Unanswered for a lease (a node gone off the network): it renewed
+                            // no lease since, so it counts as lost and its addresses move after
+                            // the failover bound. The answer may still come.
+                            self.update(|r| r.facts.in_contact = false);
+                            apply.await
+                        }
+                    }
+                };
+                match answer {
                     Ok(response) => {
                         agent_generation = response.into_inner().applied_generation;
                         self.synced_once = true;
