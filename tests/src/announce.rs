@@ -140,20 +140,7 @@ impl Link {
     /// A solicitation as Linux sends it: to the solicited-node group, with our link-layer
     /// address.
     pub fn solicitation(&self, target: Ipv6Addr) -> Vec<u8> {
-        let o = target.octets();
-        let group = [
-            0xff, 2, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1, 0xff, o[13], o[14], o[15],
-        ];
-        let mut payload = o.to_vec();
-        payload.extend_from_slice(&[1, 1]);
-        payload.extend_from_slice(&self.client_mac);
-        let mut out = Vec::new();
-        PacketBuilder::ethernet2(self.client_mac, [0x33, 0x33, 0xff, o[13], o[14], o[15]])
-            .ipv6(CLIENT6.octets(), group, 255)
-            .icmpv6(Icmpv6Type::NeighborSolicitation)
-            .write(&mut out, &payload)
-            .unwrap();
-        out
+        solicitation_frame(self.client_mac, CLIENT6, target)
     }
 
     /// The solicited advertisement for `target` from the node's MAC (RFC 4861 7.2.4).
@@ -288,6 +275,25 @@ impl Link {
     }
 }
 
+/// A neighbour solicitation for `target` as Linux sends it: to the solicited-node group, with
+/// the sender's link-layer address.
+pub fn solicitation_frame(mac: [u8; 6], source: Ipv6Addr, target: Ipv6Addr) -> Vec<u8> {
+    let o = target.octets();
+    let group = [
+        0xff, 2, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1, 0xff, o[13], o[14], o[15],
+    ];
+    let mut payload = o.to_vec();
+    payload.extend_from_slice(&[1, 1]);
+    payload.extend_from_slice(&mac);
+    let mut out = Vec::new();
+    PacketBuilder::ethernet2(mac, [0x33, 0x33, 0xff, o[13], o[14], o[15]])
+        .ipv6(source.octets(), group, 255)
+        .icmpv6(Icmpv6Type::NeighborSolicitation)
+        .write(&mut out, &payload)
+        .unwrap();
+    out
+}
+
 fn advertisement(
     mac: [u8; 6],
     target: Ipv6Addr,
@@ -340,9 +346,10 @@ const PACKET_OUTGOING: u8 = 4;
 
 impl RawSocket {
     /// Opens it inside `ns` (a socket stays in the namespace it was made in).
-    pub fn open(ns: &NetNs, iface: &'static str) -> anyhow::Result<Self> {
+    pub fn open(ns: &NetNs, iface: &str) -> anyhow::Result<Self> {
+        let iface = iface.to_owned();
         in_netns(ns, move || {
-            let ifindex = fulgur_agent::dataplane::if_index(iface)?;
+            let ifindex = fulgur_agent::dataplane::if_index(&iface)?;
             // SAFETY: plain socket(2); the descriptor is owned at once.
             let fd = unsafe {
                 libc::socket(

@@ -10,6 +10,7 @@ pub mod forward_bench;
 pub mod kind_node;
 pub mod lab;
 pub mod loadgen;
+pub mod multinode;
 pub mod netns;
 pub mod packets;
 pub mod topology;

@@ -300,7 +300,8 @@ impl Topology {
 
 /// Attaches the trivial pass program to `iface` inside `ns`; the link lives as long as the
 /// returned handle.
-pub fn attach_pass(ns: &NetNs, iface: &'static str) -> anyhow::Result<FdLink> {
+pub fn attach_pass(ns: &NetNs, iface: &str) -> anyhow::Result<FdLink> {
+    let iface = iface.to_owned();
     in_netns(ns, move || {
         let pins = Pins::new(format!("/sys/fs/bpf/{}", unique_token("fgps")));
         let sizes = Sizes {
@@ -318,7 +319,7 @@ pub fn attach_pass(ns: &NetNs, iface: &'static str) -> anyhow::Result<FdLink> {
                 .program_mut(program_names::XDP_PASS)
                 .context("pass program")?
                 .try_into()?;
-            let id = program.attach(iface, aya::programs::XdpMode::Driver)?;
+            let id = program.attach(&iface, aya::programs::XdpMode::Driver)?;
             let link: FdLink = program.take_link(id)?.try_into()?;
             anyhow::Ok(link)
         })();

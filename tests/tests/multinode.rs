@@ -1,0 +1,358 @@
+//! Gateway addresses on a two-node kind cluster in namespaces (`fulgur_tests::multinode`): the
+//! real agent on every node, the real controller in the host namespace (standalone with
+//! `--agent NODE=URL`, or the Kubernetes provider against the fake API server with agent pods
+//! carrying `spec.nodeName`), Gateways without addresses given one from `--address-pool` on the
+//! node network. What the host sees:
+//! - it reaches each address on-link: exactly one node answers its ARP / NDP, the host's
+//!   neighbour entry holds that node's MAC, and TCP and UDP, IPv4 and IPv6, are answered by the
+//!   pods from the Gateway address;
+//! - an agent restarted (kill -9) on the announcing node keeps established flows, and the
+//!   address stays where it was;
+//! - the announcing node fails (cable out, agent killed) and its pods leave the EndpointSlice:
+//!   traffic comes back through the other node within 5 s (measured and printed), the host's
+//!   neighbour entry moves; when the node returns, the address goes back without overlap;
+//! - at no time do two nodes speak for one address (every ARP reply, gratuitous ARP and
+//!   advertisement is captured on the nodes' bridge ports during the whole test).
+
+use std::{
+    net::{IpAddr, SocketAddr},
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, bail, ensure};
+use fulgur_agent::{announce::mac_text, dataplane::XdpAttachMode};
+use fulgur_tests::multinode::{
+    Assigned, Bed, Controller, NODE_NAMES, Sessions, TCP_PORT, UDP_PORT, Watch, eventually,
+    exchanges, manifests, try_once,
+};
+
+/// New connections (and as many UDP flows) per address in a reachability check.
+const FLOWS: usize = 12;
+/// The bound of issue 12: traffic back within this long after the announcer fails.
+const FAILOVER_BOUND: Duration = Duration::from_secs(5);
+/// Whether a node forwards to pods on other nodes (SNAT). Without it the controller gives each
+/// agent its local pods only.
+const REMOTE_PODS: bool = false;
+/// How long one try during the failover waits for its answer (the measurement's resolution).
+const TRY_WAIT: Duration = Duration::from_millis(150);
+
+/// The controller reached a steady state: both Gateways Programmed, and the announcer of each
+/// address is the node the watch hears answering.
+struct Steady {
+    assigned: Vec<Assigned>,
+    owners: Vec<usize>,
+}
+
+impl Steady {
+    fn addresses(&self) -> Vec<IpAddr> {
+        self.assigned.iter().map(|a| a.address).collect()
+    }
+}
+
+fn all(bed: &Bed) -> Vec<usize> {
+    (0..bed.nodes()).collect()
+}
+
+fn targets(address: IpAddr) -> (SocketAddr, SocketAddr) {
+    (
+        SocketAddr::new(address, TCP_PORT),
+        SocketAddr::new(address, UDP_PORT),
+    )
+}
+
+fn programmed(bed: &Bed, controller: &Controller) -> anyhow::Result<Steady> {
+    let assigned = controller.wait_programmed(Duration::from_secs(20))?;
+    let owners = assigned
+        .iter()
+        .map(|a| bed.node_named(a.announcer.as_deref().expect("programmed")))
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    Ok(Steady { assigned, owners })
+}
+
+/// Each address: answered on-link by its announcer, the host's entry holds its MAC, and TCP
+/// and UDP reach the pods of the `serving` nodes that its announcer can forward to.
+fn reach(bed: &Bed, watch: &Watch, steady: &Steady, serving: &[usize]) -> anyhow::Result<()> {
+    let since = Instant::now();
+    for (address, owner) in steady.addresses().into_iter().zip(&steady.owners) {
+        watch.wait_answer(address, *owner, since, Duration::from_secs(3))?;
+        let (tcp, udp) = targets(address);
+        let answered = exchanges(&bed.cluster.host, tcp, udp, FLOWS)?;
+        let reachable: Vec<usize> = serving
+            .iter()
+            .copied()
+            .filter(|n| REMOTE_PODS || n == owner)
+            .collect();
+        let expected = bed.pods_of(&reachable);
+        for pod in &expected {
+            ensure!(
+                answered.contains(pod),
+                "{address}: {pod} never answered: {answered:?}"
+            );
+        }
+        ensure!(
+            answered.iter().all(|a| expected.contains(a)),
+            "{address}: answers from outside {expected:?}: {answered:?}"
+        );
+        let (lladdr, state) = bed
+            .host_neighbour(address)
+            .with_context(|| format!("no neighbour entry for {address}"))?;
+        ensure!(
+            lladdr == mac_text(bed.macs[*owner]),
+            "{address}: the host's entry is {lladdr} ({state}), not node {owner}'s {}",
+            mac_text(bed.macs[*owner])
+        );
+    }
+    Ok(())
+}
+
+fn one_announcer_each(
+    watch: &Watch,
+    addresses: &[IpAddr],
+    expected: &[Vec<usize>],
+) -> anyhow::Result<()> {
+    for (address, expected) in addresses.iter().zip(expected) {
+        let speakers = watch.speakers(*address);
+        ensure!(
+            &speakers == expected,
+            "{address}: spoken for by nodes {speakers:?} in turn, expected {expected:?}"
+        );
+    }
+    Ok(())
+}
+
+/// The addresses' speakers so far: `history[i]` for the address owned by `owner` at the start,
+/// with `failed` replaced as the steps moved it.
+fn speakers_by_owner(owners: &[usize], failed: usize, history: &[usize]) -> Vec<Vec<usize>> {
+    owners
+        .iter()
+        .map(|o| {
+            if *o == failed {
+                history.to_vec()
+            } else {
+                vec![*o]
+            }
+        })
+        .collect()
+}
+
+/// Which order a failed node comes back in.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Return {
+    /// Its agent restarts, then its cable goes back in.
+    AgentFirst,
+    /// The cable first: its dead agent's pinned dataplane is on the network again.
+    CableFirst,
+}
+
+fn scenario(bed: &mut Bed, controller: &Controller, back: Return) -> anyhow::Result<()> {
+    let steady = programmed(bed, controller)?;
+    let addresses = steady.addresses();
+    ensure!(
+        addresses[0].is_ipv4() && addresses[1].is_ipv6(),
+        "{addresses:?}"
+    );
+    eprintln!(
+        "assigned: {:?}",
+        addresses
+            .iter()
+            .zip(&steady.owners)
+            .map(|(a, o)| format!("{a} announced by {}", NODE_NAMES[*o]))
+            .collect::<Vec<_>>()
+    );
+    let watch = Watch::start(bed, &addresses)?;
+    reach(bed, &watch, &steady, &all(bed))?;
+    let owner = steady.owners[0];
+    restart_keeps_flows(bed, controller, &watch, &steady, owner)?;
+    let expected = speakers_by_owner(&steady.owners, owner, &[owner]);
+    one_announcer_each(&watch, &addresses, &expected)?;
+
+    let (survivor, pins) = failover(bed, controller, &watch, &steady, owner)?;
+    let expected = speakers_by_owner(&steady.owners, owner, &[owner, survivor]);
+    one_announcer_each(&watch, &addresses, &expected)?;
+
+    // The node returns with its pods: it wins its address back once the survivor gave it up.
+    match back {
+        Return::AgentFirst => {
+            bed.restart_agent(owner, pins)?;
+            bed.set_link(owner, true)?;
+        }
+        Return::CableFirst => {
+            bed.set_link(owner, true)?;
+            std::thread::sleep(Duration::from_secs(1));
+            one_announcer_each(&watch, &addresses, &expected)
+                .context("the failed node's cable back, its agent still dead")?;
+            bed.restart_agent(owner, pins)?;
+        }
+    }
+    controller.update(&manifests(&bed.cluster, &all(bed)))?;
+    eventually(
+        "the returning node announces again",
+        Duration::from_secs(10),
+        || programmed(bed, controller).is_ok_and(|s| s.owners == steady.owners),
+    )?;
+    let home = programmed(bed, controller)?;
+    reach(bed, &watch, &home, &all(bed))?;
+    let expected = speakers_by_owner(&steady.owners, owner, &[owner, survivor, owner]);
+    one_announcer_each(&watch, &addresses, &expected)
+}
+
+/// kill -9 and a restart of `owner`'s agent: established TCP connections and UDP flows to both
+/// addresses go on, on their pods, while it is down and after; the address stays on `owner`.
+fn restart_keeps_flows(
+    bed: &mut Bed,
+    controller: &Controller,
+    watch: &Watch,
+    steady: &Steady,
+    owner: usize,
+) -> anyhow::Result<()> {
+    let addresses = steady.addresses();
+    let sessions = Sessions::open(
+        &bed.cluster.host,
+        &addresses.iter().map(|a| targets(*a)).collect::<Vec<_>>(),
+        3,
+    )?;
+    let before = sessions.round()?;
+    let pins = bed.kill_agent(owner)?;
+    let while_down = sessions.round().context("while the agent is down")?;
+    ensure!(while_down == before, "{before:?} -> {while_down:?}");
+    bed.restart_agent(owner, pins)?;
+    // Ready: it cleared what the killed agent announced; what it answers now, it was told again.
+    let restarted = Instant::now();
+    let after = sessions.round().context("after the restart")?;
+    ensure!(after == before, "{before:?} -> {after:?}");
+    // Announced again by the restarted agent (it starts announcing nothing), not elsewhere.
+    let answered = watch.wait_answer(addresses[0], owner, restarted, Duration::from_secs(5))?;
+    eprintln!(
+        "{} XDP: {} restarted, answering for {} again after {:.2?}",
+        bed.mode.name(),
+        NODE_NAMES[owner],
+        addresses[0],
+        answered - restarted
+    );
+    let again = programmed(bed, controller)?;
+    ensure!(again.owners == steady.owners, "moved: {:?}", again.owners);
+    ensure!(sessions.round()? == before);
+    Ok(())
+}
+
+/// `failed` (announcing the IPv4 address) loses its cable and its agent; its pods leave the
+/// EndpointSlices. Every address answers through the other node within [`FAILOVER_BOUND`] of
+/// the failure, and the host's entries move. The survivor and the dead agent's pins.
+fn failover(
+    bed: &mut Bed,
+    controller: &Controller,
+    watch: &Watch,
+    steady: &Steady,
+    failed: usize,
+) -> anyhow::Result<(usize, std::path::PathBuf)> {
+    let addresses = steady.addresses();
+    let survivor = (0..bed.nodes()).find(|n| *n != failed).unwrap();
+    let failure = Instant::now();
+    bed.set_link(failed, false)?;
+    let pins = bed.kill_agent(failed)?;
+    let rest: Vec<usize> = (0..bed.nodes()).filter(|n| *n != failed).collect();
+    controller.update(&manifests(&bed.cluster, &rest))?;
+    let survivors_pods = bed.pods_of(&rest);
+    // Every address tried in turn, each until it answers through the survivor.
+    let mut back: Vec<Option<Duration>> = vec![None; addresses.len()];
+    let deadline = failure + Duration::from_secs(15);
+    while back.iter().any(Option::is_none) {
+        for (address, back) in addresses.iter().zip(back.iter_mut()) {
+            let (tcp, udp) = targets(*address);
+            if back.is_none()
+                && let Ok((t, u)) = try_once(&bed.cluster.host, tcp, udp, TRY_WAIT)
+                && survivors_pods.contains(&t)
+                && survivors_pods.contains(&u)
+            {
+                *back = Some(failure.elapsed());
+            }
+        }
+        if Instant::now() > deadline {
+            let heard: Vec<_> = watch
+                .heard()
+                .iter()
+                .filter(|h| h.at >= failure)
+                .map(|h| (h.node, h.address, h.said, h.at - failure))
+                .collect();
+            bail!(
+                "no traffic through node {survivor} 15 s after the failure: {back:?}; host entries {:?}; \
+                 heard since {heard:?}; its agent's log:\n{}",
+                addresses
+                    .iter()
+                    .map(|a| bed.host_neighbour(*a))
+                    .collect::<Vec<_>>(),
+                bed.agent(survivor)?.log_text()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    for ((address, owner), at) in addresses.iter().zip(&steady.owners).zip(&back) {
+        let at = at.expect("every address answered");
+        let spoke = watch
+            .heard_since(*address, survivor, failure)
+            .map(|h| h.at - failure);
+        eprintln!(
+            "{} XDP: {address} (announced by {} before) answered through {} {at:.2?} after the \
+             failure; {} spoke for it after {spoke:.2?}",
+            bed.mode.name(),
+            NODE_NAMES[*owner],
+            NODE_NAMES[survivor],
+            NODE_NAMES[survivor],
+        );
+        ensure!(at < FAILOVER_BOUND, "{address}: back after {at:?}");
+        let (lladdr, state) = bed.host_neighbour(*address).context("neighbour entry")?;
+        ensure!(
+            lladdr == mac_text(bed.macs[survivor]),
+            "{address}: the host's entry is {lladdr} ({state}), not {survivor}'s"
+        );
+    }
+    let after = programmed(bed, controller)?;
+    ensure!(
+        after.owners.iter().all(|o| *o == survivor),
+        "{:?}",
+        after.owners
+    );
+    reach(bed, watch, &after, &rest)?;
+    Ok((survivor, pins))
+}
+
+fn standalone(mode: XdpAttachMode, back: Return) -> anyhow::Result<()> {
+    let mut bed = Bed::new(2, mode)?;
+    let controller = bed.start_file_controller(&manifests(&bed.cluster, &all(&bed)))?;
+    let outcome = scenario(&mut bed, &controller, back);
+    if outcome.is_err() {
+        eprintln!("controller log:\n{}", controller.log_text());
+    }
+    outcome
+}
+
+#[test]
+fn standalone_two_nodes_native() -> anyhow::Result<()> {
+    standalone(XdpAttachMode::Native, Return::AgentFirst)
+}
+
+#[test]
+fn standalone_two_nodes_generic() -> anyhow::Result<()> {
+    standalone(XdpAttachMode::Generic, Return::AgentFirst)
+}
+
+/// The Kubernetes provider finds the agents through their DaemonSet pods (pod IP, the port
+/// named `grpc`, `spec.nodeName`) as the API server shows them.
+#[test]
+fn kubernetes_two_nodes_generic() -> anyhow::Result<()> {
+    let mut bed = Bed::new(2, XdpAttachMode::Generic)?;
+    let controller = bed.start_kube_controller(&manifests(&bed.cluster, &all(&bed)))?;
+    let outcome = scenario(&mut bed, &controller, Return::AgentFirst);
+    if outcome.is_err() {
+        eprintln!("controller log:\n{}", controller.log_text());
+    }
+    outcome
+}
+
+/// A node whose agent was killed keeps answering ARP / NDP from its pinned dataplane for the
+/// addresses it announced; once its cable is back, two nodes answer for the moved address.
+#[test]
+#[ignore = "known: a dead agent's pinned XDP responder never withdraws (no lease in the dataplane)"]
+fn a_dead_agents_node_does_not_answer_for_a_moved_address() -> anyhow::Result<()> {
+    standalone(XdpAttachMode::Generic, Return::CableFirst)
+}
