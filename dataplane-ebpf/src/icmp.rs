@@ -1,115 +1,245 @@
-//! XDP ingress: an ICMP error about a reply we sent from a service address (fragmentation
-//! needed, packet too big, unreachable, ...) goes on to the flow's backend, translated in both
-//! its outer and its quoted headers, so path MTU discovery works through the load balancer.
+//! ICMP errors about tracked flows (fragmentation needed, packet too big, unreachable, ...), both
+//! ways, through one quote reader ([`Quote::read`]) and one writer ([`Quote::rewrite`]) over
+//! XDP and TC, so path MTU discovery and port unreachable work through the load balancer:
+//! - XDP ingress ([`to_backend`]): an error about a reply we sent from a service address goes on
+//!   to the flow's backend, its outer destination and its quote's source made the backend's;
+//! - TC egress ([`to_client`]): an error a backend (or a router behind it) sends about a client's
+//!   packet has its quote made to read client → service, and a source that is the backend itself
+//!   becomes the service address, so the client's stack matches it to its socket.
 
-use aya_ebpf::programs::XdpContext;
+use aya_ebpf::programs::{TcContext, XdpContext};
 use fulgur_common::{
-    BACKEND_LIVE, Counter, FAMILY_IPV4, FAMILY_IPV6, FlowKey, PROTO_ICMP, PROTO_ICMPV6, PROTO_TCP,
-    PROTO_UDP, addr_bytes, addr_eq, addr_v4, addr_v6,
-    consts::IPV4_FRAGMENT_BITS,
+    Addr, BACKEND_LIVE, Counter, FAMILY_IPV4, FAMILY_IPV6, FlowKey, PROTO_ICMP, PROTO_ICMPV6,
+    PROTO_TCP, PROTO_UDP, addr_bytes, addr_eq, addr_v4, addr_v6,
     icmp::{self, Checksums, Rewrite, layout},
 };
 
 use crate::{
     forward::{self, Route},
-    maps::{BACKENDS, CONNTRACK},
-    parse::{ETH_P_IPV4, Frame, Ip, ptr_at},
-    stats::count,
+    maps::{BACKENDS, CONNTRACK, REVNAT},
+    parse::{ETH_P_IPV4, Frame, Ip, Packet, Store, ptr_at, read_at},
 };
 
 /// Bytes of the quoted TCP header needed to reach its checksum.
 const TCP_CHECK_END: usize = 18;
 const UDP_CHECK_END: usize = 8;
 
-#[inline(always)]
-fn read<T: Copy>(ctx: &XdpContext, offset: usize) -> Result<T, Counter> {
-    let p: *const T = ptr_at(ctx, offset).ok_or(Counter::PassNotTcpUdp)?;
-    // SAFETY: bounds checked by ptr_at.
-    Ok(unsafe { p.read_unaligned() })
+/// An end of the quoted packet: index 0 of [`Quote::addrs`] and [`Quote::ports`], or 1.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum End {
+    Source = 0,
+    Destination = 1,
 }
 
-#[inline(always)]
-fn write<T>(ctx: &XdpContext, offset: usize, value: T) -> Result<(), Counter> {
-    let p: *mut T = ptr_at(ctx, offset).ok_or(Counter::PassNotTcpUdp)?;
-    // SAFETY: bounds checked by ptr_at.
-    unsafe { p.write_unaligned(value) };
-    Ok(())
+/// An ICMP error about a TCP or UDP packet, both headers without IPv4 options or IPv6
+/// extension headers (what routers and hosts send), quoting at least the ports.
+struct Quote {
+    l3: usize,
+    v6: bool,
+    /// The quoted packet's protocol, TCP or UDP.
+    proto: u8,
+    /// The error datagram's length, as its outer header says.
+    len: usize,
+    /// The quoted packet's (source, destination) addresses and ports (ports as in the packet).
+    addrs: [Addr; 2],
+    ports: [u16; 2],
 }
 
-/// Handles an ICMP/ICMPv6 packet. Anything that is not an error about a tracked flow passes
-/// (counted as "not TCP/UDP").
+impl Quote {
+    /// Reads the error at `l3`, which the parser found valid, held by the packet and neither
+    /// TCP nor UDP. Errors in ingress's words: not an error about TCP/UDP, or malformed.
+    #[inline(always)]
+    fn read(ctx: &impl Packet, l3: usize, v6: bool) -> Result<Quote, Counter> {
+        let not_ours = Counter::PassNotTcpUdp;
+        let malformed = Counter::PassMalformed;
+        let (icmp_at, inner_ip, inner_l4) = offsets(v6);
+        let outer_proto: u8 = read_at(ctx, l3 + if v6 { 6 } else { 9 }).ok_or(not_ours)?;
+        let icmp_type: u8 = read_at(ctx, l3 + icmp_at).ok_or(not_ours)?;
+        let is_error = if v6 {
+            outer_proto == PROTO_ICMPV6 && icmp::is_icmpv6_error(icmp_type)
+        } else {
+            outer_proto == PROTO_ICMP && icmp::is_icmpv4_error(icmp_type)
+        };
+        // IPv4 without options (IPv6 without extension headers: ICMPv6 follows directly).
+        let plain = v6 || read_at::<u8>(ctx, l3).ok_or(not_ours)? == 0x45;
+        if !is_error || !plain {
+            return Err(not_ours);
+        }
+        // The quoted addresses and protocol.
+        let (addrs, proto, len) = if v6 {
+            let payload_len: [u8; 2] = read_at(ctx, l3 + 4).ok_or(malformed)?;
+            (
+                [
+                    addr_v6(read_at(ctx, l3 + inner_ip + 8).ok_or(malformed)?),
+                    addr_v6(read_at(ctx, l3 + inner_ip + 24).ok_or(malformed)?),
+                ],
+                read_at::<u8>(ctx, l3 + inner_ip + 6).ok_or(malformed)?,
+                40 + u16::from_be_bytes(payload_len) as usize,
+            )
+        } else {
+            let total_len: [u8; 2] = read_at(ctx, l3 + 2).ok_or(malformed)?;
+            let inner: [u8; 20] = read_at(ctx, l3 + inner_ip).ok_or(malformed)?;
+            if inner[0] != 0x45 {
+                return Err(not_ours);
+            }
+            (
+                [
+                    addr_v4([inner[12], inner[13], inner[14], inner[15]]),
+                    addr_v4([inner[16], inner[17], inner[18], inner[19]]),
+                ],
+                inner[9],
+                u16::from_be_bytes(total_len) as usize,
+            )
+        };
+        if !(proto == PROTO_TCP || proto == PROTO_UDP) {
+            return Err(not_ours);
+        }
+        // The datagram must quote at least the ports.
+        if len < inner_l4 + 8 {
+            return Err(malformed);
+        }
+        Ok(Quote {
+            l3,
+            v6,
+            proto,
+            len,
+            addrs,
+            ports: read_at(ctx, l3 + inner_l4).ok_or(malformed)?,
+        })
+    }
+
+    /// Whether the outer header holds the quoted address at `end` at the other end: the error
+    /// goes to the quote's source, or comes from the quote's destination.
+    #[inline(always)]
+    fn outer_holds(&self, ctx: &impl Packet, end: End) -> Result<bool, Counter> {
+        let (src_at, dst_at) = addr_offsets(self.v6);
+        let at = self.l3 + if end == End::Source { dst_at } else { src_at };
+        let outer = if self.v6 {
+            addr_v6(read_at(ctx, at).ok_or(Counter::PassMalformed)?)
+        } else {
+            addr_v4(read_at(ctx, at).ok_or(Counter::PassMalformed)?)
+        };
+        Ok(addr_eq(&outer, &self.addrs[end as usize]))
+    }
+
+    /// The flow the quoted packet answers (its addresses and ports swapped), as the flow maps
+    /// key it: the client's flow for a quoted reply, the backend's reply for a quoted request.
+    #[inline(always)]
+    fn answered_flow(&self) -> FlowKey {
+        FlowKey {
+            src: self.addrs[1],
+            dst: self.addrs[0],
+            src_port: self.ports[1],
+            dst_port: self.ports[0],
+            proto: self.proto,
+            family: if self.v6 { FAMILY_IPV6 } else { FAMILY_IPV4 },
+            pad: [0; 2],
+        }
+    }
+
+    /// Rewrites the quote's `end` to `addr` and `port`, and, if `outer` (see
+    /// [`Quote::outer_holds`]), the outer address that held the same address, with every
+    /// checksum the error carries.
+    #[inline(always)]
+    fn rewrite(
+        &self,
+        ctx: &impl Store,
+        end: End,
+        (addr, port): (&Addr, u16),
+        outer: bool,
+    ) -> Result<(), Counter> {
+        let (l3, v6) = (self.l3, self.v6);
+        let (icmp_at, inner_ip, inner_l4) = offsets(v6);
+        let malformed = Counter::PassMalformed;
+        let check_end = if self.proto == PROTO_TCP {
+            TCP_CHECK_END
+        } else {
+            UDP_CHECK_END
+        };
+        let l4_check_at = l3 + inner_l4 + check_end - 2;
+        let old = Checksums {
+            outer_ip: if v6 {
+                0
+            } else {
+                read_at(ctx, l3 + 10).ok_or(malformed)?
+            },
+            icmp: read_at(ctx, l3 + icmp_at + 2).ok_or(malformed)?,
+            inner_ip: if v6 {
+                0
+            } else {
+                read_at(ctx, l3 + inner_ip + 10).ok_or(malformed)?
+            },
+            inner_l4: if inner_l4 + check_end <= self.len {
+                Some(read_at(ctx, l4_check_at).ok_or(malformed)?)
+            } else {
+                None // The quote stops before the checksum.
+            },
+        };
+        let new = icmp::rewritten(
+            &Rewrite {
+                v6,
+                addr: (&self.addrs[end as usize], addr),
+                port: (self.ports[end as usize], port),
+                udp: self.proto == PROTO_UDP,
+                outer,
+            },
+            &old,
+        );
+        let (src_at, dst_at) = addr_offsets(v6);
+        let (quoted_at, outer_at) = match end {
+            End::Source => (l3 + inner_ip + src_at, l3 + dst_at),
+            End::Destination => (l3 + inner_ip + dst_at, l3 + src_at),
+        };
+        if v6 {
+            ctx.store_at(quoted_at, addr_bytes(addr))?;
+            if outer {
+                ctx.store_at(outer_at, addr_bytes(addr))?;
+            }
+        } else {
+            ctx.store_at(quoted_at, addr[0])?;
+            ctx.store_at(l3 + inner_ip + 10, new.inner_ip)?;
+            if outer {
+                ctx.store_at(outer_at, addr[0])?;
+                ctx.store_at(l3 + 10, new.outer_ip)?;
+            }
+        }
+        ctx.store_at(l3 + inner_l4 + 2 * end as usize, port)?;
+        if let Some(check) = new.inner_l4 {
+            ctx.store_at(l4_check_at, check)?;
+        }
+        ctx.store_at(l3 + icmp_at + 2, new.icmp)
+    }
+}
+
+/// (source, destination) address offsets in an IPv4 or IPv6 header.
 #[inline(always)]
-pub fn to_backend(ctx: &XdpContext, frame: &Frame) -> Result<u32, Counter> {
-    let l3 = frame.l3;
-    let v6 = frame.ether_type != ETH_P_IPV4;
-    let (icmp_at, inner_ip, inner_l4) = if v6 {
+fn addr_offsets(v6: bool) -> (usize, usize) {
+    if v6 { (8, 24) } else { (12, 16) }
+}
+
+/// (ICMP header, quoted IP header, quoted TCP/UDP header) offsets from the outer IP header.
+#[inline(always)]
+fn offsets(v6: bool) -> (usize, usize, usize) {
+    if v6 {
         (layout::V6_ICMP, layout::V6_INNER_IP, layout::V6_INNER_L4)
     } else {
         (layout::V4_ICMP, layout::V4_INNER_IP, layout::V4_INNER_L4)
-    };
-    // The outer header: no options or extension headers, not a fragment, carrying ICMP.
-    let (outer_dst, inner_proto, quoted_src, quoted_dst, family, ip_len) = if v6 {
-        let next: u8 = read(ctx, l3 + 6)?;
-        let payload_len = u16::from_be_bytes(read(ctx, l3 + 4)?) as usize;
-        let icmp_type: u8 = read(ctx, l3 + icmp_at)?;
-        let inner_next: u8 = read(ctx, l3 + inner_ip + 6)?;
-        if next != PROTO_ICMPV6 || !icmp::is_icmpv6_error(icmp_type) {
-            return Err(Counter::PassNotTcpUdp);
-        }
-        (
-            addr_v6(read(ctx, l3 + 24)?),
-            inner_next,
-            addr_v6(read(ctx, l3 + inner_ip + 8)?),
-            addr_v6(read(ctx, l3 + inner_ip + 24)?),
-            FAMILY_IPV6,
-            40 + payload_len,
-        )
-    } else {
-        let outer: [u8; 20] = read(ctx, l3)?;
-        let inner: [u8; 20] = read(ctx, l3 + inner_ip)?;
-        let icmp_type: u8 = read(ctx, l3 + icmp_at)?;
-        let frags = u16::from_be_bytes([outer[6], outer[7]]);
-        if outer[0] != 0x45
-            || outer[9] != PROTO_ICMP
-            || frags & IPV4_FRAGMENT_BITS != 0
-            || !icmp::is_icmpv4_error(icmp_type)
-            || inner[0] != 0x45
-        {
-            return Err(Counter::PassNotTcpUdp);
-        }
-        (
-            addr_v4([outer[16], outer[17], outer[18], outer[19]]),
-            inner[9],
-            addr_v4([inner[12], inner[13], inner[14], inner[15]]),
-            addr_v4([inner[16], inner[17], inner[18], inner[19]]),
-            FAMILY_IPV4,
-            u16::from_be_bytes([outer[2], outer[3]]) as usize,
-        )
-    };
-    // The datagram must quote at least the ports, and the frame must hold the datagram.
-    // black_box: LLVM would otherwise use this to drop the bounds checks below, which the
-    // verifier needs to see.
-    if ip_len < inner_l4 + 8 || core::hint::black_box(ctx.data() + l3 + ip_len) > ctx.data_end() {
-        return Err(Counter::PassMalformed);
     }
-    // The quote is a reply we sent: from the service address (where this error arrives) to a
-    // client.
-    if !(inner_proto == PROTO_TCP || inner_proto == PROTO_UDP) || !addr_eq(&quoted_src, &outer_dst)
-    {
+}
+
+/// XDP ingress: an error about a reply of a tracked flow (quoting service → client, sent to the
+/// service address) goes on to the flow's backend, quoting backend → client. Anything else
+/// passes, counted as "not TCP/UDP" (or malformed, not a service flow).
+#[inline(always)]
+pub fn to_backend(ctx: &XdpContext, frame: &Frame) -> Result<u32, Counter> {
+    let v6 = frame.ether_type != ETH_P_IPV4;
+    let quote = Quote::read(ctx, frame.l3, v6)?;
+    // The quote is a reply we sent: from the service address, where this error arrives.
+    if !quote.outer_holds(ctx, End::Source)? {
         return Err(Counter::PassNotTcpUdp);
     }
-    let quoted_ports: [u16; 2] = read(ctx, l3 + inner_l4)?;
-    let flow = FlowKey {
-        src: quoted_dst,
-        dst: quoted_src,
-        src_port: quoted_ports[1],
-        dst_port: quoted_ports[0],
-        proto: inner_proto,
-        family,
-        pad: [0; 2],
-    };
     // SAFETY: LRU values are read once into locals.
-    let ct = unsafe { CONNTRACK.get(flow) }.ok_or(Counter::PassNotService)?;
+    let ct = unsafe { CONNTRACK.get(quote.answered_flow()) }.ok_or(Counter::PassNotService)?;
     let (backend_id, backend_addr, backend_port) =
         (ct.backend_id, ct.backend_addr, ct.backend_port);
     let backend = BACKENDS.get(backend_id).ok_or(Counter::PassNotService)?;
@@ -119,57 +249,19 @@ pub fn to_backend(ctx: &XdpContext, frame: &Frame) -> Result<u32, Counter> {
     {
         return Err(Counter::PassNotService);
     }
-
-    let check_end = if inner_proto == PROTO_TCP {
-        TCP_CHECK_END
+    quote.rewrite(ctx, End::Source, (&backend_addr, backend_port), true)?;
+    crate::stats::count(Counter::IcmpToBackend);
+    let (ip, proto) = if v6 {
+        (
+            Ip::V6(ptr_at(ctx, frame.l3).ok_or(Counter::PassMalformed)?),
+            PROTO_ICMPV6,
+        )
     } else {
-        UDP_CHECK_END
+        (
+            Ip::V4(ptr_at(ctx, frame.l3).ok_or(Counter::PassMalformed)?),
+            PROTO_ICMP,
+        )
     };
-    let inner_l4_check_at = l3 + inner_l4 + check_end - 2;
-    let quoted_l4_check: Option<u16> = if inner_l4 + check_end <= ip_len {
-        Some(read(ctx, inner_l4_check_at)?)
-    } else {
-        None // The quote stops before the checksum.
-    };
-    let old = Checksums {
-        outer_ip: if v6 { 0 } else { read(ctx, l3 + 10)? },
-        icmp: read(ctx, l3 + icmp_at + 2)?,
-        inner_ip: if v6 {
-            0
-        } else {
-            read(ctx, l3 + inner_ip + 10)?
-        },
-        inner_l4: quoted_l4_check,
-    };
-    let rewrite = Rewrite {
-        v6,
-        inner_addr: (quoted_src, backend_addr),
-        inner_port: (quoted_ports[0], backend_port),
-        udp: inner_proto == PROTO_UDP,
-        outer_addr: Some((outer_dst, backend_addr)),
-    };
-    let new = icmp::rewritten(&rewrite, &old);
-    if v6 {
-        write(ctx, l3 + 24, addr_bytes(&backend_addr))?;
-        write(ctx, l3 + inner_ip + 8, addr_bytes(&backend_addr))?;
-    } else {
-        write(ctx, l3 + 16, backend_addr[0])?;
-        write(ctx, l3 + 10, new.outer_ip)?;
-        write(ctx, l3 + inner_ip + 12, backend_addr[0])?;
-        write(ctx, l3 + inner_ip + 10, new.inner_ip)?;
-    }
-    write(ctx, l3 + inner_l4, backend_port)?;
-    write(ctx, l3 + icmp_at + 2, new.icmp)?;
-    if let Some(check) = new.inner_l4 {
-        write(ctx, inner_l4_check_at, check)?;
-    }
-    count(Counter::IcmpToBackend);
-    let ip = if v6 {
-        Ip::V6(ptr_at(ctx, l3).ok_or(Counter::PassNotTcpUdp)?)
-    } else {
-        Ip::V4(ptr_at(ctx, l3).ok_or(Counter::PassNotTcpUdp)?)
-    };
-    let proto = if v6 { PROTO_ICMPV6 } else { PROTO_ICMP };
     Ok(forward::forward(
         ctx,
         frame,
@@ -180,4 +272,19 @@ pub fn to_backend(ctx: &XdpContext, frame: &Frame) -> Result<u32, Counter> {
         },
         backend_id,
     ))
+}
+
+/// TC egress: an error about a tracked flow's request (quoting client → backend) is made to
+/// quote client → service; `Ok(IcmpToClient)`, or why it leaves untouched, in ingress's words
+/// (`PassNotService`: no such flow) or `EgressRewriteFailed`.
+#[inline(always)]
+pub fn to_client(ctx: &TcContext, l3: usize, v6: bool) -> Result<Counter, Counter> {
+    let quote = Quote::read(ctx, l3, v6)?;
+    // SAFETY: read once into locals; LRU values are replaced whole.
+    let restore = unsafe { REVNAT.get(quote.answered_flow()) }.ok_or(Counter::PassNotService)?;
+    let (vip, vip_port) = (restore.vip, restore.vip_port);
+    // A router behind the backend keeps its own source address.
+    let from_backend = quote.outer_holds(ctx, End::Destination)?;
+    quote.rewrite(ctx, End::Destination, (&vip, vip_port), from_backend)?;
+    Ok(Counter::IcmpToClient)
 }

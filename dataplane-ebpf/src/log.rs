@@ -31,29 +31,30 @@ fn enabled(level: u8) -> bool {
     level <= FULGUR_LOG_LEVEL.load()
 }
 
-/// Writes one record; a full ring loses it (the reader counts what it reads).
-#[inline(always)]
-fn emit(record: LogRecord) {
-    if let Some(mut entry) = FULGUR_LOG.reserve::<LogRecord>(0) {
-        entry.write(record);
-        entry.submit(0);
-    }
+/// Writes one record, `$fill(record, $args...)` filling it in place in the ring: built on the
+/// stack first, it would take 48 of the ingress program's last bytes (and a closure, which
+/// LLVM may leave uninlined, a BPF call frame). A full ring loses it (the reader counts what
+/// it reads).
+macro_rules! emit {
+    ($fill:ident($($arg:expr),*)) => {
+        if let Some(mut entry) = FULGUR_LOG.reserve::<LogRecord>(0) {
+            $fill(entry.write(LogRecord::default()), $($arg),*);
+            entry.submit(0);
+        }
+    };
 }
 
 #[inline(always)]
-fn flow_record(level: u8, reason: Counter, flow: &FlowKey, value: u32) -> LogRecord {
-    LogRecord {
-        reason: reason as u32,
-        level,
-        family: flow.family,
-        proto: flow.proto,
-        pad: 0,
-        src_port: flow.src_port,
-        dst_port: flow.dst_port,
-        src: flow.src,
-        dst: flow.dst,
-        value,
-    }
+fn flow_record(record: &mut LogRecord, level: u8, reason: Counter, flow: &FlowKey, value: u32) {
+    record.reason = reason as u32;
+    record.level = level;
+    record.family = flow.family;
+    record.proto = flow.proto;
+    record.src_port = flow.src_port;
+    record.dst_port = flow.dst_port;
+    record.src = flow.src;
+    record.dst = flow.dst;
+    record.value = value;
 }
 
 /// (family, source, destination) of a bounds-checked IP header.
@@ -80,27 +81,25 @@ fn ip_addrs(ip: Ip) -> (u8, Addr, Addr) {
 #[inline(always)]
 pub fn redirect_failed(route: &Route, ifindex: u32) {
     if enabled(WARN) {
-        let (family, src, dst) = ip_addrs(route.ip);
-        emit(LogRecord {
-            reason: Counter::RedirectFailed as u32,
-            level: WARN,
-            family,
-            proto: route.proto,
-            pad: 0,
-            src_port: route.ports.0,
-            dst_port: route.ports.1,
-            src,
-            dst,
-            value: ifindex,
-        });
+        emit!(route_record(route, ifindex));
     }
+}
+
+#[inline(always)]
+fn route_record(record: &mut LogRecord, route: &Route, ifindex: u32) {
+    (record.family, record.src, record.dst) = ip_addrs(route.ip);
+    record.reason = Counter::RedirectFailed as u32;
+    record.level = WARN;
+    record.proto = route.proto;
+    (record.src_port, record.dst_port) = route.ports;
+    record.value = ifindex;
 }
 
 /// A new flow could not be remembered: it is forwarded, but its next packets may pick again.
 #[inline(always)]
 pub fn conntrack_full(flow: &FlowKey) {
     if enabled(WARN) {
-        emit(flow_record(WARN, Counter::ConntrackFull, flow, 0));
+        emit!(flow_record(WARN, Counter::ConntrackFull, flow, 0));
     }
 }
 
@@ -113,7 +112,7 @@ pub fn rejected(flow: &FlowKey, service_id: u32) {
         } else {
             Counter::RejectIcmpUnreachable
         };
-        emit(flow_record(DEBUG, reason, flow, service_id));
+        emit!(flow_record(DEBUG, reason, flow, service_id));
     }
 }
 
@@ -121,27 +120,28 @@ pub fn rejected(flow: &FlowKey, service_id: u32) {
 #[inline(always)]
 pub fn malformed(ctx: &XdpContext) {
     if enabled(DEBUG) {
-        let mut record = LogRecord {
-            reason: Counter::PassMalformed as u32,
-            level: DEBUG,
-            value: (ctx.data_end() - ctx.data()) as u32,
-            ..LogRecord::default()
-        };
-        if let Ok(frame) = parse::ethernet(ctx) {
-            if frame.ether_type == ETH_P_IPV4
-                && let Some(h) = parse::ptr_at::<Ipv4Hdr>(ctx, frame.l3)
-            {
-                (record.family, record.src, record.dst) = ip_addrs(Ip::V4(h));
-                // SAFETY: bounds checked by ptr_at.
-                record.proto = unsafe { (*h).proto };
-            } else if frame.ether_type == ETH_P_IPV6
-                && let Some(h) = parse::ptr_at::<Ipv6Hdr>(ctx, frame.l3)
-            {
-                (record.family, record.src, record.dst) = ip_addrs(Ip::V6(h));
-                // SAFETY: bounds checked by ptr_at.
-                record.proto = unsafe { (*h).next_hdr };
-            }
+        emit!(malformed_record(ctx));
+    }
+}
+
+#[inline(always)]
+fn malformed_record(record: &mut LogRecord, ctx: &XdpContext) {
+    record.reason = Counter::PassMalformed as u32;
+    record.level = DEBUG;
+    record.value = (ctx.data_end() - ctx.data()) as u32;
+    if let Ok(frame) = parse::ethernet(ctx) {
+        if frame.ether_type == ETH_P_IPV4
+            && let Some(h) = parse::ptr_at::<Ipv4Hdr>(ctx, frame.l3)
+        {
+            (record.family, record.src, record.dst) = ip_addrs(Ip::V4(h));
+            // SAFETY: bounds checked by ptr_at.
+            record.proto = unsafe { (*h).proto };
+        } else if frame.ether_type == ETH_P_IPV6
+            && let Some(h) = parse::ptr_at::<Ipv6Hdr>(ctx, frame.l3)
+        {
+            (record.family, record.src, record.dst) = ip_addrs(Ip::V6(h));
+            // SAFETY: bounds checked by ptr_at.
+            record.proto = unsafe { (*h).next_hdr };
         }
-        emit(record);
     }
 }

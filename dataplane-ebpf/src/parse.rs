@@ -69,6 +69,38 @@ pub fn ptr_at<T>(ctx: &impl Packet, offset: usize) -> Option<*mut T> {
     Some((start + offset) as *mut T)
 }
 
+/// Reads the `T` at `offset` (packet data has no alignment), or `None` past the end.
+#[inline(always)]
+pub fn read_at<T: Copy>(ctx: &impl Packet, offset: usize) -> Option<T> {
+    let p: *const T = ptr_at(ctx, offset)?;
+    // SAFETY: bounds checked by ptr_at.
+    Some(unsafe { p.read_unaligned() })
+}
+
+/// Writing packet bytes: in place in XDP; in TC through `bpf_skb_store_bytes`, because one
+/// direct write anywhere in a TC program makes the verifier unclone every skb it sees, first.
+pub trait Store: Packet {
+    /// Writes `value` at `offset`; the error is the packet's outcome.
+    fn store_at<T>(&self, offset: usize, value: T) -> Result<(), Counter>;
+}
+
+impl Store for XdpContext {
+    #[inline(always)]
+    fn store_at<T>(&self, offset: usize, value: T) -> Result<(), Counter> {
+        let p: *mut T = ptr_at(self, offset).ok_or(Counter::PassMalformed)?;
+        // SAFETY: bounds checked by ptr_at.
+        unsafe { p.write_unaligned(value) };
+        Ok(())
+    }
+}
+
+impl Store for TcContext {
+    #[inline(always)]
+    fn store_at<T>(&self, offset: usize, value: T) -> Result<(), Counter> {
+        TcContext::store(self, offset, &value, 0).map_err(|_| Counter::EgressRewriteFailed)
+    }
+}
+
 /// The link layer: where the network header starts and what it is.
 pub struct Frame {
     pub eth: *mut EthHdr,

@@ -39,16 +39,18 @@ pub struct Checksums {
     pub inner_l4: Option<u16>,
 }
 
-/// One rewrite: a quoted address and port, and optionally the outer address.
+/// One rewrite: a quoted address and port (old, new), and optionally the outer address that
+/// holds the same old address (the error's destination is the quote's source, or its source the
+/// quote's destination), which changes to the same new one.
 #[derive(Clone, Copy, Debug)]
-pub struct Rewrite {
+pub struct Rewrite<'a> {
     pub v6: bool,
-    pub inner_addr: (Addr, Addr),
-    pub inner_port: (u16, u16),
+    pub addr: (&'a Addr, &'a Addr),
+    pub port: (u16, u16),
     /// The quoted packet is UDP (a computed 0 is sent as 0xffff).
     pub udp: bool,
-    /// The outer address that changes too (a VIP in or out), if any.
-    pub outer_addr: Option<(Addr, Addr)>,
+    /// The outer address changes too.
+    pub outer: bool,
 }
 
 #[inline(always)]
@@ -63,8 +65,8 @@ fn replace_addr(check: u16, v6: bool, old: &Addr, new: &Addr) -> u16 {
 /// The checksums after `rewrite`.
 #[inline(always)]
 pub fn rewritten(rewrite: &Rewrite, old: &Checksums) -> Checksums {
-    let (old_addr, new_addr) = &rewrite.inner_addr;
-    let (old_port, new_port) = rewrite.inner_port;
+    let (old_addr, new_addr) = rewrite.addr;
+    let (old_port, new_port) = rewrite.port;
     let mut icmp = replace_addr(old.icmp, rewrite.v6, old_addr, new_addr);
     icmp = csum::replace16(icmp, old_port, new_port);
 
@@ -90,12 +92,12 @@ pub fn rewritten(rewrite: &Rewrite, old: &Checksums) -> Checksums {
         None => None,
     };
     let mut outer_ip = old.outer_ip;
-    if let Some((old_outer, new_outer)) = &rewrite.outer_addr {
+    if rewrite.outer {
         if rewrite.v6 {
             // ICMPv6's checksum covers the pseudo-header.
-            icmp = csum::replace128(icmp, old_outer, new_outer);
+            icmp = csum::replace128(icmp, old_addr, new_addr);
         } else {
-            outer_ip = csum::replace32(old.outer_ip, old_outer[0], new_outer[0]);
+            outer_ip = csum::replace32(old.outer_ip, old_addr[0], new_addr[0]);
         }
     }
     Checksums {
