@@ -1,13 +1,14 @@
-//! Mutation fuzzing through BPF_PROG_TEST_RUN: truncations and bit flips of the corpus packets.
-//! Whatever comes in, a packet the program sends out (XDP_TX, XDP_REDIRECT) is well formed, and
-//! its checksums are valid whenever the input's were.
+//! Mutation fuzzing through BPF_PROG_TEST_RUN: truncations and bit flips of the corpus packets,
+//! the ingress cases through XDP and the egress cases through TC. Whatever comes in, a packet the
+//! programs send out (XDP_TX, XDP_REDIRECT) or change is well formed, and its checksums are valid
+//! whenever the input's were; TC always lets the packet leave.
 //!
 //! `FULGUR_FUZZ_ITERATIONS` sets the count (default 100 000; `cargo xtask fuzz` runs millions)
 //! and `FULGUR_FUZZ_SEED` the seed, which every failure message repeats.
 
 use etherparse::{NetSlice, SlicedPacket};
 use fulgur_tests::{
-    corpus::{self, XDP_DROP, XDP_PASS, XDP_REDIRECT, XDP_TX},
+    corpus::{self, TC_ACT_OK, XDP_DROP, XDP_PASS, XDP_REDIRECT, XDP_TX},
     lab::{self, Lab},
     packets::{CLIENT_MAC, Kind, diff},
 };
@@ -113,6 +114,16 @@ fn inspect(frame: &[u8]) -> Result<bool, String> {
     Ok(ip_ok && l4_ok)
 }
 
+/// An IP frame cut inside its IP header: BPF_PROG_TEST_RUN builds no skb from it (EINVAL), and
+/// the kernel never hands TC one.
+fn too_short_for_an_skb(frame: &[u8]) -> bool {
+    match [frame[12], frame[13]] {
+        [0x08, 0x00] => frame.len() < 14 + 20,
+        [0x86, 0xdd] => frame.len() < 14 + 40,
+        _ => false,
+    }
+}
+
 #[test]
 fn mutated_packets_never_leave_malformed() {
     let iterations: usize = std::env::var("FULGUR_FUZZ_ITERATIONS")
@@ -125,9 +136,10 @@ fn mutated_packets_never_leave_malformed() {
         .unwrap_or(0x5eed_f00d);
     let mut lab = Lab::new().expect("lab");
     lab.apply_yaml(corpus::SERVICES).unwrap();
-    let mut seeds: Vec<Vec<u8>> = corpus::ingress_cases()
+    // (through TC egress, packet): the ingress cases go through XDP.
+    let mut seeds: Vec<(bool, Vec<u8>)> = corpus::ingress_cases()
         .into_iter()
-        .map(|c| c.input)
+        .map(|c| (false, c.input))
         .collect();
     // ICMP errors about tracked flows, so mutations reach the ICMP translation too.
     for (f, router) in [
@@ -139,27 +151,57 @@ fn mutated_packets_never_leave_malformed() {
                 .unwrap();
             let quote = corpus::quoted(kind, (f.vip, service_port), (f.client, port));
             let eth = (CLIENT_MAC, lab::IN_MAC);
-            seeds.push(corpus::icmp_error(
-                eth,
-                router.parse().unwrap(),
-                f.vip,
-                64,
-                true,
-                &quote,
+            seeds.push((
+                false,
+                corpus::icmp_error(eth, router.parse().unwrap(), f.vip, 64, true, &quote),
             ));
+        }
+        // The egress cases reply to a tracked flow (ICMP errors about it included, from the
+        // backend, so mutations reach the quote translation through TC too).
+        let syn = corpus::to_service(f, Kind::TcpSyn, f.vip, corpus::EGRESS_TRACKED_PORT);
+        lab.xdp(&syn.build()).unwrap();
+        seeds.extend(corpus::egress_cases(f).into_iter().map(|c| (true, c.input)));
+        let quote = corpus::quoted(
+            Kind::TcpData,
+            (f.client, corpus::EGRESS_TRACKED_PORT),
+            (f.backend, 8080),
+        );
+        let eth = (lab::OUT_MAC, CLIENT_MAC);
+        for mtu in [false, true] {
+            let error = corpus::icmp_error(eth, f.backend, f.client, 64, mtu, &quote);
+            seeds.push((true, error));
         }
     }
     let mut rng = Rng(seed);
     let mut verdicts = [0usize; 5];
+    let (mut egress_runs, mut egress_rewritten) = (0usize, 0usize);
     for i in 0..iterations {
-        let pick = rng.below(seeds.len());
-        let input = mutate(&mut rng, &seeds[pick]);
-        let (verdict, output) = lab.xdp(&input).expect("test run");
-        assert!(
-            [XDP_DROP, XDP_PASS, XDP_TX, XDP_REDIRECT].contains(&verdict),
-            "seed {seed} iteration {i}: verdict {verdict}"
-        );
-        verdicts[verdict as usize] += 1;
+        let (egress, seed_packet) = &seeds[rng.below(seeds.len())];
+        let input = mutate(&mut rng, seed_packet);
+        let (verdict, output) = if *egress {
+            if too_short_for_an_skb(&input) {
+                continue;
+            }
+            let (verdict, output) = lab.tc(&input).expect("test run");
+            assert_eq!(
+                verdict as u32, TC_ACT_OK,
+                "seed {seed} iteration {i}: TC verdict {verdict}"
+            );
+            egress_runs += 1;
+            if output == input {
+                continue;
+            }
+            egress_rewritten += 1;
+            (XDP_PASS, output)
+        } else {
+            let (verdict, output) = lab.xdp(&input).expect("test run");
+            assert!(
+                [XDP_DROP, XDP_PASS, XDP_TX, XDP_REDIRECT].contains(&verdict),
+                "seed {seed} iteration {i}: verdict {verdict}"
+            );
+            verdicts[verdict as usize] += 1;
+            (verdict, output)
+        };
         if verdict == XDP_DROP || (verdict == XDP_PASS && output == input) {
             continue;
         }
@@ -180,11 +222,15 @@ fn mutated_packets_never_leave_malformed() {
         );
     }
     eprintln!(
-        "fuzz: {iterations} packets, seed {seed}: {} dropped, {} passed, {} sent back, {} redirected",
+        "fuzz: {iterations} packets, seed {seed}: XDP {} dropped, {} passed, {} sent back, {} redirected; TC {egress_runs}, {egress_rewritten} rewritten",
         verdicts[1], verdicts[2], verdicts[3], verdicts[4]
     );
     assert!(
         verdicts[XDP_REDIRECT as usize] > 0 && verdicts[XDP_TX as usize] > 0,
         "mutations never reached the translate paths"
+    );
+    assert!(
+        egress_rewritten > 0,
+        "mutations never reached the egress rewrite"
     );
 }
