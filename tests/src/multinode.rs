@@ -574,6 +574,19 @@ impl Controller {
         }
     }
 
+    /// The Gateway's `Programmed` condition: (status, reason).
+    pub fn programmed_reason(&self, gateway: &str) -> Option<(String, String)> {
+        let status = self.gateway_status(gateway)?;
+        let programmed = status["conditions"]
+            .as_array()?
+            .iter()
+            .find(|c| c["type"] == "Programmed")?;
+        Some((
+            programmed["status"].as_str()?.to_owned(),
+            programmed["reason"].as_str()?.to_owned(),
+        ))
+    }
+
     /// The Gateway's address and, while it is Programmed, the node announcing it.
     pub fn assigned(&self, gateway: &str) -> Option<Assigned> {
         let status = self.gateway_status(gateway)?;
