@@ -375,6 +375,21 @@ impl RawSocket {
             if bound != 0 {
                 bail!("binding to {iface}: {}", io::Error::last_os_error());
             }
+            // Kernel receive times: frames read late by a busy thread keep their real order.
+            let on: libc::c_int = 1;
+            // SAFETY: a valid descriptor and an int option of the size given.
+            let set = unsafe {
+                libc::setsockopt(
+                    fd.as_raw_fd(),
+                    libc::SOL_SOCKET,
+                    libc::SO_TIMESTAMPNS,
+                    (&on as *const libc::c_int).cast(),
+                    size_of::<libc::c_int>() as libc::socklen_t,
+                )
+            };
+            if set != 0 {
+                bail!("SO_TIMESTAMPNS: {}", io::Error::last_os_error());
+            }
             Ok(RawSocket { fd, ifindex })
         })
         .context("raw socket")
@@ -439,29 +454,61 @@ impl RawSocket {
             if ready <= 0 {
                 continue;
             }
-            // SAFETY: zeroed sockaddr_ll is valid; recvfrom fills it and the buffer.
+            // SAFETY: zeroed sockaddr_ll, msghdr and control buffer are valid; recvmsg fills
+            // them and the buffer within the lengths given.
             let mut from: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
-            let mut from_len = size_of::<libc::sockaddr_ll>() as libc::socklen_t;
-            let len = unsafe {
-                libc::recvfrom(
-                    self.fd.as_raw_fd(),
-                    buffer.as_mut_ptr().cast(),
-                    buffer.len(),
-                    libc::MSG_DONTWAIT,
-                    (&mut from as *mut libc::sockaddr_ll).cast(),
-                    &mut from_len,
-                )
+            let mut control = [0u64; 16];
+            let mut iov = libc::iovec {
+                iov_base: buffer.as_mut_ptr().cast(),
+                iov_len: buffer.len(),
             };
+            let mut message: libc::msghdr = unsafe { std::mem::zeroed() };
+            message.msg_name = (&mut from as *mut libc::sockaddr_ll).cast();
+            message.msg_namelen = size_of::<libc::sockaddr_ll>() as libc::socklen_t;
+            message.msg_iov = &mut iov;
+            message.msg_iovlen = 1;
+            message.msg_control = control.as_mut_ptr().cast();
+            message.msg_controllen = size_of_val(&control);
+            let len =
+                unsafe { libc::recvmsg(self.fd.as_raw_fd(), &mut message, libc::MSG_DONTWAIT) };
             if len <= 0 || from.sll_pkttype == PACKET_OUTGOING {
                 continue;
             }
             let frame = &buffer[..len as usize];
             if keep(frame) {
-                frames.push((Instant::now(), frame.to_vec()));
+                frames.push((received_at(&message), frame.to_vec()));
             }
         }
         frames
     }
+}
+
+/// The kernel's receive time of a message (SCM_TIMESTAMPNS, CLOCK_REALTIME) as an Instant;
+/// now when it carries none.
+fn received_at(message: &libc::msghdr) -> Instant {
+    let now = Instant::now();
+    let real_now = std::time::SystemTime::now();
+    // SAFETY: the control messages recvmsg wrote, walked with the libc macros.
+    let mut cmsg = unsafe { libc::CMSG_FIRSTHDR(message) };
+    while !cmsg.is_null() {
+        // SAFETY: a control message header inside the buffer.
+        let header = unsafe { &*cmsg };
+        if header.cmsg_level == libc::SOL_SOCKET && header.cmsg_type == libc::SCM_TIMESTAMPNS {
+            // SAFETY: SCM_TIMESTAMPNS carries a timespec, maybe unaligned.
+            let stamp: libc::timespec = unsafe {
+                libc::CMSG_DATA(cmsg)
+                    .cast::<libc::timespec>()
+                    .read_unaligned()
+            };
+            let at =
+                std::time::UNIX_EPOCH + Duration::new(stamp.tv_sec as u64, stamp.tv_nsec as u32);
+            let ago = real_now.duration_since(at).unwrap_or_default();
+            return now.checked_sub(ago).unwrap_or(now);
+        }
+        // SAFETY: as above.
+        cmsg = unsafe { libc::CMSG_NXTHDR(message, cmsg) };
+    }
+    now
 }
 
 fn link_address(ifindex: u32, protocol: u16, mac: [u8; 6]) -> libc::sockaddr_ll {
