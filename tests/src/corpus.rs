@@ -738,6 +738,34 @@ fn pass_cases(f: &Family, cases: &mut Vec<Case>, port: &mut impl FnMut() -> u16)
         Expect::Unchanged,
         Counter::PassNotTcpUdp,
     ));
+    // ICMP errors about replies from the service: none is tracked in the corpus.
+    let reply = quoted(Kind::TcpData, (f.vip, 80), (f.client, port()));
+    let router = match f.vip {
+        IpAddr::V4(_) => "198.51.100.254".parse().unwrap(),
+        IpAddr::V6(_) => "2001:db8:1::fe".parse().unwrap(),
+    };
+    let error = |quote: &[u8]| icmp_error((CLIENT_MAC, IN_MAC), router, f.vip, 64, true, quote);
+    cases.push(case(
+        f,
+        "ICMP error about a reply of an untracked flow",
+        error(&reply),
+        XDP_PASS,
+        Expect::Unchanged,
+        Counter::PassNotService,
+    ));
+    let cut = if matches!(f.vip, IpAddr::V4(_)) {
+        24
+    } else {
+        44
+    };
+    cases.push(case(
+        f,
+        "ICMP error whose quote stops before the ports",
+        error(&reply[..cut]),
+        XDP_PASS,
+        Expect::Unchanged,
+        Counter::PassMalformed,
+    ));
     // (name, IPv4 flags/offset word, IPv6 fragment offset/flags word)
     let fragments = [
         ("first fragment", 0x2000u16, 0x0001u16),
@@ -984,8 +1012,10 @@ pub fn backend_reply(f: &Family, backend_port: u16, client_port: u16) -> Pkt {
     }
 }
 
-/// One case per TC egress outcome of this family: the translated reply, and a packet for every
-/// reason a packet leaves untouched (each with its exact bytes: unchanged).
+/// One case per TC egress outcome of this family: the translated reply and ICMP errors, and a
+/// packet for every reason a packet leaves untouched (each with its exact bytes: unchanged), but
+/// `EgressRewriteFailed`: BPF_PROG_TEST_RUN's skb is linear and writable, so the store and
+/// checksum helpers never fail there.
 pub fn egress_cases(f: &Family) -> Vec<Case> {
     let egress = |name: &str, input: Vec<u8>, output, counter| Case {
         name: format!("{} egress: {name}", f.name),
@@ -1096,6 +1126,59 @@ pub fn egress_cases(f: &Family) -> Vec<Case> {
         quote_cut,
         Counter::EgressMalformed,
     ));
+    // ICMP errors about the tracked flow (client → backend quoted) read client → service.
+    let request =
+        |to: IpAddr, port| quoted(Kind::TcpData, (f.client, EGRESS_TRACKED_PORT), (to, port));
+    let behind_backend: IpAddr = if v4 {
+        "203.0.113.99".parse().unwrap()
+    } else {
+        "2001:db8:2::99".parse().unwrap()
+    };
+    let error =
+        |from, quote: &[u8]| icmp_error((OUT_MAC, CLIENT_MAC), from, f.client, 64, false, quote);
+    cases.push(egress(
+        "ICMP error from the backend about the tracked flow: from and about the service",
+        error(f.backend, &request(f.backend, 8080)),
+        Expect::Exactly(error(f.vip, &request(f.vip, 80))),
+        Counter::IcmpToClient,
+    ));
+    cases.push(egress(
+        "ICMP error from a router behind the backend: the quote translated, its source kept",
+        error(behind_backend, &request(f.backend, 8080)),
+        Expect::Exactly(error(behind_backend, &request(f.vip, 80))),
+        Counter::IcmpToClient,
+    ));
+    // Routers may quote only 8 bytes of TCP (RFC 792): no TCP checksum to update.
+    let eight = if v4 { 20 + 8 } else { 40 + 8 };
+    cases.push(egress(
+        "ICMP error quoting 8 bytes of TCP: translated",
+        error(f.backend, &request(f.backend, 8080)[..eight]),
+        Expect::Exactly(error(f.vip, &request(f.vip, 80)[..eight])),
+        Counter::IcmpToClient,
+    ));
+    let quoted_echo = echo((CLIENT_MAC, OUT_MAC), f.client, f.backend)[14..].to_vec();
+    cases.push(untouched(
+        "ICMP error about an ICMP echo",
+        error(f.backend, &quoted_echo),
+        Counter::EgressNotTcpUdp,
+    ));
+    if v4 {
+        let with_options = Pkt {
+            options: vec![1, 1, 1, 0],
+            payload: Vec::new(),
+            ..Pkt::new(
+                Kind::TcpData,
+                (f.client, EGRESS_TRACKED_PORT),
+                (f.backend, 8080),
+            )
+        }
+        .build();
+        cases.push(untouched(
+            "ICMP error whose quoted IPv4 header has options",
+            error(f.backend, &with_options[14..]),
+            Counter::EgressNotTcpUdp,
+        ));
+    }
     if v4 {
         let mut arp = OUT_MAC.to_vec();
         arp.extend_from_slice(&CLIENT_MAC);

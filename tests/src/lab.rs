@@ -312,20 +312,37 @@ impl Lab {
 
     /// Runs the TC egress program on `packet`.
     pub fn tc(&self, packet: &[u8]) -> anyhow::Result<(i32, Vec<u8>)> {
+        let mut out = vec![0u8; packet.len() + 256];
+        let result = self.test_run_tc(packet, Some(&mut out))?;
+        out.truncate(result.data_size_out as usize);
+        Ok((result.return_value as i32, out))
+    }
+
+    /// Runs the TC egress program once on `packet`: (verdict, kernel-measured run time in ns).
+    pub fn run_tc_timed(&self, packet: &[u8]) -> anyhow::Result<(i32, u64)> {
+        let result = self.test_run_tc(packet, None)?;
+        Ok((
+            result.return_value as i32,
+            result.duration.as_nanos() as u64,
+        ))
+    }
+
+    fn test_run_tc(
+        &self,
+        packet: &[u8],
+        data_out: Option<&mut [u8]>,
+    ) -> anyhow::Result<aya::programs::TestRunResult> {
         let program: &SchedClassifier = self
             .dataplane
             .ebpf
             .program(program_names::TC_EGRESS)
             .context("program")?
             .try_into()?;
-        let mut out = vec![0u8; packet.len() + 256];
-        let result = program.test_run(TestRunOptions {
+        Ok(program.test_run(TestRunOptions {
             data_in: Some(packet),
-            data_out: Some(&mut out),
+            data_out,
             ..TestRunOptions::new()
-        })?;
-        out.truncate(result.data_size_out as usize);
-        Ok((result.return_value as i32, out))
+        })?)
     }
 
     /// A service's traffic counters summed over CPUs.

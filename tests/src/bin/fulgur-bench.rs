@@ -1,5 +1,7 @@
 //! `cargo xtask bench dataplane`: nanoseconds per packet through the XDP ingress program,
-//! measured with BPF_PROG_TEST_RUN next to a trivial XDP program measured the same way.
+//! measured with BPF_PROG_TEST_RUN next to a trivial XDP program measured the same way; then the
+//! packet corpus replayed (every ingress case through XDP, every egress case through TC, each
+//! checked for its verdict), and both programs' translated sizes.
 //!
 //! `cargo xtask bench apply`: one gRPC Apply of 10,000 services × 16 backends to the real agent
 //! binary, timed from the client, and the agent's memory afterwards.
@@ -29,6 +31,9 @@ use fulgur_tests::{
 
 const ROUNDS: usize = 200;
 const CALLS_PER_ROUND: usize = 100;
+/// The corpus replay's rounds and calls per case per round: fewer, for a hundred-odd cases.
+const CORPUS_ROUNDS: usize = 40;
+const CORPUS_CALLS_PER_ROUND: usize = 5;
 
 struct Bench {
     name: &'static str,
@@ -213,26 +218,32 @@ fn dataplane() -> anyhow::Result<()> {
         cases.insert(bench.name, gross);
         net.insert(bench.name, gross - floor);
     }
+    let (ingress_corpus, egress_corpus) = corpus_replay(&lab)?;
     // Program size, so that growth shows: translated bytes (8 per instruction) at each level.
-    let translated_bytes = |dataplane: &fulgur_agent::dataplane::Dataplane| -> anyhow::Result<u32> {
-        let program = dataplane
-            .ebpf
-            .program(program_names::XDP_INGRESS)
-            .context("ingress program")?;
-        program
-            .info()?
-            .size_translated()
-            .context("the kernel reports no translated size")
-    };
-    let size_off = translated_bytes(&lab.dataplane)?;
-    let size_debug = translated_bytes(&debug_programs)?;
+    let translated_bytes =
+        |dataplane: &fulgur_agent::dataplane::Dataplane, name: &str| -> anyhow::Result<u32> {
+            let program = dataplane.ebpf.program(name).context("program")?;
+            program
+                .info()?
+                .size_translated()
+                .context("the kernel reports no translated size")
+        };
+    let size_off = translated_bytes(&lab.dataplane, program_names::XDP_INGRESS)?;
+    let size_debug = translated_bytes(&debug_programs, program_names::XDP_INGRESS)?;
+    let egress_size = translated_bytes(&lab.dataplane, program_names::TC_EGRESS)?;
     println!(
         "ingress program: {} instructions translated at --bpf-log off, {} at debug",
         size_off / 8,
         size_debug / 8
     );
+    println!(
+        "egress program: {} instructions translated (it logs nothing)",
+        egress_size / 8
+    );
     let report = serde_json::json!({
         "ingress_translated_instructions": {"off": size_off / 8, "debug": size_debug / 8},
+        "egress_translated_instructions": egress_size / 8,
+        "corpus_cases": {"ingress": ingress_corpus, "egress": egress_corpus},
         "method": "single-packet BPF_PROG_TEST_RUN calls (repeat = 1), trimmed mean (middle 90%) of kernel-reported run time; net = case - floor",
         "floor_ns": floor,
         "cases": cases,
@@ -244,6 +255,70 @@ fn dataplane() -> anyhow::Result<()> {
     std::fs::write(&path, serde_json::to_string_pretty(&report)? + "\n")?;
     println!("wrote {}", path.display());
     Ok(())
+}
+
+/// The packet corpus replayed: every ingress case through XDP, every egress case through TC (its
+/// flow tracked first), interleaved round-robin, each call checked for the case's verdict.
+/// Returns the trimmed mean ns per case name, ingress and egress.
+fn corpus_replay(lab: &Lab) -> anyhow::Result<(BTreeMap<String, f64>, BTreeMap<String, f64>)> {
+    for f in [&V4, &V6] {
+        let syn = corpus::to_service(f, Kind::TcpSyn, f.vip, corpus::EGRESS_TRACKED_PORT);
+        ensure!(
+            lab.xdp(&syn.build())?.0 == XDP_REDIRECT,
+            "tracking the egress cases' flow ({})",
+            f.name
+        );
+    }
+    let ingress = corpus::ingress_cases();
+    let egress: Vec<corpus::Case> = [V4, V6].iter().flat_map(corpus::egress_cases).collect();
+    let mut samples = vec![Vec::new(); ingress.len() + egress.len()];
+    for _ in 0..CORPUS_ROUNDS {
+        for (i, case) in ingress.iter().chain(&egress).enumerate() {
+            for _ in 0..CORPUS_CALLS_PER_ROUND {
+                let (verdict, nanos) = if i < ingress.len() {
+                    lab.run_xdp_timed(program_names::XDP_INGRESS, &case.input)?
+                } else {
+                    let (verdict, nanos) = lab.run_tc_timed(&case.input)?;
+                    (verdict as u32, nanos)
+                };
+                ensure!(
+                    verdict == case.verdict,
+                    "corpus case {:?}: verdict {verdict}, expected {}",
+                    case.name,
+                    case.verdict
+                );
+                samples[i].push(nanos);
+            }
+        }
+    }
+    let mut means = samples.iter_mut().map(|s| trimmed_mean(s));
+    let mut summarise = |hook: &str, cases: &[corpus::Case]| {
+        let timed: BTreeMap<String, f64> = cases
+            .iter()
+            .map(|c| (c.name.clone(), means.next().unwrap_or_default()))
+            .collect();
+        ensure!(
+            timed.len() == cases.len(),
+            "{hook} corpus case names repeat"
+        );
+        let (slowest, worst) = timed
+            .iter()
+            .max_by(|a, b| a.1.total_cmp(b.1))
+            .map_or(("-", 0.0), |(name, ns)| (name.as_str(), *ns));
+        println!(
+            "corpus {hook}: {} cases, mean {:.0} ns/packet, slowest {worst:.0} ({slowest})",
+            timed.len(),
+            timed.values().sum::<f64>() / timed.len().max(1) as f64,
+        );
+        Ok(timed)
+    };
+    println!(
+        "corpus replay: trimmed mean of {} calls per case, gross (floor included)",
+        CORPUS_ROUNDS * CORPUS_CALLS_PER_ROUND
+    );
+    let ingress_times = summarise("ingress (XDP)", &ingress)?;
+    let egress_times = summarise("egress (TC)", &egress)?;
+    Ok((ingress_times, egress_times))
 }
 
 mod apply {
