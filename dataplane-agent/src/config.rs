@@ -50,10 +50,17 @@ pub struct BackendSpec {
     pub port: u16,
     #[serde(default = "default_weight")]
     pub weight: u32,
+    /// On another node: its new flows are SNATed to this node's address (`--snat remote`).
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub remote: bool,
 }
 
 fn default_weight() -> u32 {
     1
+}
+
+fn is_false(value: &bool) -> bool {
+    !*value
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -137,6 +144,8 @@ pub struct Draft {
     /// The reject weight's name in field paths: the file's `rejectWeight`, the proto's
     /// `reject_weight`.
     pub reject_weight_field: &'static str,
+    /// Backends marked remote are accepted: SNAT is on (`--snat remote` or `always`).
+    pub remote_backends: bool,
 }
 
 pub struct DraftService {
@@ -152,7 +161,7 @@ pub struct DraftBackend {
     pub address: Parsed<IpAddr>,
     pub port: u32,
     pub weight: u32,
-    /// On another node (the proto's `remote`; a services file has none).
+    /// On another node (the proto's `remote`, the file's `remote`).
     pub remote: bool,
 }
 
@@ -240,13 +249,13 @@ impl Draft {
                 let backend_port = port(backend.port);
                 report(&mut errors, at("port"), &backend_port);
                 report(&mut errors, at("weight"), &weight(backend.weight));
-                if backend.remote {
+                if backend.remote && !self.remote_backends {
                     problem(
                         &mut errors,
                         at("remote"),
-                        "this agent has no SNAT (it does not list the \"remote-backends\" feature): \
-                         a flow to another node's backend would be answered from that node's \
-                         address, so the state is refused"
+                        "this agent has no SNAT (--snat never; it does not list the \
+                         \"remote-backends\" feature): a flow to another node's backend would be \
+                         answered from that node's address, so the state is refused"
                             .into(),
                     );
                 }
@@ -264,6 +273,7 @@ impl Draft {
                         address,
                         port,
                         weight: backend.weight,
+                        remote: backend.remote,
                     });
                 }
             }
@@ -287,30 +297,35 @@ impl Draft {
 }
 
 impl ServiceSet {
-    /// Reads and validates a YAML (or JSON) services file.
-    pub fn from_file(path: &Path) -> Result<ValidServiceSet, ConfigError> {
+    /// Reads and validates a YAML (or JSON) services file; `remote_backends`: SNAT is on.
+    pub fn from_file(path: &Path, remote_backends: bool) -> Result<ValidServiceSet, ConfigError> {
         let shown = path.display().to_string();
         let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
             path: shown.clone(),
             source,
         })?;
-        Self::parse(&text, shown)
+        Self::parse(&text, shown, remote_backends)
     }
 
     /// Parses and validates the text of a services file; `origin` names it in errors.
-    pub fn parse(text: &str, origin: String) -> Result<ValidServiceSet, ConfigError> {
+    pub fn parse(
+        text: &str,
+        origin: String,
+        remote_backends: bool,
+    ) -> Result<ValidServiceSet, ConfigError> {
         let set: ServiceSet = serde_yaml::from_str(text).map_err(|source| ConfigError::Parse {
             path: origin.clone(),
             source,
         })?;
-        set.validate().map_err(|errors| ConfigError::Invalid {
-            path: origin,
-            errors,
-        })
+        set.validate(remote_backends)
+            .map_err(|errors| ConfigError::Invalid {
+                path: origin,
+                errors,
+            })
     }
 
     /// The one validation ([`Draft::validate`]), with the file's field names.
-    pub fn validate(&self) -> Result<ValidServiceSet, Vec<FieldError>> {
+    pub fn validate(&self, remote_backends: bool) -> Result<ValidServiceSet, Vec<FieldError>> {
         Draft {
             services: self
                 .services
@@ -326,7 +341,7 @@ impl ServiceSet {
                             address: Ok(b.address),
                             port: b.port.into(),
                             weight: b.weight,
-                            remote: false,
+                            remote: b.remote,
                         })
                         .collect(),
                     reject_weight: s.reject_weight,
@@ -334,6 +349,7 @@ impl ServiceSet {
                 .collect(),
             announce: self.announce.iter().copied().map(Ok).collect(),
             reject_weight_field: "rejectWeight",
+            remote_backends,
         }
         .validate()
     }
@@ -386,7 +402,7 @@ mod tests {
         let set = parse(
             "services:\n- vip: 192.0.2.10\n  port: 80\n  protocol: TCP\n  backends:\n  - {address: 203.0.113.2, port: 8080}\n",
         );
-        assert_eq!(*set.validate().unwrap(), set);
+        assert_eq!(*set.validate(true).unwrap(), set);
         assert_eq!(set.services[0].backends[0].weight, 1);
     }
 
@@ -406,7 +422,7 @@ services:
   protocol: UDP
 "#,
         );
-        let errors = set.validate().unwrap_err();
+        let errors = set.validate(true).unwrap_err();
         let paths: Vec<_> = errors.iter().map(|e| e.path.as_str()).collect();
         assert_eq!(
             paths,
@@ -425,7 +441,7 @@ services:
     fn the_example_services_file_is_valid() {
         let path =
             Path::new(env!("CARGO_MANIFEST_DIR")).join("../manifests/examples/agent/services.yaml");
-        let set = ServiceSet::from_file(&path).unwrap();
+        let set = ServiceSet::from_file(&path, false).unwrap();
         assert_eq!(set.services.len(), 4);
         assert_eq!(set.services[1].reject_weight, 1);
     }
@@ -436,7 +452,7 @@ services:
             "announce: [192.0.2.10, \"2001:db8::10\", 0.0.0.0, \"ff02::1\", \"fe80::1\", 255.255.255.255, 127.0.0.1, 192.0.2.10]\n",
         );
         let errors: Vec<String> = set
-            .validate()
+            .validate(true)
             .unwrap_err()
             .iter()
             .map(ToString::to_string)
@@ -452,6 +468,18 @@ services:
                 "announce[7]: duplicate address 192.0.2.10",
             ]
         );
+    }
+
+    #[test]
+    fn remote_backends_need_snat() {
+        let set = parse(
+            "services:\n- vip: 192.0.2.10\n  port: 80\n  protocol: TCP\n  backends:\n  - {address: 203.0.113.2, port: 8080, remote: true}\n",
+        );
+        let valid = set.validate(true).unwrap();
+        assert!(valid.services[0].backends[0].remote);
+        let errors = set.validate(false).unwrap_err();
+        assert_eq!(errors[0].path, "services[0].backends[0].remote");
+        assert!(errors[0].message.contains("--snat never"), "{}", errors[0]);
     }
 
     #[test]

@@ -31,9 +31,15 @@ pub trait Programmer: Send + 'static {
 }
 
 /// What this agent understands beyond the first version of the contract (`GetResponse`).
-/// Not "remote-backends": without SNAT, a flow to another node's backend would be answered
-/// from that node's address, so such a state is refused (see [`to_service_set`]).
-pub const FEATURES: [&str; 1] = [fulgur_proto::features::ANNOUNCE];
+/// "remote-backends" only with SNAT on: without it, a flow to another node's backend would be
+/// answered from that node's address, so such a state is refused (see [`to_service_set`]).
+pub fn features(remote_backends: bool) -> Vec<String> {
+    let mut features = vec![fulgur_proto::features::ANNOUNCE.to_owned()];
+    if remote_backends {
+        features.push(fulgur_proto::features::REMOTE_BACKENDS.to_owned());
+    }
+    features
+}
 
 /// How often the lease is checked: the bound on how late an expired lease withdraws.
 const LEASE_TICK: Duration = Duration::from_millis(20);
@@ -64,12 +70,14 @@ impl Applied {
 pub struct DataplaneService<P> {
     inner: Arc<Mutex<(P, Applied)>>,
     metrics: Arc<Metrics>,
+    /// SNAT is on: backends marked remote are accepted and "remote-backends" is listed.
+    remote_backends: bool,
 }
 
 impl<P: Programmer> DataplaneService<P> {
     /// The service, with a thread that withdraws the announced addresses when the lease runs
-    /// out (it ends with the service).
-    pub fn new(programmer: P, metrics: Arc<Metrics>) -> Self {
+    /// out (it ends with the service). `remote_backends`: SNAT is on (`--snat` not `never`).
+    pub fn new(programmer: P, metrics: Arc<Metrics>, remote_backends: bool) -> Self {
         let applied = Applied {
             generation: 0,
             state: v1::DesiredState::default(),
@@ -84,7 +92,11 @@ impl<P: Programmer> DataplaneService<P> {
             .name("fulgur-lease".into())
             .spawn(move || watch_lease(weak, watched))
             .expect("spawning the lease thread");
-        DataplaneService { inner, metrics }
+        DataplaneService {
+            inner,
+            metrics,
+            remote_backends,
+        }
     }
 
     /// Any RPC from the controller renews a live lease.
@@ -150,7 +162,10 @@ fn address(text: &str) -> Parsed<IpAddr> {
 
 /// Reads a desired state into the one validation of a service set ([`Draft::validate`]),
 /// which reports every problem with its proto field path.
-pub fn to_service_set(state: &v1::DesiredState) -> Result<ValidServiceSet, Vec<FieldError>> {
+pub fn to_service_set(
+    state: &v1::DesiredState,
+    remote_backends: bool,
+) -> Result<ValidServiceSet, Vec<FieldError>> {
     let services = state
         .services
         .iter()
@@ -179,6 +194,7 @@ pub fn to_service_set(state: &v1::DesiredState) -> Result<ValidServiceSet, Vec<F
         services,
         announce: state.announce.iter().map(|a| address(a)).collect(),
         reject_weight_field: "reject_weight",
+        remote_backends,
     }
     .validate()
 }
@@ -227,6 +243,7 @@ impl<P: Programmer> Dataplane for DataplaneService<P> {
         let inner = self.inner.clone();
         let metrics = self.metrics.clone();
         let announced_metrics = self.metrics.clone();
+        let remote_backends = self.remote_backends;
         // Map writes are blocking syscalls and memory writes: off the async workers.
         let result = tokio::task::spawn_blocking(move || {
             let mut guard = inner.lock().unwrap_or_else(|e| e.into_inner());
@@ -262,7 +279,8 @@ impl<P: Programmer> Dataplane for DataplaneService<P> {
                     )),
                 ));
             }
-            let set = to_service_set(&state).map_err(|errors| ("invalid", invalid(&errors)))?;
+            let set = to_service_set(&state, remote_backends)
+                .map_err(|errors| ("invalid", invalid(&errors)))?;
             let report = programmer.apply(&set).map_err(|e| match e {
                 WriteError::Capacity { .. } => {
                     ("capacity", Status::resource_exhausted(e.to_string()))
@@ -316,7 +334,7 @@ impl<P: Programmer> Dataplane for DataplaneService<P> {
         state.announce = guard.1.announced();
         Ok(Response::new(GetResponse {
             state: Some(state),
-            features: FEATURES.iter().map(|f| (*f).to_owned()).collect(),
+            features: features(self.remote_backends),
         }))
     }
 
@@ -379,7 +397,7 @@ mod tests {
             }],
             ..Default::default()
         };
-        let lines: Vec<String> = to_service_set(&state)
+        let lines: Vec<String> = to_service_set(&state, true)
             .unwrap_err()
             .iter()
             .map(ToString::to_string)

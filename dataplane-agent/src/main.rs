@@ -201,7 +201,7 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
     let initial = args
         .services
         .as_deref()
-        .map(ServiceSet::from_file)
+        .map(|path| ServiceSet::from_file(path, true))
         .transpose()?;
     let tls = match (&args.grpc_listen, args.insecure) {
         (Some(_), true) => None,
@@ -405,7 +405,7 @@ async fn watch_services_file(
             _ = &mut stop => return Ok(()),
             _ = poll.tick() => {
                 let Some(path) = &path else { continue };
-                match ServiceSet::from_file(path) {
+                match ServiceSet::from_file(path, true) {
                     Ok(next) if next != last => match programmer.apply(&next) {
                         Ok(report) => {
                             info!(?report, "services file changed, applied");
@@ -490,7 +490,7 @@ async fn serve_grpc(
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
         .add_service(
-            DataplaneServer::new(DataplaneService::new(programmer, metrics))
+            DataplaneServer::new(DataplaneService::new(programmer, metrics, true))
                 .max_decoding_message_size(MAX_STATE_BYTES),
         )
         .serve_with_incoming_shutdown(incoming, shutdown)

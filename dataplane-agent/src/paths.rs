@@ -57,6 +57,10 @@ pub struct Decision {
     pub name: String,
     pub fast: bool,
     pub reason: PathReason,
+    /// The device takes XDP frames (redirect / TX), netfilter or not: SNATed flows, which
+    /// netfilter must never see, use it even where `fast` is false. False under
+    /// `--forwarding kernel`.
+    pub xdp_transmit: bool,
 }
 
 /// Scans this network namespace.
@@ -88,11 +92,7 @@ pub fn decide(scan: &NodeScan, mode: XdpAttachMode, forwarding: Forwarding) -> V
         .iter()
         .filter(|d| !d.loopback)
         .map(|d| {
-            let reason = if forwarding == Forwarding::Kernel {
-                PathReason::Forced
-            } else if !scan.netfilter_tables.is_empty() {
-                PathReason::Netfilter
-            } else if mode == XdpAttachMode::Generic {
+            let device = if mode == XdpAttachMode::Generic {
                 PathReason::Generic
             } else {
                 match d.kind.as_str() {
@@ -103,14 +103,24 @@ pub fn decide(scan: &NodeScan, mode: XdpAttachMode, forwarding: Forwarding) -> V
                     _ => PathReason::NoXdpTransmit,
                 }
             };
+            let xdp_transmit = forwarding != Forwarding::Kernel
+                && matches!(
+                    device,
+                    PathReason::Generic | PathReason::VethPeerRunsXdp | PathReason::Driver
+                );
+            let reason = if forwarding == Forwarding::Kernel {
+                PathReason::Forced
+            } else if !scan.netfilter_tables.is_empty() {
+                PathReason::Netfilter
+            } else {
+                device
+            };
             Decision {
                 ifindex: d.ifindex,
                 name: d.name.clone(),
-                fast: matches!(
-                    reason,
-                    PathReason::Generic | PathReason::VethPeerRunsXdp | PathReason::Driver
-                ),
+                fast: xdp_transmit && reason == device,
                 reason,
+                xdp_transmit,
             }
         })
         .collect()
@@ -226,8 +236,9 @@ impl PathMaps {
             if self.current.get(&ifindex) == Some(d) {
                 continue;
             }
-            // The redirect map first, so a fast entry never names a device it lacks.
-            if d.fast {
+            // The redirect map first, so a fast entry never names a device it lacks. It holds
+            // every device that takes XDP frames: SNATed flows use them on the kernel path too.
+            if d.xdp_transmit {
                 self.redirect
                     .insert(ifindex, ifindex, None, 0)
                     .map_err(|source| PathError::Xdp {
@@ -242,12 +253,13 @@ impl PathMaps {
             let value = EgressPath {
                 path: if d.fast { PATH_FAST } else { PATH_KERNEL },
                 reason: d.reason as u8,
-                pad: [0; 2],
+                xdp_transmit: d.xdp_transmit.into(),
+                pad: 0,
                 ifindex,
                 name,
             };
             self.egress.insert(ifindex, value, 0).map_err(egress_err)?;
-            if !d.fast {
+            if !d.xdp_transmit {
                 let _ = self.redirect.remove(ifindex);
             }
             self.current.insert(ifindex, d.clone());
@@ -572,6 +584,19 @@ mod tests {
                 .iter()
                 .all(|d| !d.fast && d.reason == Netfilter)
         );
+        // SNATed flows keep XDP where the device takes its frames, netfilter or not.
+        let transmit = |scan: &NodeScan, mode, forwarding| -> Vec<bool> {
+            decide(scan, mode, forwarding)
+                .iter()
+                .map(|d| d.xdp_transmit)
+                .collect()
+        };
+        assert_eq!(
+            transmit(&kube, XdpAttachMode::Native, Forwarding::Auto),
+            [false, false, true, true, false]
+        );
+        assert!(transmit(&kube, XdpAttachMode::Generic, Forwarding::Auto).iter().all(|t| *t));
+        assert!(!transmit(&scan, XdpAttachMode::Generic, Forwarding::Kernel).iter().any(|t| *t));
         let refusal = fast_refusal(&kube, &[]).expect("refused");
         assert!(refusal.contains("ip filter"), "{refusal}");
     }

@@ -12,7 +12,7 @@ use std::{
 
 use aya::maps::{HashMap, Map, MapData, MapError, PerCpuArray, PerCpuValues};
 use fulgur_common::{
-    ANNOUNCE_ACTIVE, Addr, AnnounceDevice, AnnounceKey, BACKEND_LIVE, Backend,
+    ANNOUNCE_ACTIVE, Addr, AnnounceDevice, AnnounceKey, BACKEND_LIVE, BACKEND_REMOTE, Backend,
     LOOKUP_SLOTS_PER_ENTRY, LookupEntry, NextHop, REJECT, ServiceKey, ServiceValue, TrafficStats,
     decode_addr, encode_addr, lookup_position, map_names,
 };
@@ -92,6 +92,8 @@ struct Installed {
     /// Which of the service's two regions holds the live table.
     region: u32,
     backends: BTreeMap<BackendAddr, u32>,
+    /// Backends on other nodes ([`BACKEND_REMOTE`]).
+    remote: BTreeSet<BackendAddr>,
     /// The live table (backend ids), empty when the service has none.
     table: Vec<u32>,
 }
@@ -236,6 +238,7 @@ impl MapWriter {
                 table.push(lookup_get(self.lookup.as_slice(), slot));
             }
             let mut backends = BTreeMap::new();
+            let mut remote = BTreeSet::new();
             for id in table
                 .iter()
                 .copied()
@@ -244,6 +247,9 @@ impl MapWriter {
             {
                 let backend = self.backends.as_slice()[id as usize];
                 backends.insert((backend.addr, backend.port), id);
+                if backend.flags & BACKEND_REMOTE != 0 {
+                    remote.insert((backend.addr, backend.port));
+                }
                 self.free_backend_ids.remove(&id);
             }
             self.free_service_ids.remove(&value.id);
@@ -254,6 +260,7 @@ impl MapWriter {
                     id: value.id,
                     region,
                     backends,
+                    remote,
                     table,
                 },
             );
@@ -460,22 +467,36 @@ impl MapWriter {
 
         // Stable ids for backends that stay; fresh ids for new ones.
         let mut backends = BTreeMap::new();
+        let mut remote = BTreeSet::new();
         let mut entries = Vec::with_capacity(spec.backends.len());
         for b in &spec.backends {
             let (addr, family) = encode_addr(b.address);
             let backend_addr = (addr, b.port.to_be());
+            let flags = if b.remote {
+                remote.insert(backend_addr);
+                BACKEND_LIVE | BACKEND_REMOTE
+            } else {
+                BACKEND_LIVE
+            };
             let id = match previous
                 .as_ref()
                 .and_then(|p| p.backends.get(&backend_addr))
             {
-                Some(id) => *id,
+                Some(id) => {
+                    // Moved to or from another node: new flows follow at once (one byte).
+                    let backend = &mut self.backends.as_mut_slice()[*id as usize];
+                    if backend.flags != flags {
+                        backend.flags = flags;
+                    }
+                    *id
+                }
                 None => {
                     let id = self.free_backend_ids.pop_first().expect("capacity checked");
                     let backend = Backend {
                         addr,
                         port: b.port.to_be(),
                         family,
-                        flags: BACKEND_LIVE,
+                        flags,
                         service_id,
                     };
                     self.backends.as_mut_slice()[id as usize] = backend;
@@ -505,6 +526,10 @@ impl MapWriter {
             && p.table == table
             && p.backends == backends
         {
+            if p.remote != remote {
+                self.installed.get_mut(&key).expect("installed").remote = remote;
+                return Ok(Change::Updated);
+            }
             return Ok(Change::Unchanged);
         }
         let region = previous.as_ref().map_or(0, |p| 1 - p.region);
@@ -540,6 +565,7 @@ impl MapWriter {
                 id: service_id,
                 region,
                 backends,
+                remote,
                 table,
             },
         );

@@ -5,13 +5,17 @@
 
 use aya_ebpf::{
     EbpfContext as _,
-    bindings::{BPF_FIB_LKUP_RET_SUCCESS, bpf_fib_lookup as FibParams, xdp_action},
+    bindings::{
+        BPF_FIB_LKUP_RET_NO_NEIGH, BPF_FIB_LKUP_RET_SUCCESS, bpf_fib_lookup as FibParams,
+        xdp_action,
+    },
     helpers::generated::bpf_fib_lookup,
     programs::XdpContext,
 };
 use fulgur_common::{Counter, NextHop, PATH_FAST, PATH_KERNEL, csum};
 
 use crate::{
+    nat::Endpoints,
     maps::{EGRESS_PATHS, NEXT_HOP_EPOCH, NEXT_HOPS, REDIRECT_DEVICES},
     parse::{Frame, Ip, L4Packet},
     stats::count,
@@ -41,52 +45,131 @@ impl Route {
     }
 }
 
+/// Why a next hop was not found in XDP.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Unresolved {
+    /// VLAN tag, expiring TTL, no route, forwarding off, ...: the kernel must do it.
+    Kernel,
+    /// A route, but no neighbour entry for its next hop yet.
+    NoNeighbour,
+}
+
 /// Sends a translated packet towards backend `backend_id`. The FIB result and the egress
 /// device's path are cached per backend and CPU until the agent moves the epoch on: a FIB and
 /// neighbour lookup costs more than everything else on the path together.
 #[inline(always)]
 pub fn forward(ctx: &XdpContext, frame: &Frame, route: &Route, backend_id: u32) -> u32 {
-    // SAFETY: every pointer in `frame` and `route` was bounds checked by the parser.
-    unsafe {
-        let ttl = match route.ip {
+    let Ok(hop) = backend_hop(ctx, frame, route, None, backend_id) else {
+        return to_kernel();
+    };
+    // SAFETY: a map value pointer, valid for this run.
+    if unsafe { (*hop).path } != PATH_FAST {
+        count(Counter::KernelPath);
+        return xdp_action::XDP_PASS;
+    }
+    send(ctx, frame, route, hop)
+}
+
+/// Backend `backend_id`'s cached next hop, resolved again when its epoch is stale; for a packet
+/// not yet rewritten, `translated` says what it will carry (an SNAT flow that cannot leave in
+/// XDP is rejected untouched).
+#[inline(always)]
+pub fn backend_hop(
+    ctx: &XdpContext,
+    frame: &Frame,
+    route: &Route,
+    translated: Option<&Endpoints>,
+    backend_id: u32,
+) -> Result<*mut NextHop, Unresolved> {
+    // SAFETY: the network header was bounds checked by the parser.
+    let ttl = unsafe {
+        match route.ip {
             Ip::V4(ip) => (*ip).ttl,
             Ip::V6(ip) => (*ip).hop_limit,
-        };
-        if frame.tagged || ttl <= 1 {
-            return to_kernel();
         }
-        let Some(hop) = NEXT_HOPS.get_ptr_mut(backend_id) else {
-            return to_kernel();
-        };
-        let Some(&epoch) = NEXT_HOP_EPOCH.get(0) else {
-            return to_kernel();
-        };
-        if (*hop).epoch != epoch {
-            let mut params = fib_params(ctx, route);
-            let rc = bpf_fib_lookup(ctx.as_ptr(), &mut params, size_of::<FibParams>() as i32, 0);
-            if rc != BPF_FIB_LKUP_RET_SUCCESS as i64 {
-                return to_kernel();
+    };
+    if frame.tagged || ttl <= 1 {
+        return Err(Unresolved::Kernel);
+    }
+    let hop = NEXT_HOPS
+        .get_ptr_mut(backend_id)
+        .ok_or(Unresolved::Kernel)?;
+    let epoch = current_epoch().ok_or(Unresolved::Kernel)?;
+    // SAFETY: a per-CPU map value, only this CPU writes it while the program runs.
+    if unsafe { (*hop).epoch } != epoch {
+        resolve(ctx, route, translated, hop, epoch)?;
+    }
+    Ok(hop)
+}
+
+/// The epoch cached next hops must carry to be trusted.
+#[inline(always)]
+pub fn current_epoch() -> Option<u32> {
+    NEXT_HOP_EPOCH.get(0).copied()
+}
+
+/// Looks the packet's route up (FIB and neighbour) and caches it in `hop` with `epoch` and the
+/// egress device's path.
+#[inline(always)]
+pub fn resolve(
+    ctx: &XdpContext,
+    route: &Route,
+    translated: Option<&Endpoints>,
+    hop: *mut NextHop,
+    epoch: u32,
+) -> Result<(), Unresolved> {
+    // SAFETY: the caller's network header was bounds checked; `hop` is a map value pointer.
+    unsafe {
+        let mut params = fib_params(ctx, route);
+        if let Some(t) = translated {
+            params.sport = t.src_port;
+            params.dport = t.dst_port;
+            match route.ip {
+                Ip::V4(_) => {
+                    params.__bindgen_anon_3.ipv4_src = t.src[0];
+                    params.__bindgen_anon_4.ipv4_dst = t.dst[0];
+                }
+                Ip::V6(_) => {
+                    params.__bindgen_anon_3.ipv6_src = t.src;
+                    params.__bindgen_anon_4.ipv6_dst = t.dst;
+                }
             }
-            // A device without a decision (new since the agent's last scan) takes the kernel
-            // path; its decision moves the epoch on.
-            let fast = EGRESS_PATHS
-                .get(params.ifindex)
-                .is_some_and(|egress| egress.path == PATH_FAST);
-            let (d, s) = (params.dmac, params.smac);
-            *hop = NextHop {
-                ifindex: params.ifindex,
-                macs: [
-                    d[0], d[1], d[2], d[3], d[4], d[5], s[0], s[1], s[2], s[3], s[4], s[5],
-                ],
-                epoch,
-                path: if fast { PATH_FAST } else { PATH_KERNEL },
-                pad: [0; 3],
-            };
         }
-        if (*hop).path != PATH_FAST {
-            count(Counter::KernelPath);
-            return xdp_action::XDP_PASS;
+        let rc = bpf_fib_lookup(ctx.as_ptr(), &mut params, size_of::<FibParams>() as i32, 0);
+        if rc == BPF_FIB_LKUP_RET_NO_NEIGH as i64 {
+            return Err(Unresolved::NoNeighbour);
         }
+        if rc != BPF_FIB_LKUP_RET_SUCCESS as i64 {
+            return Err(Unresolved::Kernel);
+        }
+        // A device without a decision (new since the agent's last scan) takes the kernel
+        // path; its decision moves the epoch on.
+        let egress = EGRESS_PATHS.get(params.ifindex);
+        let fast = egress.is_some_and(|egress| egress.path == PATH_FAST);
+        let xdp_transmit = egress.map_or(0, |egress| egress.xdp_transmit);
+        let (d, s) = (params.dmac, params.smac);
+        *hop = NextHop {
+            ifindex: params.ifindex,
+            macs: [
+                d[0], d[1], d[2], d[3], d[4], d[5], s[0], s[1], s[2], s[3], s[4], s[5],
+            ],
+            epoch,
+            path: if fast { PATH_FAST } else { PATH_KERNEL },
+            xdp_transmit,
+            pad: [0; 2],
+        };
+    }
+    Ok(())
+}
+
+/// The fast path: TTL − 1, the next hop's MACs, then XDP_TX out of the ingress device or
+/// XDP_REDIRECT into another. A device that left the redirect map gets the packet through the
+/// kernel instead.
+#[inline(always)]
+pub fn send(ctx: &XdpContext, frame: &Frame, route: &Route, hop: *const NextHop) -> u32 {
+    // SAFETY: every pointer in `frame` and `route` was bounds checked by the parser; `hop` is
+    // a map value pointer.
+    unsafe {
         let out = (*hop).ifindex;
         let transmit = out == ctx.ingress_ifindex() as u32;
         // Before any rewrite: a packet the device cannot take goes to the kernel as it is.

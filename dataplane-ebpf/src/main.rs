@@ -14,6 +14,7 @@ mod nat;
 mod parse;
 mod reject;
 mod select;
+mod snat;
 mod stats;
 
 use aya_ebpf::{

@@ -7,7 +7,8 @@ use aya_ebpf::{
 };
 use fulgur_common::{
     AnnounceDevice, AnnounceKey, Backend, ConntrackValue, Counter, EgressPath, FlowKey,
-    LookupEntry, NextHop, ReverseNatValue, ServiceKey, ServiceValue, TrafficStats, defaults,
+    LookupEntry, NextHop, ReverseNatValue, ServiceKey, ServiceValue, SnatConfig, SnatFlow,
+    SnatReply, TrafficStats, defaults,
 };
 
 /// `{VIP, port, proto}` → where the service's lookup table is.
@@ -74,3 +75,17 @@ pub static ANNOUNCED: HashMap<AnnounceKey, u32> = HashMap::pinned(defaults::MAX_
 #[map(name = "FULGUR_ANNOUNCE_DEVICES")]
 pub static ANNOUNCE_DEVICES: HashMap<u32, AnnounceDevice> =
     HashMap::pinned(defaults::ANNOUNCE_DEVICES, 0);
+
+/// Entry 0: the SNAT mode, port range, node addresses and the agent's clock.
+#[map(name = "FULGUR_SNAT_CONFIG")]
+pub static SNAT_CONFIG: Array<SnatConfig> = Array::pinned(1, 0);
+
+/// SNATed client flow → its backend and SNAT port. Not LRU: entries leave by the agent's GC.
+#[map(name = "FULGUR_SNAT_FLOWS")]
+pub static SNAT_FLOWS: HashMap<FlowKey, SnatFlow> = HashMap::pinned(defaults::SNAT_ENTRIES, 0);
+
+/// Backend → node:SNAT-port tuple → the client to give replies back to. Inserted with
+/// BPF_NOEXIST: a live flow's port is never taken over.
+#[map(name = "FULGUR_SNAT_REPLIES")]
+pub static SNAT_REPLIES: HashMap<FlowKey, SnatReply> =
+    HashMap::pinned(defaults::SNAT_ENTRIES, 0);

@@ -8,6 +8,7 @@ use fulgur_common::{
 
 use crate::{
     maps::{BACKENDS, CONNTRACK, LOOKUP, REVNAT},
+    snat,
     stats::{self, count},
 };
 
@@ -20,6 +21,8 @@ pub struct Target {
 
 pub enum Choice {
     Forward(Target),
+    /// Not in conntrack, and SNAT is on: the SNAT path looks further ([`crate::snat::flow`]).
+    Snat,
     /// No usable backend, or the flow fell on the reject weight.
     Reject,
 }
@@ -46,34 +49,47 @@ pub fn choose(flow: &FlowKey, service: &ServiceValue) -> Choice {
     {
         return Choice::Forward(target);
     }
+    // SNATed flows are never in conntrack: their own map is looked up on the SNAT path.
+    if snat::config().is_some() {
+        return Choice::Snat;
+    }
+    match pick(flow, service) {
+        Some((target, backend)) => {
+            remember(flow, service, target.id, backend);
+            Choice::Forward(target)
+        }
+        None => Choice::Reject,
+    }
+}
+
+/// A new flow's backend by the service's lookup table; `None`: reject.
+#[inline(always)]
+pub fn pick(flow: &FlowKey, service: &ServiceValue) -> Option<(Target, &'static Backend)> {
     if service.table_size == 0 {
-        return Choice::Reject;
+        return None;
     }
     let (entry, half) = lookup_position(service.slot(flow_hash(flow)));
-    let Some(pair) = LOOKUP.get(entry) else {
-        return Choice::Reject;
-    };
-    let backend_id = pair[half];
+    let backend_id = LOOKUP.get(entry)?[half];
     if backend_id == REJECT {
-        return Choice::Reject;
+        return None;
     }
-    let Some(backend) = BACKENDS.get(backend_id) else {
-        return Choice::Reject;
-    };
+    let backend = BACKENDS.get(backend_id)?;
     if backend.flags & BACKEND_LIVE == 0 || backend.service_id != service.id {
-        return Choice::Reject;
+        return None;
     }
-    remember(flow, service, backend_id, backend);
-    Choice::Forward(Target {
-        id: backend_id,
-        addr: backend.addr,
-        port: backend.port,
-    })
+    Some((
+        Target {
+            id: backend_id,
+            addr: backend.addr,
+            port: backend.port,
+        },
+        backend,
+    ))
 }
 
 /// Records the choice both ways: the client flow, and the backend's reply flow.
 #[inline(always)]
-fn remember(flow: &FlowKey, service: &ServiceValue, backend_id: u32, backend: &Backend) {
+pub fn remember(flow: &FlowKey, service: &ServiceValue, backend_id: u32, backend: &Backend) {
     let tracked = ConntrackValue {
         backend_id,
         service_id: service.id,

@@ -80,8 +80,14 @@ impl Programmer for Fake {
     }
 }
 
-/// Serves the agent's service with this fake behind it on a loopback port.
+/// Serves the agent's service with this fake behind it on a loopback port, as the agent runs by
+/// default (`--snat remote`: backends on other nodes accepted).
 pub async fn serve(fake: Fake, tls: Option<ServerTlsConfig>) -> SocketAddr {
-    let service = DataplaneServer::new(DataplaneService::new(fake, Metrics::new()));
+    serve_with_snat(fake, tls, true).await
+}
+
+/// As [`serve`]; `snat` false is `--snat never` (remote backends refused).
+pub async fn serve_with_snat(fake: Fake, tls: Option<ServerTlsConfig>, snat: bool) -> SocketAddr {
+    let service = DataplaneServer::new(DataplaneService::new(fake, Metrics::new(), snat));
     fulgur_testkit::fake_agent::serve_dataplane(service, tls).await
 }

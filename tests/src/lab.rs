@@ -154,6 +154,7 @@ impl Lab {
             name: name.into(),
             fast: true,
             reason: fulgur_common::PathReason::Driver,
+            xdp_transmit: true,
         };
         fulgur_agent::paths::PathMaps::adopt(|name| dataplane.take_map(name))?
             .sync(&[fast(in_ifindex, "in0"), fast(out_ifindex, "out0")])?;
@@ -186,7 +187,7 @@ impl Lab {
 
     pub fn apply_yaml(&mut self, yaml: &str) -> anyhow::Result<()> {
         self.writer
-            .apply(&ServiceSet::parse(yaml, "the test's services".into())?)?;
+            .apply(&ServiceSet::parse(yaml, "the test's services".into(), true)?)?;
         Ok(())
     }
 

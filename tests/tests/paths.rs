@@ -28,6 +28,7 @@ fn set_out_path(lab: &Lab, fast: bool, reason: PathReason) {
         name: name.into(),
         fast,
         reason,
+        xdp_transmit: fast,
     };
     maps.sync(&[
         decision(lab.in_ifindex, "in0", true, PathReason::Driver),
@@ -93,7 +94,8 @@ fn next_hops_pinned_before_the_epoch_are_resolved_again() {
         macs: [0xee; 12],
         epoch: first_epoch,
         path: PATH_FAST,
-        pad: [0; 3],
+        xdp_transmit: 1,
+        pad: [0; 2],
     };
     let cpus = aya::util::nr_cpus().expect("cpus");
     for id in 0..256 {

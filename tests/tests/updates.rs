@@ -140,7 +140,7 @@ fn a_service_being_rewritten_never_fails_a_packet() {
         let (stop, flips) = (stop.clone(), flips.clone());
         let sets: Vec<_> = sets
             .iter()
-            .map(|s| ServiceSet::parse(s, "a test set".into()).unwrap())
+            .map(|s| ServiceSet::parse(s, "a test set".into(), true).unwrap())
             .collect();
         std::thread::spawn(move || {
             let sizes = Sizes {

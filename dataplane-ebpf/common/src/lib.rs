@@ -27,6 +27,13 @@ pub mod map_names {
     /// One `u32`: the agent moves it on when egress paths change and every path rescan (so a
     /// neighbour's new MAC is seen within a rescan); cached next hops of another epoch are stale.
     pub const NEXT_HOP_EPOCH: &str = "FULGUR_NEXT_HOP_EPOCH";
+    /// One [`SnatConfig`](crate::SnatConfig): mode, port range, node addresses, the clock.
+    pub const SNAT_CONFIG: &str = "FULGUR_SNAT_CONFIG";
+    /// Client flow ([`FlowKey`](crate::FlowKey)) → [`SnatFlow`](crate::SnatFlow); not LRU.
+    pub const SNAT_FLOWS: &str = "FULGUR_SNAT_FLOWS";
+    /// Backend→node reply tuple ([`FlowKey`](crate::FlowKey)) → [`SnatReply`](crate::SnatReply);
+    /// not LRU: a live flow's port is never evicted.
+    pub const SNAT_REPLIES: &str = "FULGUR_SNAT_REPLIES";
 }
 
 /// Program names as compiled into the object.
@@ -49,6 +56,13 @@ pub mod defaults {
     pub const MAX_ANNOUNCED: u32 = 1024;
     /// Client-facing devices that answer ARP / NDP for announced addresses.
     pub const ANNOUNCE_DEVICES: u32 = 64;
+    /// SNATed flows at once (each holds one entry in the flow map and one in the reply map).
+    pub const SNAT_ENTRIES: u32 = 65536;
+    /// The SNAT port range: above Linux's default ephemeral range (32768-60999).
+    pub const SNAT_PORT_MIN: u16 = 61000;
+    pub const SNAT_PORT_MAX: u16 = 65535;
+    /// Ports tried for a new SNAT flow, from its hash on; none free = exhausted.
+    pub const SNAT_PROBES: u32 = 16;
 }
 
 pub const FAMILY_IPV4: u8 = 4;
@@ -212,6 +226,9 @@ pub struct Backend {
 }
 
 pub const BACKEND_LIVE: u8 = 1;
+/// The backend runs on another node: with `--snat remote` its flows are SNATed to this node's
+/// address, so its replies come back here.
+pub const BACKEND_REMOTE: u8 = 2;
 
 /// The lookup-table map packs two table slots per element: the map is mmap-able, and the
 /// kernel aligns mmap-able elements to 8 bytes.
@@ -257,7 +274,10 @@ pub struct NextHop {
     pub epoch: u32,
     /// [`PATH_FAST`] or [`PATH_KERNEL`]: the egress device's path at that epoch.
     pub path: u8,
-    pub pad: [u8; 3],
+    /// 1 when the device takes XDP frames (redirect / TX) whatever its path: SNATed flows take
+    /// the fast path even where local ones take the kernel's for netfilter's sake.
+    pub xdp_transmit: u8,
+    pub pad: [u8; 2],
 }
 
 /// The next epoch after `epoch`: cached next hops of older epochs are resolved again. Skips 0,
@@ -362,7 +382,9 @@ pub struct EgressPath {
     pub path: u8,
     /// A [`PathReason`].
     pub reason: u8,
-    pub pad: [u8; 2],
+    /// 1 when the device takes XDP frames (SNATed flows use them even on the kernel path).
+    pub xdp_transmit: u8,
+    pub pad: u8,
     pub ifindex: u32,
     /// The device's name, NUL padded, for `inspect`.
     pub name: [u8; 16],
@@ -442,6 +464,140 @@ pub struct ReverseNatValue {
     pub service_id: u32,
 }
 
+/// `--snat` modes ([`SnatConfig::mode`]). 0, what a fresh map holds, is `never`.
+pub const SNAT_NEVER: u8 = 0;
+/// Flows to backends marked [`BACKEND_REMOTE`] are SNATed; local ones keep the client address.
+pub const SNAT_REMOTE: u8 = 1;
+/// Every flow is SNATed.
+pub const SNAT_ALWAYS: u8 = 2;
+/// [`SnatConfig::families`] bits: a node address of that family is configured.
+pub const SNAT_HAS_IPV4: u8 = 1;
+pub const SNAT_HAS_IPV6: u8 = 2;
+/// [`SnatFlow::state`] / [`SnatReply::state`]: TCP saw a FIN or RST (a shorter idle timeout).
+pub const SNAT_OPEN: u8 = 0;
+pub const SNAT_CLOSING: u8 = 1;
+
+/// The SNAT configuration, entry 0 of [`map_names::SNAT_CONFIG`], written by the agent.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SnatConfig {
+    /// The node's IPv4 address (word 0) and IPv6 address, as [`Addr`]s.
+    pub addr_v4: Addr,
+    pub addr_v6: Addr,
+    /// The agent's clock (CLOCK_MONOTONIC seconds), moved on every second: the programs stamp
+    /// SNAT entries with it, at most once per second per entry, and read no clock themselves.
+    pub now: u32,
+    /// The port range, inclusive, host byte order.
+    pub port_min: u16,
+    pub port_max: u16,
+    /// [`SNAT_NEVER`], [`SNAT_REMOTE`] or [`SNAT_ALWAYS`].
+    pub mode: u8,
+    /// [`SNAT_HAS_IPV4`] | [`SNAT_HAS_IPV6`].
+    pub families: u8,
+    pub pad: [u8; 2],
+}
+
+impl SnatConfig {
+    /// Ports in the range.
+    #[inline(always)]
+    pub const fn ports(&self) -> u32 {
+        if self.port_max < self.port_min {
+            0
+        } else {
+            (self.port_max - self.port_min) as u32 + 1
+        }
+    }
+
+    /// Whether `port` (host byte order) is an SNAT port.
+    #[inline(always)]
+    pub const fn in_range(&self, port: u16) -> bool {
+        port >= self.port_min && port <= self.port_max
+    }
+
+    /// The port (host byte order) that probe `probe` tries for a flow of hash `hash`: linear
+    /// from the hash, so a range no larger than the probes is searched whole.
+    #[inline(always)]
+    pub const fn probe_port(&self, hash: u32, probe: u32) -> u16 {
+        let ports = self.ports();
+        if ports == 0 {
+            return self.port_min;
+        }
+        self.port_min + (hash.wrapping_add(probe) % ports) as u16
+    }
+
+    /// The node address of `family`, if one is configured.
+    #[inline(always)]
+    pub const fn node_addr(&self, family: u8) -> Option<&Addr> {
+        if family == FAMILY_IPV4 && self.families & SNAT_HAS_IPV4 != 0 {
+            Some(&self.addr_v4)
+        } else if family == FAMILY_IPV6 && self.families & SNAT_HAS_IPV6 != 0 {
+            Some(&self.addr_v6)
+        } else {
+            None
+        }
+    }
+
+    /// Whether a new flow to a backend with `backend_flags` is SNATed.
+    #[inline(always)]
+    pub const fn applies_to(&self, backend_flags: u8) -> bool {
+        self.mode == SNAT_ALWAYS || (self.mode == SNAT_REMOTE && backend_flags & BACKEND_REMOTE != 0)
+    }
+}
+
+/// An SNATed client flow (key: the client's [`FlowKey`]): where it goes and from which port.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SnatFlow {
+    pub backend_addr: Addr,
+    /// The node address the flow leaves from (kept per flow: a changed `--snat-address` does
+    /// not move established flows).
+    pub node_addr: Addr,
+    pub backend_id: u32,
+    pub service_id: u32,
+    /// Network byte order.
+    pub backend_port: u16,
+    /// The allocated SNAT port, network byte order.
+    pub node_port: u16,
+    /// [`SnatConfig::now`] when a packet last went this way.
+    pub last_seen: u32,
+    /// [`SNAT_OPEN`] or [`SNAT_CLOSING`].
+    pub state: u8,
+    pub pad: [u8; 3],
+}
+
+/// The reply side of an SNATed flow (key: backend → node address and SNAT port): who to give
+/// the reply back to, and the cached route towards that client.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SnatReply {
+    pub client: Addr,
+    pub vip: Addr,
+    /// Network byte order.
+    pub client_port: u16,
+    pub vip_port: u16,
+    pub service_id: u32,
+    pub last_seen: u32,
+    pub state: u8,
+    pub pad: [u8; 3],
+    /// The FIB result towards the client, trusted while its epoch is current.
+    pub hop: NextHop,
+}
+
+impl SnatReply {
+    /// The client flow this reply belongs to: the key of its [`SnatFlow`].
+    pub const fn client_flow(&self, proto: u8, family: u8) -> FlowKey {
+        FlowKey {
+            src: self.client,
+            dst: self.vip,
+            src_port: self.client_port,
+            dst_port: self.vip_port,
+            proto,
+            family,
+            pad: [0; 2],
+        }
+    }
+}
+
 /// Global per-CPU counters, one slot each. The index is the counter's discriminant.
 #[repr(u32)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -519,10 +675,30 @@ pub enum Counter {
     /// TC egress: a kernel helper failed while a reply was rewritten (the packet leaves as the
     /// helper left it).
     EgressRewriteFailed = 32,
+    /// A new flow to a backend that needs SNAT got a port and was forwarded in XDP.
+    SnatNewFlow = 33,
+    /// A reply to an SNAT port, translated back (service → client) and forwarded.
+    SnatReplyTranslated = 34,
+    /// A new flow that needs SNAT found no free port (or the SNAT maps are full): rejected.
+    SnatExhausted = 35,
+    /// A new flow that needs SNAT, but no node address of its family is configured: rejected.
+    SnatNoAddress = 36,
+    /// An SNATed flow whose egress device cannot take XDP frames (or no route, `--forwarding
+    /// kernel`): new flows are rejected, established packets dropped. The kernel cannot forward
+    /// it: its source is this node's own address.
+    SnatNoFastPath = 37,
+    /// An SNATed flow whose next hop has no neighbour entry yet: dropped (the agent has the
+    /// kernel resolve remote backends' next hops, so a retransmission gets through).
+    SnatNoNeighbour = 38,
+    /// To the node's SNAT address and a port in the SNAT range, but no SNAT flow has it: passed.
+    SnatReplyUnknown = 39,
+    /// A translated reply whose route to the client cannot be finished in XDP: handed to the
+    /// kernel.
+    SnatReplyToKernel = 40,
 }
 
 impl Counter {
-    pub const COUNT: u32 = 33;
+    pub const COUNT: u32 = 41;
     pub const ALL: [Counter; Self::COUNT as usize] = [
         Counter::PassNotIp,
         Counter::PassNotTcpUdp,
@@ -557,6 +733,14 @@ impl Counter {
         Counter::EgressFragment,
         Counter::EgressUnsupported,
         Counter::EgressRewriteFailed,
+        Counter::SnatNewFlow,
+        Counter::SnatReplyTranslated,
+        Counter::SnatExhausted,
+        Counter::SnatNoAddress,
+        Counter::SnatNoFastPath,
+        Counter::SnatNoNeighbour,
+        Counter::SnatReplyUnknown,
+        Counter::SnatReplyToKernel,
     ];
 
     /// A stable snake_case name, used for metrics labels and `inspect`.
@@ -595,6 +779,14 @@ impl Counter {
             Counter::EgressFragment => "egress_fragment",
             Counter::EgressUnsupported => "egress_unsupported",
             Counter::EgressRewriteFailed => "egress_rewrite_failed",
+            Counter::SnatNewFlow => "snat_new_flow",
+            Counter::SnatReplyTranslated => "snat_reply_translated",
+            Counter::SnatExhausted => "snat_exhausted",
+            Counter::SnatNoAddress => "snat_no_address",
+            Counter::SnatNoFastPath => "snat_no_fast_path",
+            Counter::SnatNoNeighbour => "snat_no_neighbour",
+            Counter::SnatReplyUnknown => "snat_reply_unknown",
+            Counter::SnatReplyToKernel => "snat_reply_to_kernel",
         }
     }
 }
@@ -610,6 +802,9 @@ const _: () = assert!(core::mem::size_of::<NextHop>() == 24);
 const _: () = assert!(core::mem::size_of::<EgressPath>() == 24);
 const _: () = assert!(core::mem::size_of::<AnnounceKey>() == 20);
 const _: () = assert!(core::mem::size_of::<AnnounceDevice>() == 8);
+const _: () = assert!(core::mem::size_of::<SnatConfig>() == 44);
+const _: () = assert!(core::mem::size_of::<SnatFlow>() == 52);
+const _: () = assert!(core::mem::size_of::<SnatReply>() == 72);
 
 #[cfg(feature = "user")]
 mod pod {
@@ -625,6 +820,9 @@ mod pod {
     unsafe impl aya::Pod for super::EgressPath {}
     unsafe impl aya::Pod for super::AnnounceKey {}
     unsafe impl aya::Pod for super::AnnounceDevice {}
+    unsafe impl aya::Pod for super::SnatConfig {}
+    unsafe impl aya::Pod for super::SnatFlow {}
+    unsafe impl aya::Pod for super::SnatReply {}
 }
 
 /// One kernel-side diagnostic (`--bpf-log`), written to the `FULGUR_LOG` ring buffer at the rare
@@ -693,6 +891,31 @@ mod tests {
         assert_eq!(service.slots(), 91..104);
         assert_eq!(lookup_position(91), (45, 1));
         assert_eq!(lookup_position(92), (46, 0));
+    }
+
+    #[test]
+    fn snat_probes_cover_a_small_range_and_stay_inside_it() {
+        let config = SnatConfig {
+            port_min: 61000,
+            port_max: 61002,
+            mode: SNAT_REMOTE,
+            ..SnatConfig::default()
+        };
+        let ports: std::collections::BTreeSet<u16> =
+            (0..3).map(|probe| config.probe_port(u32::MAX - 1, probe)).collect();
+        assert_eq!(ports.into_iter().collect::<std::vec::Vec<_>>(), [61000, 61001, 61002]);
+        let full = SnatConfig {
+            port_min: 61000,
+            port_max: 65535,
+            ..config
+        };
+        assert_eq!(full.ports(), 4536);
+        assert!((0..1000).all(|h| full.in_range(full.probe_port(h * 7919, 15))));
+        assert!(config.applies_to(BACKEND_LIVE | BACKEND_REMOTE));
+        assert!(!config.applies_to(BACKEND_LIVE));
+        assert!(SnatConfig { mode: SNAT_ALWAYS, ..config }.applies_to(BACKEND_LIVE));
+        assert!(!SnatConfig { mode: SNAT_NEVER, ..config }.applies_to(BACKEND_REMOTE));
+        assert_eq!(config.node_addr(FAMILY_IPV4), None);
     }
 
     #[test]
