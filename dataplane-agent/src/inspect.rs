@@ -87,6 +87,8 @@ pub struct NodeReport {
     /// Announced addresses and the devices that answer for them.
     #[serde(flatten)]
     pub announce: crate::announce::AnnounceReport,
+    /// SNAT mode, ports, node addresses and flow count.
+    pub snat: crate::snat::SnatView,
 }
 
 impl NodeReport {
@@ -104,6 +106,7 @@ impl NodeReport {
             report,
             tc_hooks,
             announce: crate::announce::read_report(pins),
+            snat: crate::snat::read_view(pins),
         })
     }
 
@@ -113,6 +116,16 @@ impl NodeReport {
             let hook = hook.map_or("none in this network namespace", |h| h.name());
             let _ = writeln!(out, "  {iface:<24} {hook}");
         }
+        let snat = &self.snat;
+        let _ = writeln!(
+            out,
+            "SNAT\n  mode {}  ports {}  ipv4 {}  ipv6 {}  flows {}",
+            snat.mode,
+            snat.ports,
+            snat.ipv4.map_or("-".into(), |a| a.to_string()),
+            snat.ipv6.map_or("-".into(), |a| a.to_string()),
+            snat.flows
+        );
         out + &self.forwarding.to_text() + &self.announce.to_text() + &self.report.to_text()
     }
 }

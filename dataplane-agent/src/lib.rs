@@ -11,6 +11,7 @@ pub mod metrics;
 pub mod mmap;
 mod netlink;
 pub mod paths;
+pub mod snat;
 pub mod tc_hook;
 pub mod writer;
 

@@ -13,6 +13,7 @@ use fulgur_agent::{
     inspect, maglev,
     metrics::Metrics,
     paths::{self, Forwarding, PathMaps},
+    snat::{self, NodeAddresses, PortRange, SnatMaps, SnatMode, SnatSettings, Timeouts},
     tc_hook::TcAttach,
     writer::{ApplyReport, Layout, MapWriter, WriteError},
 };
@@ -118,6 +119,59 @@ struct RunArgs {
     /// Flows tracked (LRU); replies need their flow tracked.
     #[arg(long, default_value_t = defaults::CONNTRACK_ENTRIES)]
     conntrack_size: u32,
+    /// SNAT of new flows: `remote` (to backends on other nodes; local backends keep the
+    /// client's address), `always` (every flow: the client address is lost), `never` (backends
+    /// on other nodes are refused, and the "remote-backends" feature is not listed).
+    #[arg(long, value_enum, default_value = "remote")]
+    snat: SnatMode,
+    /// Source ports of SNATed flows, MIN-MAX; must not overlap the node's ephemeral range
+    /// (/proc/sys/net/ipv4/ip_local_port_range).
+    #[arg(long, default_value_t = PortRange::default())]
+    snat_ports: PortRange,
+    /// The address SNATed flows leave from (repeat: at most one IPv4 and one IPv6); default:
+    /// the first global IPv4 and IPv6 address of the first --iface.
+    #[arg(long = "snat-address")]
+    snat_addresses: Vec<std::net::IpAddr>,
+    /// Idle SNAT flows are removed after this many seconds: TCP.
+    #[arg(long, default_value_t = Timeouts::default().tcp.as_secs())]
+    snat_tcp_timeout: u64,
+    /// ... TCP after a FIN or RST.
+    #[arg(long, default_value_t = Timeouts::default().tcp_closing.as_secs())]
+    snat_tcp_closing_timeout: u64,
+    /// ... UDP.
+    #[arg(long, default_value_t = Timeouts::default().udp.as_secs())]
+    snat_udp_timeout: u64,
+}
+
+/// The SNAT settings from the flags, checked against this node.
+fn snat_settings(args: &RunArgs) -> anyhow::Result<SnatSettings> {
+    let mut addresses =
+        NodeAddresses::from_flags(&args.snat_addresses).map_err(anyhow::Error::msg)?;
+    if args.snat != SnatMode::Never {
+        match snat::ephemeral_ports() {
+            Ok(ephemeral) => args
+                .snat_ports
+                .check_against(ephemeral)
+                .map_err(anyhow::Error::msg)?,
+            Err(e) => warn!("cannot read the ephemeral port range ({e}): --snat-ports not checked"),
+        }
+        if args.snat_addresses.is_empty() {
+            addresses = NodeAddresses::of_interface(&args.ifaces[0])
+                .with_context(|| format!("reading the addresses of {}", args.ifaces[0]))?;
+        }
+        if addresses.is_empty() {
+            warn!(
+                iface = args.ifaces[0],
+                "no SNAT address (none given, none global on the first --iface): new flows to \
+                 backends on other nodes are rejected (counter snat_no_address)"
+            );
+        }
+    }
+    Ok(SnatSettings {
+        mode: args.snat,
+        ports: args.snat_ports,
+        addresses,
+    })
 }
 
 /// A listen address: `ADDR:PORT`, `[V6]:PORT`, or a bare IPv6 address and `:PORT`, which is what
@@ -198,10 +252,12 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
         bail!("--max-services × --table-size × 2 is too large for one lookup map");
     }
     // Check the input and the TLS material before touching the kernel.
+    let snat_settings = snat_settings(&args)?;
+    let remote_backends = args.snat.remote_backends();
     let initial = args
         .services
         .as_deref()
-        .map(|path| ServiceSet::from_file(path, true))
+        .map(|path| ServiceSet::from_file(path, remote_backends))
         .transpose()?;
     let tls = match (&args.grpc_listen, args.insecure) {
         (Some(_), true) => None,
@@ -227,6 +283,19 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
     let mut writer = MapWriter::adopt(sizes.layout, |name| dataplane.take_map(name))
         .context("adopting the pinned maps")?;
     let mut path_maps = PathMaps::adopt(|name| dataplane.take_map(name))?;
+    let snat_maps = SnatMaps::adopt(|name| dataplane.take_map(name), snat_settings)?;
+    info!(
+        mode = args.snat.name(),
+        ports = %args.snat_ports,
+        ipv4 = ?snat_settings.addresses.ipv4,
+        ipv6 = ?snat_settings.addresses.ipv6,
+        "SNAT"
+    );
+    let timeouts = Timeouts {
+        tcp: Duration::from_secs(args.snat_tcp_timeout),
+        tcp_closing: Duration::from_secs(args.snat_tcp_closing_timeout),
+        udp: Duration::from_secs(args.snat_udp_timeout),
+    };
     log_paths(&path_maps.sync(&decisions)?, &node);
     // Announced addresses are not kept across a restart (services are): the last agent's
     // lease is unknown, and the address may have moved meanwhile. The controller's Apply on
@@ -277,6 +346,7 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
         .build()?;
     runtime.block_on(async move {
         tokio::spawn(rescan_paths(path_maps, args.xdp_mode, args.forwarding));
+        tokio::spawn(snat_clock(snat_maps, timeouts, metrics.clone()));
         if let Some(reader) = bpf_reader {
             tokio::spawn(async move {
                 if let Err(e) = bpf_log::run(reader).await {
@@ -304,7 +374,16 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
                     .with_context(|| format!("binding --grpc-listen {listen}"))?
                     .with_nodelay(Some(true));
                 info!(%listen, tls = tls.is_some(), bpffs_dir = %args.bpffs_dir.display(), "ready");
-                serve_grpc(incoming, listen, tls, programmer, metrics, shutdown()).await?;
+                serve_grpc(
+                    incoming,
+                    listen,
+                    tls,
+                    programmer,
+                    metrics,
+                    remote_backends,
+                    shutdown(),
+                )
+                .await?;
             }
             (None, initial) => {
                 info!(bpffs_dir = %args.bpffs_dir.display(), "ready");
@@ -318,6 +397,7 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
                     initial.unwrap_or_default(),
                     programmer,
                     metrics,
+                    remote_backends,
                 )
                 .await?;
             }
@@ -378,6 +458,40 @@ async fn rescan_paths(mut maps: PathMaps, mode: dataplane::XdpAttachMode, forwar
     }
 }
 
+/// How often idle SNAT flows are looked for.
+const SNAT_COLLECT_EVERY: u32 = 10;
+
+/// The clock SNAT entries are stamped with moves on every second; idle flows are collected
+/// every [`SNAT_COLLECT_EVERY`] seconds.
+async fn snat_clock(mut maps: SnatMaps, timeouts: Timeouts, metrics: Arc<Metrics>) {
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    let mut ticks = 0u32;
+    loop {
+        tick.tick().await;
+        let now = snat::monotonic_seconds();
+        if let Err(e) = maps.write_config(now) {
+            error!("writing the SNAT clock: {e}");
+        }
+        ticks = ticks.wrapping_add(1);
+        if maps.settings().mode == SnatMode::Never || !ticks.is_multiple_of(SNAT_COLLECT_EVERY) {
+            continue;
+        }
+        match maps.collect(now, &timeouts) {
+            Ok(collected) => {
+                metrics.snat_flows(collected.flows);
+                if collected.removed > 0 {
+                    tracing::debug!(
+                        removed = collected.removed,
+                        left = collected.flows,
+                        "idle SNAT flows removed"
+                    );
+                }
+            }
+            Err(e) => error!("collecting idle SNAT flows: {e}"),
+        }
+    }
+}
+
 /// Resolves on SIGINT or SIGTERM.
 async fn shutdown() {
     let Ok(mut terminate) =
@@ -396,6 +510,7 @@ async fn watch_services_file(
     mut last: ValidServiceSet,
     mut programmer: MapProgrammer,
     metrics: Arc<Metrics>,
+    remote_backends: bool,
 ) -> anyhow::Result<()> {
     let mut poll = tokio::time::interval(Duration::from_millis(500));
     let stop = shutdown();
@@ -405,7 +520,7 @@ async fn watch_services_file(
             _ = &mut stop => return Ok(()),
             _ = poll.tick() => {
                 let Some(path) = &path else { continue };
-                match ServiceSet::from_file(path, true) {
+                match ServiceSet::from_file(path, remote_backends) {
                     Ok(next) if next != last => match programmer.apply(&next) {
                         Ok(report) => {
                             info!(?report, "services file changed, applied");
@@ -468,6 +583,7 @@ async fn serve_grpc(
     tls: Option<ServerTlsConfig>,
     programmer: MapProgrammer,
     metrics: Arc<Metrics>,
+    remote_backends: bool,
     shutdown: impl std::future::Future<Output = ()>,
 ) -> anyhow::Result<()> {
     let (health, health_service) = tonic_health::server::health_reporter();
@@ -490,7 +606,7 @@ async fn serve_grpc(
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
         .add_service(
-            DataplaneServer::new(DataplaneService::new(programmer, metrics, true))
+            DataplaneServer::new(DataplaneService::new(programmer, metrics, remote_backends))
                 .max_decoding_message_size(MAX_STATE_BYTES),
         )
         .serve_with_incoming_shutdown(incoming, shutdown)

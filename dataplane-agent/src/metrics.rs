@@ -78,6 +78,7 @@ pub struct Metrics {
     backend_path: Family<BackendPathLabel, Gauge>,
     bpf_log: Family<BpfLogLabel, Counter>,
     announced: Family<AnnouncedLabel, Gauge>,
+    snat_flows: Gauge,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -107,6 +108,7 @@ impl Default for Metrics {
             backend_path: Family::default(),
             bpf_log: Family::default(),
             announced: Family::default(),
+            snat_flows: Gauge::default(),
         }
     }
 }
@@ -190,6 +192,11 @@ impl Metrics {
         self.bpf_log.get_or_create(&BpfLogLabel { outcome }).inc();
     }
 
+    /// SNATed flows in the maps, as the last garbage collection counted them.
+    pub fn snat_flows(&self, flows: usize) {
+        self.snat_flows.set(flows as i64);
+    }
+
     pub fn set_ready(&self) {
         self.ready.store(true, Ordering::Relaxed);
     }
@@ -231,6 +238,11 @@ impl Metrics {
             "backend_path",
             "Forwarding path each backend takes (fast, kernel, or unresolved before its first packet), its egress device, and why",
             self.backend_path.clone(),
+        );
+        registry.register(
+            "snat_flows",
+            "SNATed flows (to backends on other nodes) in the SNAT maps, as of the last garbage collection (every 10 s)",
+            self.snat_flows.clone(),
         );
         registry.register(
             "announced_addresses",

@@ -595,8 +595,16 @@ mod tests {
             transmit(&kube, XdpAttachMode::Native, Forwarding::Auto),
             [false, false, true, true, false]
         );
-        assert!(transmit(&kube, XdpAttachMode::Generic, Forwarding::Auto).iter().all(|t| *t));
-        assert!(!transmit(&scan, XdpAttachMode::Generic, Forwarding::Kernel).iter().any(|t| *t));
+        assert!(
+            transmit(&kube, XdpAttachMode::Generic, Forwarding::Auto)
+                .iter()
+                .all(|t| *t)
+        );
+        assert!(
+            !transmit(&scan, XdpAttachMode::Generic, Forwarding::Kernel)
+                .iter()
+                .any(|t| *t)
+        );
         let refusal = fast_refusal(&kube, &[]).expect("refused");
         assert!(refusal.contains("ip filter"), "{refusal}");
     }

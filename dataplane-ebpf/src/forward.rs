@@ -15,8 +15,8 @@ use aya_ebpf::{
 use fulgur_common::{Counter, NextHop, PATH_FAST, PATH_KERNEL, csum};
 
 use crate::{
-    nat::Endpoints,
     maps::{EGRESS_PATHS, NEXT_HOP_EPOCH, NEXT_HOPS, REDIRECT_DEVICES},
+    nat::Endpoints,
     parse::{Frame, Ip, L4Packet},
     stats::count,
 };

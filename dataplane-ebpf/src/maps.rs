@@ -87,5 +87,4 @@ pub static SNAT_FLOWS: HashMap<FlowKey, SnatFlow> = HashMap::pinned(defaults::SN
 /// Backend → node:SNAT-port tuple → the client to give replies back to. Inserted with
 /// BPF_NOEXIST: a live flow's port is never taken over.
 #[map(name = "FULGUR_SNAT_REPLIES")]
-pub static SNAT_REPLIES: HashMap<FlowKey, SnatReply> =
-    HashMap::pinned(defaults::SNAT_ENTRIES, 0);
+pub static SNAT_REPLIES: HashMap<FlowKey, SnatReply> = HashMap::pinned(defaults::SNAT_ENTRIES, 0);

@@ -45,7 +45,7 @@ fn established(ctx: &XdpContext, service_id: u32) -> Result<Option<u32>, Counter
     let pkt = ingress::transport(ctx, &frame)?;
     let flow = ingress::flow_of(&pkt);
     let config = config().ok_or(Counter::PassNotService)?;
-    let Some(entry) = SNAT_FLOWS.get_ptr_mut(&flow) else {
+    let Some(entry) = SNAT_FLOWS.get_ptr_mut(flow) else {
         return Ok(None);
     };
     if !still_valid(entry, service_id) {
@@ -277,8 +277,8 @@ fn claim(
         state: SNAT_OPEN,
         pad: [0; 3],
     };
-    if SNAT_FLOWS.insert(flow, &tracked, BPF_ANY as u64).is_err() {
-        let _ = SNAT_REPLIES.remove(&reply_key(flow, node, target, node_port));
+    if SNAT_FLOWS.insert(flow, tracked, BPF_ANY as u64).is_err() {
+        let _ = SNAT_REPLIES.remove(reply_key(flow, node, target, node_port));
         return 0;
     }
     node_port
@@ -313,7 +313,7 @@ fn allocate(
             break;
         }
         key.dst_port = config.probe_port(hash, probe).to_be();
-        if SNAT_REPLIES.insert(&key, &reply, BPF_NOEXIST as u64).is_ok() {
+        if SNAT_REPLIES.insert(key, reply, BPF_NOEXIST as u64).is_ok() {
             return Some(key.dst_port);
         }
     }
@@ -351,7 +351,7 @@ fn find_reply(ctx: &XdpContext) -> Result<u32, Counter> {
     let pkt = ingress::transport(ctx, &frame)?;
     let flow = ingress::flow_of(&pkt);
     let entry = SNAT_REPLIES
-        .get_ptr_mut(&flow)
+        .get_ptr_mut(flow)
         .ok_or(Counter::SnatReplyUnknown)?;
     Ok(translate_reply(ctx, &frame, &pkt, &flow, entry))
 }

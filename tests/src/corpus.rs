@@ -1192,3 +1192,79 @@ pub fn egress_cases(f: &Family) -> Vec<Case> {
     }
     cases
 }
+
+/// Services whose backends run on other nodes (`remote: true`): their flows are SNATed to
+/// [`SNAT_NODE`] / [`SNAT_NODE6`]. 192.0.2.21's backend has no neighbour entry.
+pub const SNAT_SERVICES: &str = r#"
+services:
+- {vip: 192.0.2.10, port: 80, protocol: TCP, backends: [{address: 203.0.113.2, port: 8080}]}
+- {vip: 192.0.2.20, port: 80, protocol: TCP, backends: [{address: 203.0.113.2, port: 8080, remote: true}]}
+- {vip: 192.0.2.20, port: 53, protocol: UDP, backends: [{address: 203.0.113.2, port: 5353, remote: true}]}
+- {vip: 192.0.2.21, port: 80, protocol: TCP, backends: [{address: 203.0.113.3, port: 8080, remote: true}]}
+- {vip: "2001:db8:ffff::10", port: 80, protocol: TCP, backends: [{address: "2001:db8:2::2", port: 8080}]}
+- {vip: "2001:db8:ffff::20", port: 80, protocol: TCP, backends: [{address: "2001:db8:2::2", port: 8080, remote: true}]}
+- {vip: "2001:db8:ffff::20", port: 53, protocol: UDP, backends: [{address: "2001:db8:2::2", port: 5353, remote: true}]}
+- {vip: "2001:db8:ffff::21", port: 80, protocol: TCP, backends: [{address: "2001:db8:2::3", port: 8080, remote: true}]}
+"#;
+
+/// The lab node's SNAT addresses: `out0`'s, on the backends' network.
+pub const SNAT_NODE: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 1);
+pub const SNAT_NODE6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 2, 0, 0, 0, 0, 1);
+
+/// One family's SNAT cast.
+#[derive(Clone, Copy)]
+pub struct SnatFamily {
+    pub family: Family,
+    /// The service whose backend is remote (and has a neighbour entry).
+    pub vip: IpAddr,
+    /// The service whose remote backend has no neighbour entry.
+    pub vip_no_neighbour: IpAddr,
+    pub node: IpAddr,
+}
+
+pub const SNAT_V4: SnatFamily = SnatFamily {
+    family: V4,
+    vip: IpAddr::V4(Ipv4Addr::new(192, 0, 2, 20)),
+    vip_no_neighbour: IpAddr::V4(Ipv4Addr::new(192, 0, 2, 21)),
+    node: IpAddr::V4(SNAT_NODE),
+};
+
+pub const SNAT_V6: SnatFamily = SnatFamily {
+    family: V6,
+    vip: IpAddr::V6(Ipv6Addr::new(0x2001, 0xdb8, 0xffff, 0, 0, 0, 0, 0x20)),
+    vip_no_neighbour: IpAddr::V6(Ipv6Addr::new(0x2001, 0xdb8, 0xffff, 0, 0, 0, 0, 0x21)),
+    node: IpAddr::V6(SNAT_NODE6),
+};
+
+/// What SNAT makes of `input` towards `backend`: from the node's address and `node_port`, to
+/// the backend, TTL − 1, MACs from the FIB.
+pub fn snat_forwarded(input: &Pkt, node: IpAddr, node_port: u16, backend: IpAddr) -> Pkt {
+    Pkt {
+        src: node,
+        src_port: node_port,
+        ..redirected(input, backend)
+    }
+}
+
+/// The backend's reply of `kind` to an SNATed flow, as it arrives on `out0`.
+pub fn snat_reply(kind: Kind, backend: IpAddr, node: IpAddr, node_port: u16) -> Pkt {
+    Pkt {
+        eth_src: BACKEND_MAC,
+        eth_dst: OUT_MAC,
+        ..Pkt::new(kind, (backend, service_port(kind).1), (node, node_port))
+    }
+}
+
+/// That reply translated back: from the service to the client, out of `in0`.
+pub fn snat_reply_translated(reply: &Pkt, vip: IpAddr, client: IpAddr, client_port: u16) -> Pkt {
+    Pkt {
+        src: vip,
+        src_port: if reply.kind == Kind::Udp { 53 } else { 80 },
+        dst: client,
+        dst_port: client_port,
+        ttl: reply.ttl - 1,
+        eth_src: IN_MAC,
+        eth_dst: CLIENT_MAC,
+        ..reply.clone()
+    }
+}

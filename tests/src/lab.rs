@@ -186,9 +186,29 @@ impl Lab {
     }
 
     pub fn apply_yaml(&mut self, yaml: &str) -> anyhow::Result<()> {
-        self.writer
-            .apply(&ServiceSet::parse(yaml, "the test's services".into(), true)?)?;
+        self.writer.apply(&ServiceSet::parse(
+            yaml,
+            "the test's services".into(),
+            true,
+        )?)?;
         Ok(())
+    }
+
+    /// Turns SNAT on with `settings`, as the agent does at start: the SNAT maps (opened through
+    /// their pins), with the configuration written.
+    pub fn snat(
+        &self,
+        settings: fulgur_agent::snat::SnatSettings,
+    ) -> anyhow::Result<fulgur_agent::snat::SnatMaps> {
+        let pins = &self.dataplane.pins;
+        Ok(fulgur_agent::snat::SnatMaps::adopt(
+            |name| {
+                MapData::from_pin(pins.map(name))
+                    .ok()
+                    .and_then(|data| aya::maps::Map::from_map_data(data).ok())
+            },
+            settings,
+        )?)
     }
 
     /// Runs the XDP ingress program on `packet` as if it arrived on `in0`.

@@ -467,3 +467,32 @@ fn an_outgrown_counters_pin_is_replaced_on_start() {
     );
     traffic_flows(&topology, &agent);
 }
+
+/// SNAT flags that cannot work are refused at start, saying why: a port range inside the
+/// namespace's ephemeral ports (the node's own connections would collide), an empty range, two
+/// addresses of one family.
+#[test]
+fn snat_flags_that_cannot_work_are_refused() {
+    let ns = NetNs::new("fgsn").unwrap();
+    let cases: [(&[&str], &str); 3] = [
+        (
+            &["--snat-ports", "60000-61000"],
+            "--snat-ports 60000-61000 overlaps this node's ephemeral ports 32768-60999",
+        ),
+        (
+            &["--snat-ports", "62000-61000"],
+            "is empty: 62000 is above 61000",
+        ),
+        (
+            &["--snat-address", "192.0.2.1", "--snat-address", "192.0.2.2"],
+            "--snat-address is given twice for IPv4",
+        ),
+    ];
+    for (args, expected) in cases {
+        let error = start(&ns, "lo", fresh_bpffs_dir(), args, &Launch::default())
+            .err()
+            .unwrap_or_else(|| panic!("{args:?} must be refused"));
+        let error = format!("{error:#}");
+        assert!(error.contains(expected), "{args:?}: {error}");
+    }
+}

@@ -7,7 +7,7 @@ use fulgur_proto::v1::{
     self, ApplyRequest, DesiredState, GetRequest, StatsRequest, dataplane_client::DataplaneClient,
 };
 use fulgur_tests::{
-    fake_programmer::{Fake, serve},
+    fake_programmer::{Fake, serve, serve_with_snat},
     pki::Pki,
 };
 use tonic::{
@@ -211,9 +211,31 @@ fn announcing(generation: u64, announce: &[&str], lease_ms: u32) -> ApplyRequest
 }
 
 #[tokio::test]
-async fn announced_addresses_are_validated_applied_and_listed_with_the_feature() {
+async fn remote_backends_are_accepted_and_listed_with_snat_on_by_default() {
     let fake = Fake::default();
     let mut client = plain_client(serve(fake.clone(), None).await).await;
+    let features = client
+        .get(GetRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .features;
+    assert_eq!(features, ["announce", "remote-backends"]);
+    let mut remote = web(1);
+    remote.state.as_mut().unwrap().services[0].backends[0].remote = true;
+    client.apply(remote).await.unwrap();
+    let applied = fake.applied.lock().unwrap();
+    assert!(
+        applied[0].services[0].backends[0].remote,
+        "applied as remote"
+    );
+}
+
+#[tokio::test]
+async fn announced_addresses_are_validated_applied_and_listed_with_the_feature() {
+    let fake = Fake::default();
+    // `--snat never`: no SNAT, so no remote backends.
+    let mut client = plain_client(serve_with_snat(fake.clone(), None, false).await).await;
     let features = client
         .get(GetRequest {})
         .await

@@ -389,3 +389,446 @@ fn icmp_errors_about_tracked_flows_are_translated_both_ways() {
     assert_eq!(lab.counter(Counter::IcmpToBackend).unwrap(), 2);
     assert_eq!(lab.counter(Counter::IcmpToClient).unwrap(), 4);
 }
+
+// SNAT for backends on other nodes.
+
+use fulgur_agent::{
+    paths::{Decision, PathMaps},
+    snat::{NodeAddresses, SnatMaps, SnatMode, SnatSettings, Timeouts},
+};
+use fulgur_common::{FlowKey, PathReason, encode_addr, hash::flow_hash};
+use fulgur_tests::corpus::{
+    SNAT_NODE, SNAT_NODE6, SNAT_SERVICES, SNAT_V4, SNAT_V6, expected_reset, expected_unreachable,
+    redirected, snat_forwarded, snat_reply, snat_reply_translated,
+};
+
+fn snat_settings(ports: &str, ipv6: bool) -> SnatSettings {
+    SnatSettings {
+        mode: SnatMode::Remote,
+        ports: ports.parse().unwrap(),
+        addresses: NodeAddresses {
+            ipv4: Some(SNAT_NODE),
+            ipv6: ipv6.then_some(SNAT_NODE6),
+        },
+    }
+}
+
+/// A lab with the SNAT services and SNAT on (`--snat remote`).
+fn snat_lab(settings: SnatSettings) -> (Lab, SnatMaps) {
+    let mut lab = Lab::new().expect("lab");
+    lab.apply_yaml(SNAT_SERVICES).expect("services");
+    let maps = lab.snat(settings).expect("snat maps");
+    (lab, maps)
+}
+
+/// The port a new flow gets from its first probe (the range is free).
+fn first_port(input: &Pkt, settings: &SnatSettings) -> u16 {
+    let (src, family) = encode_addr(input.src);
+    let flow = FlowKey {
+        src,
+        dst: encode_addr(input.dst).0,
+        src_port: input.src_port.to_be(),
+        dst_port: input.dst_port.to_be(),
+        proto: if input.kind == Kind::Udp { 17 } else { 6 },
+        family,
+        pad: [0; 2],
+    };
+    settings.config(0).probe_port(flow_hash(&flow), 0)
+}
+
+/// Runs `input` through XDP (as arriving on `ifindex`) and checks verdict, exact bytes and that
+/// `counter` moved by one.
+fn expect(
+    lab: &Lab,
+    name: &str,
+    ifindex: u32,
+    input: &[u8],
+    verdict: u32,
+    expected: &[u8],
+    counter: Counter,
+) {
+    let before = lab.counter(counter).unwrap();
+    let (got, output) = lab.xdp_from(ifindex, input).expect("test run");
+    assert_eq!(got, verdict, "{name}: verdict");
+    assert!(output == expected, "{name}:\n{}", diff(expected, &output));
+    assert_eq!(
+        lab.counter(counter).unwrap() - before,
+        1,
+        "{name}: {counter:?}"
+    );
+}
+
+fn build(pkt: &Pkt, checksum: bool) -> Vec<u8> {
+    if checksum {
+        pkt.build()
+    } else {
+        pkt.build_without_udp_checksum()
+    }
+}
+
+#[test]
+fn snat_rewrites_new_flows_established_packets_and_replies_exactly() {
+    let settings = snat_settings("61000-65535", true);
+    let (lab, _maps) = snat_lab(settings);
+    for sf in [SNAT_V4, SNAT_V6] {
+        let f = sf.family;
+        let flows = [
+            (Kind::TcpSyn, 44001, true),
+            (Kind::Udp, 44002, true),
+            (Kind::Udp, 44003, false),
+        ];
+        for (kind, client_port, checksum) in flows {
+            let name = format!("{} {kind:?} checksum {checksum}", f.name);
+            let input = corpus::to_service(&f, kind, sf.vip, client_port);
+            let port = first_port(&input, &settings);
+            let out = snat_forwarded(&input, sf.node, port, f.backend);
+            expect(
+                &lab,
+                &format!("{name}: new flow"),
+                lab.in_ifindex,
+                &build(&input, checksum),
+                XDP_REDIRECT,
+                &build(&out, checksum),
+                Counter::SnatNewFlow,
+            );
+            // The flow's next packet keeps its port.
+            let next = Pkt {
+                kind: if kind == Kind::TcpSyn {
+                    Kind::TcpData
+                } else {
+                    kind
+                },
+                ..input.clone()
+            };
+            expect(
+                &lab,
+                &format!("{name}: established"),
+                lab.in_ifindex,
+                &build(&next, checksum),
+                XDP_REDIRECT,
+                &build(&snat_forwarded(&next, sf.node, port, f.backend), checksum),
+                Counter::Redirect,
+            );
+            // The backend's reply goes back to the client from the service address.
+            let reply_kind = if kind == Kind::TcpSyn {
+                Kind::TcpData
+            } else {
+                kind
+            };
+            let reply = snat_reply(reply_kind, f.backend, sf.node, port);
+            expect(
+                &lab,
+                &format!("{name}: reply"),
+                lab.out_ifindex,
+                &build(&reply, checksum),
+                XDP_REDIRECT,
+                &build(
+                    &snat_reply_translated(&reply, sf.vip, f.client, client_port),
+                    checksum,
+                ),
+                Counter::SnatReplyTranslated,
+            );
+        }
+        // A local backend keeps the client's address: DNAT only, no SNAT.
+        let local = corpus::to_service(&f, Kind::TcpSyn, f.vip, 44010);
+        let before = lab.counter(Counter::SnatNewFlow).unwrap();
+        expect(
+            &lab,
+            &format!("{} local backend", f.name),
+            lab.in_ifindex,
+            &local.build(),
+            XDP_REDIRECT,
+            &redirected(&local, f.backend).build(),
+            Counter::NewFlow,
+        );
+        assert_eq!(lab.counter(Counter::SnatNewFlow).unwrap(), before);
+    }
+}
+
+#[test]
+fn packets_to_the_node_address_that_are_no_snat_replies_pass_untouched() {
+    let (lab, _maps) = snat_lab(snat_settings("61000-65535", true));
+    for sf in [SNAT_V4, SNAT_V6] {
+        let f = sf.family;
+        let other: IpAddr = if sf.node.is_ipv4() {
+            "203.0.113.9".parse().unwrap()
+        } else {
+            "2001:db8:2::9".parse().unwrap()
+        };
+        for (name, pkt, counter) in [
+            (
+                "below the range",
+                snat_reply(Kind::TcpData, f.backend, sf.node, 22),
+                Counter::PassNotService,
+            ),
+            (
+                "in the range, no such flow",
+                snat_reply(Kind::TcpData, f.backend, sf.node, 61999),
+                Counter::SnatReplyUnknown,
+            ),
+            (
+                "in the range, another address",
+                snat_reply(Kind::Udp, f.backend, other, 61999),
+                Counter::PassNotService,
+            ),
+        ] {
+            let bytes = pkt.build();
+            expect(
+                &lab,
+                &format!("{} {name}", f.name),
+                lab.out_ifindex,
+                &bytes,
+                XDP_PASS,
+                &bytes,
+                counter,
+            );
+        }
+    }
+}
+
+#[test]
+fn an_exhausted_port_range_rejects_new_flows_and_keeps_the_live_ones() {
+    let settings = snat_settings("61000-61001", true);
+    let (lab, _maps) = snat_lab(settings);
+    for sf in [SNAT_V4, SNAT_V6] {
+        let f = sf.family;
+        let mut ports = Vec::new();
+        for client_port in [45001, 45002] {
+            let input = corpus::to_service(&f, Kind::TcpSyn, sf.vip, client_port);
+            let (verdict, output) = lab.xdp(&input.build()).unwrap();
+            assert_eq!(verdict, XDP_REDIRECT, "{} flow {client_port}", f.name);
+            let l4 = if sf.node.is_ipv4() { 34 } else { 54 };
+            ports.push(u16::from_be_bytes([output[l4], output[l4 + 1]]));
+        }
+        ports.sort();
+        assert_eq!(ports, [61000, 61001], "{}: both ports taken", f.name);
+        // No port left: the new flow is reset, counted, and takes no live flow's port.
+        let third = corpus::to_service(&f, Kind::TcpSyn, sf.vip, 45003);
+        expect(
+            &lab,
+            &format!("{} third flow", f.name),
+            lab.in_ifindex,
+            &third.build(),
+            XDP_TX,
+            &expected_reset(&third),
+            Counter::SnatExhausted,
+        );
+        let udp = corpus::to_service(&f, Kind::Udp, sf.vip, 45004);
+        let raw = udp.build();
+        assert_eq!(
+            lab.xdp(&raw).unwrap().0,
+            XDP_REDIRECT,
+            "UDP has its own tuples"
+        );
+        // The live flows still translate, both ways.
+        for client_port in [45001, 45002] {
+            let data = corpus::to_service(&f, Kind::TcpData, sf.vip, client_port);
+            let (verdict, output) = lab.xdp(&data.build()).unwrap();
+            assert_eq!(verdict, XDP_REDIRECT);
+            let l4 = if sf.node.is_ipv4() { 34 } else { 54 };
+            let port = u16::from_be_bytes([output[l4], output[l4 + 1]]);
+            assert_eq!(
+                output,
+                snat_forwarded(&data, sf.node, port, f.backend).build(),
+                "{} live flow {client_port}",
+                f.name
+            );
+            let reply = snat_reply(Kind::TcpData, f.backend, sf.node, port);
+            expect(
+                &lab,
+                &format!("{} reply of live flow {client_port}", f.name),
+                lab.out_ifindex,
+                &reply.build(),
+                XDP_REDIRECT,
+                &snat_reply_translated(&reply, sf.vip, f.client, client_port).build(),
+                Counter::SnatReplyTranslated,
+            );
+        }
+    }
+}
+
+#[test]
+fn snat_without_an_address_of_the_family_rejects_and_without_a_neighbour_drops() {
+    let (lab, _maps) = snat_lab(snat_settings("61000-65535", false));
+    let f = SNAT_V6.family;
+    let syn = corpus::to_service(&f, Kind::TcpSyn, SNAT_V6.vip, 46001);
+    expect(
+        &lab,
+        "IPv6 TCP, no IPv6 SNAT address",
+        lab.in_ifindex,
+        &syn.build(),
+        XDP_TX,
+        &expected_reset(&syn),
+        Counter::SnatNoAddress,
+    );
+    let udp = corpus::to_service(&f, Kind::Udp, SNAT_V6.vip, 46002);
+    let raw = udp.build();
+    expect(
+        &lab,
+        "IPv6 UDP, no IPv6 SNAT address",
+        lab.in_ifindex,
+        &raw,
+        XDP_TX,
+        &expected_unreachable(&udp, &raw),
+        Counter::SnatNoAddress,
+    );
+    // No neighbour for the remote backend's next hop: dropped and counted, not reset, so the
+    // client's retransmission gets through once the kernel resolved it.
+    let syn = corpus::to_service(
+        &SNAT_V4.family,
+        Kind::TcpSyn,
+        SNAT_V4.vip_no_neighbour,
+        46003,
+    );
+    let raw = syn.build();
+    expect(
+        &lab,
+        "IPv4 TCP, no neighbour",
+        lab.in_ifindex,
+        &raw,
+        corpus::XDP_DROP,
+        &raw,
+        Counter::SnatNoNeighbour,
+    );
+}
+
+/// Writes `out0`'s path as the agent would (`in0` fast).
+fn set_out_path(lab: &Lab, fast: bool, reason: PathReason, xdp_transmit: bool) {
+    let pinned = |name: &str| {
+        aya::maps::Map::from_map_data(
+            aya::maps::MapData::from_pin(lab.dataplane.pins.map(name)).expect("pin"),
+        )
+        .ok()
+    };
+    let mut maps = PathMaps::adopt(pinned).expect("path maps");
+    maps.sync(&[
+        Decision {
+            ifindex: lab.in_ifindex,
+            name: "in0".into(),
+            fast: true,
+            reason: PathReason::Driver,
+            xdp_transmit: true,
+        },
+        Decision {
+            ifindex: lab.out_ifindex,
+            name: "out0".into(),
+            fast,
+            reason,
+            xdp_transmit,
+        },
+    ])
+    .expect("sync");
+}
+
+#[test]
+fn snat_flows_stay_in_xdp_on_the_netfilter_path_and_are_refused_where_xdp_cannot_transmit() {
+    let settings = snat_settings("61000-65535", true);
+    let (lab, _maps) = snat_lab(settings);
+    // Netfilter on the node: local flows take the kernel path, SNATed ones stay in XDP.
+    set_out_path(&lab, false, PathReason::Netfilter, true);
+    let f = SNAT_V4.family;
+    let input = corpus::to_service(&f, Kind::TcpSyn, SNAT_V4.vip, 47001);
+    let port = first_port(&input, &settings);
+    expect(
+        &lab,
+        "SNAT flow, netfilter",
+        lab.in_ifindex,
+        &input.build(),
+        XDP_REDIRECT,
+        &snat_forwarded(&input, SNAT_V4.node, port, f.backend).build(),
+        Counter::SnatNewFlow,
+    );
+    let local = corpus::to_service(&f, Kind::TcpSyn, f.vip, 47002);
+    expect(
+        &lab,
+        "local flow, netfilter",
+        lab.in_ifindex,
+        &local.build(),
+        XDP_PASS,
+        &corpus::dnat_only(&local, f.backend).build(),
+        Counter::KernelPath,
+    );
+    // A device that cannot take XDP frames: the new SNAT flow is reset, counted.
+    set_out_path(&lab, false, PathReason::VethPeerWithoutXdp, false);
+    let refused = corpus::to_service(&f, Kind::TcpSyn, SNAT_V4.vip, 47003);
+    expect(
+        &lab,
+        "SNAT flow, no XDP transmit",
+        lab.in_ifindex,
+        &refused.build(),
+        XDP_TX,
+        &expected_reset(&refused),
+        Counter::SnatNoFastPath,
+    );
+}
+
+#[test]
+fn idle_snat_flows_are_collected_and_live_ones_kept() {
+    let settings = snat_settings("61000-65535", true);
+    let (lab, mut maps) = snat_lab(settings);
+    let timeouts = Timeouts::default();
+    // A clock well past the agent's start, so the restart grace does not apply.
+    let start = fulgur_agent::snat::monotonic_seconds() + 1000;
+    maps.write_config(start).unwrap();
+    let f = SNAT_V4.family;
+    let idle = corpus::to_service(&f, Kind::Udp, SNAT_V4.vip, 48001);
+    let live = corpus::to_service(&f, Kind::Udp, SNAT_V4.vip, 48002);
+    let tcp = corpus::to_service(&f, Kind::TcpSyn, SNAT_V4.vip, 48003);
+    for pkt in [&idle, &live, &tcp] {
+        assert_eq!(lab.xdp(&pkt.build()).unwrap().0, XDP_REDIRECT);
+    }
+    // Only `live` sends again later; the TCP flow is idle too, but within its timeout.
+    let later = start + timeouts.udp.as_secs() as u32;
+    maps.write_config(later).unwrap();
+    assert_eq!(lab.xdp(&live.build()).unwrap().0, XDP_REDIRECT);
+    let collected = maps.collect(later + 1, &timeouts).unwrap();
+    assert_eq!(
+        (collected.removed, collected.flows),
+        (1, 2),
+        "{collected:?}"
+    );
+    // The collected flow's port no longer translates; the live one's does.
+    let port_of = |pkt: &Pkt| first_port(pkt, &settings);
+    let gone = snat_reply(Kind::Udp, f.backend, SNAT_V4.node, port_of(&idle)).build();
+    expect(
+        &lab,
+        "collected reply",
+        lab.out_ifindex,
+        &gone,
+        XDP_PASS,
+        &gone,
+        Counter::SnatReplyUnknown,
+    );
+    let reply = snat_reply(Kind::Udp, f.backend, SNAT_V4.node, port_of(&live));
+    expect(
+        &lab,
+        "live reply",
+        lab.out_ifindex,
+        &reply.build(),
+        XDP_REDIRECT,
+        &snat_reply_translated(&reply, SNAT_V4.vip, f.client, 48002).build(),
+        Counter::SnatReplyTranslated,
+    );
+    // A RST marks the TCP flow closing: collected after the short timeout.
+    let rst = corpus::to_service(&f, Kind::TcpRst, SNAT_V4.vip, 48003);
+    assert_eq!(lab.xdp(&rst.build()).unwrap().0, XDP_REDIRECT);
+    let collected = maps
+        .collect(later + 2 + timeouts.tcp_closing.as_secs() as u32, &timeouts)
+        .unwrap();
+    assert_eq!(
+        (collected.removed, collected.flows),
+        (1, 1),
+        "{collected:?}"
+    );
+    // An idle flow comes back as a new flow (a new port may be taken).
+    assert_eq!(lab.xdp(&idle.build()).unwrap().0, XDP_REDIRECT);
+}
+
+#[test]
+fn the_ingress_corpus_is_unchanged_with_snat_on() {
+    let lab = lab();
+    let _maps = lab.snat(snat_settings("61000-65535", true)).unwrap();
+    run_cases(&lab, &corpus::ingress_cases(), |lab, input| {
+        lab.xdp(input).expect("test run")
+    });
+}

@@ -522,7 +522,8 @@ impl SnatConfig {
         if ports == 0 {
             return self.port_min;
         }
-        self.port_min + (hash.wrapping_add(probe) % ports) as u16
+        // Reduced first: a wrapping sum would skip ports near the hash's top.
+        self.port_min + ((hash % ports + probe % ports) % ports) as u16
     }
 
     /// The node address of `family`, if one is configured.
@@ -540,7 +541,8 @@ impl SnatConfig {
     /// Whether a new flow to a backend with `backend_flags` is SNATed.
     #[inline(always)]
     pub const fn applies_to(&self, backend_flags: u8) -> bool {
-        self.mode == SNAT_ALWAYS || (self.mode == SNAT_REMOTE && backend_flags & BACKEND_REMOTE != 0)
+        self.mode == SNAT_ALWAYS
+            || (self.mode == SNAT_REMOTE && backend_flags & BACKEND_REMOTE != 0)
     }
 }
 
@@ -901,9 +903,13 @@ mod tests {
             mode: SNAT_REMOTE,
             ..SnatConfig::default()
         };
-        let ports: std::collections::BTreeSet<u16> =
-            (0..3).map(|probe| config.probe_port(u32::MAX - 1, probe)).collect();
-        assert_eq!(ports.into_iter().collect::<std::vec::Vec<_>>(), [61000, 61001, 61002]);
+        let ports: std::collections::BTreeSet<u16> = (0..3)
+            .map(|probe| config.probe_port(u32::MAX - 1, probe))
+            .collect();
+        assert_eq!(
+            ports.into_iter().collect::<std::vec::Vec<_>>(),
+            [61000, 61001, 61002]
+        );
         let full = SnatConfig {
             port_min: 61000,
             port_max: 65535,
@@ -913,8 +919,20 @@ mod tests {
         assert!((0..1000).all(|h| full.in_range(full.probe_port(h * 7919, 15))));
         assert!(config.applies_to(BACKEND_LIVE | BACKEND_REMOTE));
         assert!(!config.applies_to(BACKEND_LIVE));
-        assert!(SnatConfig { mode: SNAT_ALWAYS, ..config }.applies_to(BACKEND_LIVE));
-        assert!(!SnatConfig { mode: SNAT_NEVER, ..config }.applies_to(BACKEND_REMOTE));
+        assert!(
+            SnatConfig {
+                mode: SNAT_ALWAYS,
+                ..config
+            }
+            .applies_to(BACKEND_LIVE)
+        );
+        assert!(
+            !SnatConfig {
+                mode: SNAT_NEVER,
+                ..config
+            }
+            .applies_to(BACKEND_REMOTE)
+        );
         assert_eq!(config.node_addr(FAMILY_IPV4), None);
     }
 
