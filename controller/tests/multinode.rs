@@ -306,3 +306,63 @@ async fn two_nodes_one_announcer_remote_backends_and_failover() {
     assert!(given_up <= back, "never two announcers");
     assert!(!nodes[other].announces());
 }
+
+/// The announcer goes off the network while the controller pushes a change to it: the Apply
+/// hangs (no answer, the connection open). The agent counts as lost after the lease, and its
+/// address moves after the failover bound, not after the Apply's 30 s timeout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unanswered_apply_does_not_hold_the_address() {
+    let dir = std::env::temp_dir().join(format!("fulgur-multinode-stall-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(dir.join("manifests")).unwrap();
+    std::fs::write(dir.join("manifests/all.yaml"), MANIFESTS).unwrap();
+    let status_file = dir.join("status.yaml");
+    let nodes = [
+        Node::start(free_local_addr()).await,
+        Node::start(free_local_addr()).await,
+    ];
+    let child = Command::new(env!("CARGO_BIN_EXE_fulgur-controller"))
+        .args(["--provider", "file", "--insecure"])
+        .arg("--manifests")
+        .arg(dir.join("manifests"))
+        .arg("--status-file")
+        .arg(&status_file)
+        .args(["--address-pool", "198.51.100.0/30"])
+        .args(["--agent", &format!("n1=http://{}", nodes[0].addr)])
+        .args(["--agent", &format!("n2=http://{}", nodes[1].addr)])
+        .args(["--announce-lease", "300ms", "--announce-failover", "900ms"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let _controller = ChildInDir {
+        child,
+        dir: dir.clone(),
+    };
+    eventually("one announcer", Duration::from_secs(10), || {
+        nodes.iter().filter(|n| n.announces()).count() == 1
+            && programmed(&status_file).is_some_and(|(s, _, _)| s == "True")
+    })
+    .await;
+    let owner = (0..2).find(|i| nodes[*i].announces()).unwrap();
+    let other = 1 - owner;
+
+    nodes[owner]
+        .fake
+        .stall_apply
+        .store(true, std::sync::atomic::Ordering::Relaxed);
+    let stalled = Instant::now();
+    // A new endpoint: every agent's view changes, so an Apply goes to the stalled one.
+    std::fs::write(
+        dir.join("manifests/all.yaml"),
+        format!("{MANIFESTS}- addresses: [203.0.113.4]\n  nodeName: n2\n"),
+    )
+    .unwrap();
+    eventually("the other node announces", Duration::from_secs(5), || {
+        nodes[other].announces()
+    })
+    .await;
+    let moved = nodes[other].first_announcing(stalled).unwrap() - stalled;
+    eprintln!("moved {moved:?} after the announcer stopped answering Apply");
+    assert!(moved < FAILOVER + Duration::from_millis(800), "{moved:?}");
+}

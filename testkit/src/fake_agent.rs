@@ -37,6 +37,8 @@ pub struct Fake {
     pub rpcs: Arc<Mutex<Vec<Instant>>>,
     /// When each state in `applied` was applied.
     pub applied_at: Arc<Mutex<Vec<Instant>>>,
+    /// Set: Apply never answers (a node gone off the network while the connection stays open).
+    pub stall_apply: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl Fake {
@@ -119,6 +121,14 @@ impl Dataplane for FakeService {
         &self,
         request: Request<ApplyRequest>,
     ) -> Result<Response<ApplyResponse>, Status> {
+        if self
+            .fake
+            .stall_apply
+            .load(std::sync::atomic::Ordering::Relaxed)
+        {
+            // Never received: no lease renewed, nothing applied.
+            std::future::pending::<()>().await;
+        }
         self.fake.rpcs.lock().unwrap().push(Instant::now());
         let state = request
             .into_inner()
