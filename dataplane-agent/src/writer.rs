@@ -13,8 +13,8 @@ use std::{
 use aya::maps::{HashMap, Map, MapData, MapError, PerCpuArray, PerCpuValues};
 use fulgur_common::{
     ANNOUNCE_ACTIVE, Addr, AnnounceDevice, AnnounceKey, BACKEND_LIVE, BACKEND_REMOTE, Backend,
-    LOOKUP_SLOTS_PER_ENTRY, LookupEntry, NextHop, REJECT, ServiceKey, ServiceValue, TrafficStats,
-    decode_addr, encode_addr, lookup_position, map_names,
+    LOOKUP_SLOTS_PER_ENTRY, LookupEntry, NextHop, REJECT, SERVICE_HAS_REMOTE, ServiceKey,
+    ServiceValue, TrafficStats, decode_addr, encode_addr, lookup_position, map_names,
 };
 
 use crate::{
@@ -522,15 +522,30 @@ impl MapWriter {
         }
         let table = maglev::build(&entries, self.layout.table_size).unwrap_or_default();
 
+        let flags = if remote.is_empty() {
+            0
+        } else {
+            SERVICE_HAS_REMOTE
+        };
         if let Some(p) = &previous
             && p.table == table
             && p.backends == backends
         {
-            if p.remote != remote {
-                self.installed.get_mut(&key).expect("installed").remote = remote;
-                return Ok(Change::Updated);
+            if p.remote == remote {
+                return Ok(Change::Unchanged);
             }
-            return Ok(Change::Unchanged);
+            // Only where backends run changed: the same table, the service's flag rewritten.
+            let value = ServiceValue {
+                id: service_id,
+                table_base: self.layout.table_base(service_id, p.region),
+                table_size: table.len() as u32,
+                flags,
+            };
+            self.services
+                .insert(key, value, 0)
+                .map_err(map_err(map_names::SERVICES))?;
+            self.installed.get_mut(&key).expect("installed").remote = remote;
+            return Ok(Change::Updated);
         }
         let region = previous.as_ref().map_or(0, |p| 1 - p.region);
         let table_base = self.layout.table_base(service_id, region);
@@ -545,7 +560,7 @@ impl MapWriter {
             id: service_id,
             table_base,
             table_size: table.len() as u32,
-            flags: 0,
+            flags,
         };
         self.services
             .insert(key, value, 0)

@@ -21,7 +21,8 @@ pub struct Target {
 
 pub enum Choice {
     Forward(Target),
-    /// Not in conntrack, and SNAT is on: the SNAT path looks further ([`crate::snat::flow`]).
+    /// Not in conntrack, and SNAT may apply to the service: the SNAT path looks further
+    /// ([`crate::snat::flow`]).
     Snat,
     /// No usable backend, or the flow fell on the reject weight.
     Reject,
@@ -49,8 +50,9 @@ pub fn choose(flow: &FlowKey, service: &ServiceValue) -> Choice {
     {
         return Choice::Forward(target);
     }
-    // SNATed flows are never in conntrack: their own map is looked up on the SNAT path.
-    if snat::config().is_some() {
+    // SNATed flows are never in conntrack: their own map is looked up on the SNAT path, by
+    // services that may have them.
+    if snat::config().is_some_and(|config| config.may_apply_to(service.flags)) {
         return Choice::Snat;
     }
     match pick(flow, service) {

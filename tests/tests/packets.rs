@@ -832,3 +832,53 @@ fn the_ingress_corpus_is_unchanged_with_snat_on() {
         lab.xdp(input).expect("test run")
     });
 }
+
+#[test]
+fn snat_state_survives_a_reload_and_follows_where_the_backend_runs() {
+    let settings = snat_settings("61000-65535", true);
+    let (mut lab, _maps) = snat_lab(settings);
+    let f = SNAT_V4.family;
+    let input = corpus::to_service(&f, Kind::TcpSyn, SNAT_V4.vip, 49001);
+    let port = first_port(&input, &settings);
+    assert_eq!(lab.xdp(&input.build()).unwrap().0, XDP_REDIRECT);
+    // A restarted agent loads its programs over the pinned maps: the flow goes on, both ways.
+    let reloaded = lab
+        .programs_with_log(fulgur_agent::bpf_log::BpfLog::Off)
+        .unwrap();
+    let data = corpus::to_service(&f, Kind::TcpData, SNAT_V4.vip, 49001);
+    assert_eq!(
+        lab.xdp_on(&reloaded, &data.build()).unwrap(),
+        (
+            XDP_REDIRECT,
+            snat_forwarded(&data, SNAT_V4.node, port, f.backend).build()
+        ),
+        "established after the reload"
+    );
+    drop(reloaded);
+    let reply = snat_reply(Kind::TcpData, f.backend, SNAT_V4.node, port);
+    expect(
+        &lab,
+        "reply after the reload",
+        lab.out_ifindex,
+        &reply.build(),
+        XDP_REDIRECT,
+        &snat_reply_translated(&reply, SNAT_V4.vip, f.client, 49001).build(),
+        Counter::SnatReplyTranslated,
+    );
+    // The backend is now on this node: new flows keep the client's address.
+    lab.apply_yaml(&SNAT_SERVICES.replace(
+        "{address: 203.0.113.2, port: 8080, remote: true}",
+        "{address: 203.0.113.2, port: 8080}",
+    ))
+    .unwrap();
+    let local = corpus::to_service(&f, Kind::TcpSyn, SNAT_V4.vip, 49002);
+    expect(
+        &lab,
+        "backend moved to this node",
+        lab.in_ifindex,
+        &local.build(),
+        XDP_REDIRECT,
+        &redirected(&local, f.backend).build(),
+        Counter::NewFlow,
+    );
+}

@@ -208,8 +208,13 @@ pub struct ServiceValue {
     pub table_base: u32,
     /// Slots in the table (a prime). 0 means the service has no table.
     pub table_size: u32,
+    /// [`SERVICE_HAS_REMOTE`].
     pub flags: u32,
 }
+
+/// A backend of the service runs on another node ([`BACKEND_REMOTE`]): with `--snat remote`,
+/// only such services' new flows take the SNAT path.
+pub const SERVICE_HAS_REMOTE: u32 = 1;
 
 /// One backend, indexed by a backend id that the agent keeps stable while the backend stays.
 #[repr(C)]
@@ -536,6 +541,13 @@ impl SnatConfig {
         } else {
             None
         }
+    }
+
+    /// Whether a service's new flows may need SNAT (else they take the local path at once).
+    #[inline(always)]
+    pub const fn may_apply_to(&self, service_flags: u32) -> bool {
+        self.mode == SNAT_ALWAYS
+            || (self.mode == SNAT_REMOTE && service_flags & SERVICE_HAS_REMOTE != 0)
     }
 
     /// Whether a new flow to a backend with `backend_flags` is SNATed.
