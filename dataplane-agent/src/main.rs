@@ -13,7 +13,9 @@ use fulgur_agent::{
     inspect, maglev,
     metrics::Metrics,
     paths::{self, Forwarding, PathMaps},
-    snat::{self, NodeAddresses, PortRange, SnatMaps, SnatMode, SnatSettings, Timeouts},
+    snat::{
+        self, NodeAddresses, PortRange, RemoteNextHops, SnatMaps, SnatMode, SnatSettings, Timeouts,
+    },
     tc_hook::TcAttach,
     writer::{ApplyReport, Layout, MapWriter, WriteError},
 };
@@ -309,8 +311,10 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
         writer.set_announced(&BTreeSet::new())?;
     }
     // A restarted agent keeps what is pinned until it is told otherwise.
+    let next_hops = RemoteNextHops::default();
     if let Some(set) = &initial {
         let report = writer.apply(set)?;
+        next_hops.update(set);
         info!(?report, services = set.services.len(), "services applied");
     }
     let metrics = Metrics::new();
@@ -346,7 +350,12 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
         .build()?;
     runtime.block_on(async move {
         tokio::spawn(rescan_paths(path_maps, args.xdp_mode, args.forwarding));
-        tokio::spawn(snat_clock(snat_maps, timeouts, metrics.clone()));
+        tokio::spawn(snat_clock(
+            snat_maps,
+            timeouts,
+            metrics.clone(),
+            next_hops.clone(),
+        ));
         if let Some(reader) = bpf_reader {
             tokio::spawn(async move {
                 if let Err(e) = bpf_log::run(reader).await {
@@ -368,6 +377,7 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
                     writer,
                     announcer,
                     pins: pins.clone(),
+                    next_hops: next_hops.clone(),
                 };
                 // Bound before "ready" is logged, so a client that waits for it is never refused.
                 let incoming = TcpIncoming::bind(listen)
@@ -391,6 +401,7 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
                     writer,
                     announcer,
                     pins: pins.clone(),
+                    next_hops: next_hops.clone(),
                 };
                 watch_services_file(
                     args.services,
@@ -460,10 +471,18 @@ async fn rescan_paths(mut maps: PathMaps, mode: dataplane::XdpAttachMode, forwar
 
 /// How often idle SNAT flows are looked for.
 const SNAT_COLLECT_EVERY: u32 = 10;
+/// How often remote backends' next hops are refreshed in the kernel's neighbour table.
+const NEXT_HOP_REFRESH_EVERY: u32 = 5;
 
 /// The clock SNAT entries are stamped with moves on every second; idle flows are collected
-/// every [`SNAT_COLLECT_EVERY`] seconds.
-async fn snat_clock(mut maps: SnatMaps, timeouts: Timeouts, metrics: Arc<Metrics>) {
+/// every [`SNAT_COLLECT_EVERY`] seconds, remote next hops refreshed every
+/// [`NEXT_HOP_REFRESH_EVERY`].
+async fn snat_clock(
+    mut maps: SnatMaps,
+    timeouts: Timeouts,
+    metrics: Arc<Metrics>,
+    next_hops: RemoteNextHops,
+) {
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     let mut ticks = 0u32;
     loop {
@@ -473,7 +492,15 @@ async fn snat_clock(mut maps: SnatMaps, timeouts: Timeouts, metrics: Arc<Metrics
             error!("writing the SNAT clock: {e}");
         }
         ticks = ticks.wrapping_add(1);
-        if maps.settings().mode == SnatMode::Never || !ticks.is_multiple_of(SNAT_COLLECT_EVERY) {
+        if maps.settings().mode == SnatMode::Never {
+            continue;
+        }
+        if ticks.is_multiple_of(NEXT_HOP_REFRESH_EVERY) {
+            let next_hops = next_hops.clone();
+            // Netlink round trips: off the async workers.
+            let _ = tokio::task::spawn_blocking(move || next_hops.refresh()).await;
+        }
+        if !ticks.is_multiple_of(SNAT_COLLECT_EVERY) {
             continue;
         }
         match maps.collect(now, &timeouts) {
@@ -543,11 +570,15 @@ struct MapProgrammer {
     writer: MapWriter,
     announcer: Announcer,
     pins: Pins,
+    next_hops: RemoteNextHops,
 }
 
 impl Programmer for MapProgrammer {
     fn apply(&mut self, set: &ValidServiceSet) -> Result<ApplyReport, WriteError> {
         let report = self.writer.apply(set);
+        if report.is_ok() {
+            self.next_hops.update(set);
+        }
         // Also after a failed write: announce what the map holds.
         self.announcer.update(self.writer.announced());
         report

@@ -15,7 +15,7 @@ use fulgur_common::{
 };
 use serde::Serialize;
 
-use crate::dataplane::Pins;
+use crate::{dataplane::Pins, netlink};
 
 /// `--snat`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, Serialize)]
@@ -440,6 +440,117 @@ fn key_bytes(key: &FlowKey) -> [u32; 10] {
         (u32::from(key.src_port) << 16) | u32::from(key.dst_port),
         u32::from(key.proto) | (u32::from(key.family) << 8),
     ]
+}
+
+/// Has the kernel resolve the neighbour a packet to `backend` leaves through (its route's
+/// gateway, or the backend itself on-link): RTM_GETROUTE, then RTM_NEWNEIGH with NTF_USE, which
+/// creates the entry if needed and starts (or refreshes) its resolution. SNATed packets never
+/// pass through the kernel, so nothing else would: a FIB lookup without a neighbour drops them
+/// (`snat_no_neighbour`), and an entry only XDP uses would go stale and be collected.
+pub fn resolve_next_hop(backend: IpAddr) -> std::io::Result<()> {
+    const RTA_DST: u16 = 1;
+    const RTA_OIF: u16 = 4;
+    const RTA_GATEWAY: u16 = 5;
+    const NDA_DST: u16 = 1;
+    const NTF_USE: u8 = 0x01;
+    const NLM_F_ACK: u16 = 0x04;
+    const NLM_F_CREATE: u16 = 0x400;
+    const RTMSG: usize = 12;
+
+    let (family, bytes): (u8, Vec<u8>) = match backend {
+        IpAddr::V4(v4) => (libc::AF_INET as u8, v4.octets().to_vec()),
+        IpAddr::V6(v6) => (libc::AF_INET6 as u8, v6.octets().to_vec()),
+    };
+    let attribute = |kind: u16, value: &[u8]| {
+        let mut out = Vec::with_capacity(4 + value.len());
+        out.extend_from_slice(&((4 + value.len()) as u16).to_ne_bytes());
+        out.extend_from_slice(&kind.to_ne_bytes());
+        out.extend_from_slice(value);
+        out.resize(out.len().next_multiple_of(4), 0);
+        out
+    };
+    let mut route = vec![0u8; RTMSG];
+    route[0] = family;
+    route[1] = (bytes.len() * 8) as u8;
+    route.extend(attribute(RTA_DST, &bytes));
+    let answer = netlink::request(libc::NETLINK_ROUTE, libc::RTM_GETROUTE, 0, &route)?;
+    let message = answer
+        .iter()
+        .find(|m| netlink::u16_at(m, 4) == libc::RTM_NEWROUTE)
+        .ok_or_else(|| std::io::Error::new(std::io::ErrorKind::NotFound, "no route"))?;
+    let (mut oif, mut next_hop) = (None, bytes.clone());
+    for (kind, value) in netlink::attributes(message.get(netlink::HEADER + RTMSG..).unwrap_or(&[]))
+    {
+        match kind {
+            RTA_OIF if value.len() >= 4 => {
+                oif = Some(i32::from_ne_bytes(value[..4].try_into().expect("4 bytes")));
+            }
+            RTA_GATEWAY if value.len() == bytes.len() => next_hop = value.to_vec(),
+            _ => {}
+        }
+    }
+    let oif = oif.ok_or_else(|| {
+        std::io::Error::new(std::io::ErrorKind::NotFound, "the route names no device")
+    })?;
+    let mut neighbour = vec![0u8; 12];
+    neighbour[0] = family;
+    neighbour[4..8].copy_from_slice(&oif.to_ne_bytes());
+    neighbour[10] = NTF_USE;
+    neighbour.extend(attribute(NDA_DST, &next_hop));
+    netlink::request(
+        libc::NETLINK_ROUTE,
+        libc::RTM_NEWNEIGH,
+        NLM_F_CREATE | NLM_F_ACK,
+        &neighbour,
+    )
+    .map(drop)
+}
+
+/// The backends on other nodes whose next hops the kernel is kept resolving: after each apply
+/// (new ones at once) and every few seconds (so entries only XDP uses stay fresh).
+#[derive(Clone, Default)]
+pub struct RemoteNextHops {
+    backends: std::sync::Arc<std::sync::Mutex<BTreeSet<IpAddr>>>,
+}
+
+impl RemoteNextHops {
+    /// Takes the remote backends of `set`; resolves the ones not seen before.
+    pub fn update(&self, set: &crate::config::ValidServiceSet) {
+        let wanted: BTreeSet<IpAddr> = set
+            .services
+            .iter()
+            .flat_map(|s| s.backends.iter())
+            .filter(|b| b.remote)
+            .map(|b| b.address)
+            .collect();
+        let new: Vec<IpAddr> = {
+            let mut backends = self.backends.lock().unwrap_or_else(|e| e.into_inner());
+            let new = wanted.difference(&backends).copied().collect();
+            *backends = wanted;
+            new
+        };
+        resolve_all(&new);
+    }
+
+    /// Refreshes every remote backend's next hop.
+    pub fn refresh(&self) {
+        let all: Vec<IpAddr> = self
+            .backends
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .copied()
+            .collect();
+        resolve_all(&all);
+    }
+}
+
+fn resolve_all(backends: &[IpAddr]) {
+    for backend in backends {
+        if let Err(e) = resolve_next_hop(*backend) {
+            tracing::debug!(%backend, "resolving the next hop of a remote backend: {e}");
+        }
+    }
 }
 
 /// SNAT as `inspect` and `/metrics` show it, read from the pins.

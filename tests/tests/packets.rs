@@ -882,3 +882,39 @@ fn snat_state_survives_a_reload_and_follows_where_the_backend_runs() {
         Counter::NewFlow,
     );
 }
+
+/// The agent has the kernel resolve a remote backend's next hop (SNATed packets never pass
+/// through the kernel, which would otherwise never ask): an entry appears and resolution starts.
+#[test]
+fn the_kernel_is_asked_to_resolve_remote_backends_next_hops() {
+    let (lab, _maps) = snat_lab(snat_settings("61000-65535", true));
+    for (backend, dev) in [
+        (SNAT_V4.family.backend_no_neighbour, "out0"),
+        (SNAT_V6.family.backend_no_neighbour, "out0"),
+    ] {
+        let show = || {
+            let out = std::process::Command::new("ip")
+                .args(["neigh", "show", &backend.to_string(), "dev", dev])
+                .output()
+                .expect("ip neigh");
+            String::from_utf8_lossy(&out.stdout).trim().to_owned()
+        };
+        assert_eq!(show(), "", "{backend}: no entry before");
+        fulgur_agent::snat::resolve_next_hop(backend).expect("resolve");
+        let entry = show();
+        assert!(
+            [
+                "INCOMPLETE",
+                "FAILED",
+                "REACHABLE",
+                "STALE",
+                "DELAY",
+                "PROBE"
+            ]
+            .iter()
+            .any(|state| entry.contains(state)),
+            "{backend}: {entry:?}"
+        );
+    }
+    drop(lab);
+}
