@@ -16,7 +16,7 @@ use std::{
 
 use crate::{
     announce::{self, AgentFacts},
-    model::{Announcement, Dataplane},
+    model::{Announcement, Announcements, Dataplane, Snapshot},
     translate,
 };
 use fulgur_proto::{
@@ -127,7 +127,36 @@ impl Default for AnnounceSettings {
 struct Record {
     state: SyncState,
     features: BTreeSet<String>,
+    /// `features` comes from a Get (before the first one, nothing is known).
+    features_read: bool,
+    /// As [`AgentTarget::node_given`]: backends on other nodes are remote to it.
+    node_given: bool,
     facts: AgentFacts,
+}
+
+impl Record {
+    /// It forwards only to endpoints on its own node: backends on other nodes are left out of
+    /// its state, as it does not list "remote-backends".
+    fn local_only(&self) -> bool {
+        self.node_given && self.features_read && !self.features.contains(features::REMOTE_BACKENDS)
+    }
+}
+
+/// What the agents say, for the statuses. The providers copy it into the Snapshot, and
+/// reconcile again when it changes. The default is what holds without agents.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Report {
+    pub dataplane: Dataplane,
+    pub announcements: Announcements,
+    pub local_only_nodes: BTreeSet<String>,
+}
+
+impl Report {
+    pub fn apply_to(&self, snapshot: &mut Snapshot) {
+        snapshot.dataplane = self.dataplane.clone();
+        snapshot.announcements = self.announcements.clone();
+        snapshot.local_only_nodes = self.local_only_nodes.clone();
+    }
 }
 
 impl Record {
@@ -289,6 +318,8 @@ impl Agents {
                 Record {
                     state: SyncState::Connecting,
                     features: BTreeSet::new(),
+                    features_read: false,
+                    node_given: target.node_given,
                     facts: AgentFacts {
                         node: target.node.clone(),
                         ..AgentFacts::default()
@@ -419,6 +450,27 @@ impl Agents {
                 Dataplane::Pending(format!("waiting for {} agents", states.len()))
             }
             None => Dataplane::Programmed,
+        }
+    }
+
+    /// The nodes whose agents forward only to local endpoints (see [`Report`]).
+    pub fn local_only_nodes(&self) -> BTreeSet<String> {
+        self.shared
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .records
+            .values()
+            .filter(|r| r.local_only())
+            .map(|r| r.facts.node.clone())
+            .collect()
+    }
+
+    /// Everything the agents say for the statuses.
+    pub fn report(&self) -> Report {
+        Report {
+            dataplane: self.dataplane(),
+            announcements: Announcements::Checked(self.announcements()),
+            local_only_nodes: self.local_only_nodes(),
         }
     }
 
@@ -603,6 +655,7 @@ impl AgentSync {
         let announce = reported.announce.clone();
         self.update(|r| {
             r.features = features;
+            r.features_read = true;
             r.facts.in_contact = true;
             r.facts.acked = announce.clone();
             r.facts.maybe = announce;

@@ -125,6 +125,9 @@ api_names!(
         Programmed,
         ResolvedRefs,
         Conflicted,
+        // Route parents, implementation-specific, set only when False: some node forwards the
+        // route's traffic otherwise than its backendRefs say (see `translate`).
+        EveryNodeReachesBackends,
     }
 );
 
@@ -156,6 +159,9 @@ api_names!(
         BackendNotFound,
         RefNotPermitted,
         InvalidKind,
+        // Routes, implementation-specific: nodes that leave backends on other nodes out.
+        NoLocalEndpoints,
+        LocalEndpointsOnly,
     }
 );
 

@@ -251,6 +251,10 @@ pub struct Snapshot {
     pub previous_conditions: BTreeMap<String, Vec<Condition>>,
     pub dataplane: Dataplane,
     pub announcements: Announcements,
+    /// Nodes whose agents leave backends on other nodes out (they do not list the
+    /// "remote-backends" feature: an older agent, or one run with `--snat never`), so they
+    /// forward only to their local endpoints. Empty when no agent's node is known.
+    pub local_only_nodes: BTreeSet<String>,
 }
 
 /// A status condition, shaped as in Kubernetes.

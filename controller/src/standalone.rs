@@ -13,10 +13,9 @@ use tonic::transport::ClientTlsConfig;
 use tracing::{error, info, warn};
 
 use crate::{
-    agents::{Agents, AgentsError, AnnounceSettings},
+    agents::{Agents, AgentsError, AnnounceSettings, Report},
     file,
     metrics::Metrics,
-    model::{Announcements, Dataplane},
     reconcile::Reconciler,
     shutdown, status,
 };
@@ -131,12 +130,9 @@ pub async fn run(settings: Settings, metrics: Arc<Metrics>) -> Result<(), Error>
     let mut agents_tick = tokio::time::interval(Duration::from_millis(200));
     let dataplane = || {
         if agent_urls.is_empty() {
-            (Dataplane::Programmed, Announcements::NotChecked)
+            Report::default()
         } else {
-            (
-                agents.dataplane(),
-                Announcements::Checked(agents.announcements()),
-            )
+            agents.report()
         }
     };
     let mut last_dataplane = None;
@@ -191,7 +187,7 @@ pub async fn run(settings: Settings, metrics: Arc<Metrics>) -> Result<(), Error>
             continue;
         };
         let snapshot = &mut loaded.snapshot;
-        (snapshot.dataplane, snapshot.announcements) = dataplane_now;
+        dataplane_now.apply_to(snapshot);
         snapshot.previous_conditions = previous_conditions.clone();
         snapshot.previous_addresses = previous_addresses.clone();
         let docs = reconciler.reconcile(snapshot, &agents).documents;

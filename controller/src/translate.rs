@@ -435,13 +435,21 @@ pub fn translate(config: &Config, snapshot: &Snapshot) -> Output {
             (g.id.clone(), status)
         })
         .collect();
-    let (services, backend_refs) =
-        dataplane_services(snapshot, &lookup, &listeners, &addresses, &winners);
     let endpoint_nodes = snapshot
         .endpoint_slices
         .iter()
         .flat_map(|slice| slice.nodes.iter().map(|(a, n)| (*a, n.clone())))
         .collect();
+    let (services, backend_refs, shortfalls) = dataplane_services(
+        snapshot,
+        &lookup,
+        &listeners,
+        &addresses,
+        &winners,
+        &endpoint_nodes,
+    );
+    let mut routes = routes;
+    report_shortfalls(config, snapshot, &addresses, &shortfalls, &mut routes);
     Output {
         services,
         endpoint_nodes,
@@ -983,16 +991,27 @@ fn set_resolved_refs(c: &mut Conditions, snapshot: &Snapshot, lookup: &Index, ro
     }
 }
 
-/// Every address × listener with a winning route, and what each backendRef resolved to.
-fn dataplane_services(
-    snapshot: &Snapshot,
+/// The nodes that serve a route (through one Gateway) otherwise than its backendRefs say, by
+/// route kind, route and Gateway.
+type Shortfalls<'a> = BTreeMap<(RouteKind, &'a ObjectRef, ObjectRef), BTreeMap<&'a str, Shortfall>>;
+
+/// Every address × listener with a winning route, what each backendRef resolved to, and where
+/// nodes that leave remote backends out serve the route otherwise than it says.
+fn dataplane_services<'a>(
+    snapshot: &'a Snapshot,
     lookup: &Index,
     listeners: &BTreeMap<ObjectRef, GatewayListeners>,
     addresses: &BTreeMap<ObjectRef, Addresses>,
-    winners: &Winners,
-) -> (Vec<v1::Service>, BTreeMap<BackendRefKey, BackendRefState>) {
+    winners: &Winners<'a>,
+    endpoint_nodes: &BTreeMap<IpAddr, String>,
+) -> (
+    Vec<v1::Service>,
+    BTreeMap<BackendRefKey, BackendRefState>,
+    Shortfalls<'a>,
+) {
     let mut services = BTreeMap::new();
     let mut backend_refs = BTreeMap::new();
+    let mut shortfalls: Shortfalls = BTreeMap::new();
     for ((gateway_id, index), route) in winners {
         let listener = listeners[gateway_id].valid[*index].listener;
         for vip in addresses[gateway_id].served() {
@@ -1004,9 +1023,18 @@ fn dataplane_services(
             if services.contains_key(&key) {
                 continue;
             }
-            let (service, states) =
+            let (service, states, shares) =
                 dataplane_service(snapshot, lookup, route, *vip, listener.port, protocol);
             services.insert(key, service);
+            for node in &snapshot.local_only_nodes {
+                if let Some(shortfall) = shares.shortfall(endpoint_nodes, node) {
+                    let nodes = shortfalls
+                        .entry((route.kind, &route.id, gateway_id.clone()))
+                        .or_default();
+                    let entry = nodes.entry(node.as_str()).or_insert(shortfall);
+                    *entry = (*entry).max(shortfall);
+                }
+            }
             for (key, state) in states {
                 // The worst state over the route's address families counts.
                 let entry = backend_refs.entry(key).or_insert(state);
@@ -1014,12 +1042,67 @@ fn dataplane_services(
             }
         }
     }
-    (services.into_values().collect(), backend_refs)
+    (services.into_values().collect(), backend_refs, shortfalls)
+}
+
+/// What a service of a route is made of, before scaling: the endpoints of each ready
+/// backendRef with a weight, and whether some weight is rejected.
+struct Shares {
+    refs: Vec<(u32, Vec<IpAddr>)>,
+    reject: bool,
+}
+
+/// How a node whose agent leaves backends on other nodes out serves a route otherwise than its
+/// backendRefs say (worst last).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+enum Shortfall {
+    /// Some refs lose a larger part of their endpoints than others (or than the reject
+    /// weight, which stays): the weights between them do not hold on that node.
+    WeightsNotKept,
+    /// No endpoint with a weight runs on that node: it rejects every new flow.
+    NoLocalEndpoint,
+}
+
+impl Shares {
+    /// What `node` makes of the service when it leaves out the endpoints that run elsewhere,
+    /// as [`node_services`] does; `None` when the backendRefs' weights still hold there.
+    fn shortfall(
+        &self,
+        endpoint_nodes: &BTreeMap<IpAddr, String>,
+        node: &str,
+    ) -> Option<Shortfall> {
+        // (local endpoints, endpoints) of each ref.
+        let kept: Vec<(usize, usize)> = self
+            .refs
+            .iter()
+            .filter(|(weight, _)| *weight > 0)
+            .map(|(_, endpoints)| {
+                let local = endpoints
+                    .iter()
+                    .filter(|a| !runs_elsewhere(a, endpoint_nodes, node))
+                    .count();
+                (local, endpoints.len())
+            })
+            .collect();
+        let &(local0, all0) = kept.first()?;
+        if kept.iter().all(|(local, _)| *local == 0) {
+            return Some(Shortfall::NoLocalEndpoint);
+        }
+        // A ref's weight is spread over its endpoints, so the weights between refs hold while
+        // every ref keeps the same fraction of them, and all of them next to a reject weight.
+        let same_fraction = kept.iter().all(|(local, all)| local * all0 == local0 * all);
+        let all_kept = kept.iter().all(|(local, all)| local == all);
+        if same_fraction && (all_kept || !self.reject) {
+            None
+        } else {
+            Some(Shortfall::WeightsNotKept)
+        }
+    }
 }
 
 /// Weights: each backendRef's weight is split evenly over its endpoints; invalid refs and
 /// Services without ready endpoints become the reject weight; all scaled under MAX_WEIGHT.
-/// Also says what each backendRef resolved to.
+/// Also says what each backendRef resolved to, and what the service is made of.
 fn dataplane_service(
     snapshot: &Snapshot,
     index: &Index,
@@ -1027,10 +1110,14 @@ fn dataplane_service(
     vip: IpAddr,
     port: u16,
     protocol: v1::Protocol,
-) -> (v1::Service, Vec<(BackendRefKey, BackendRefState)>) {
+) -> (v1::Service, Vec<(BackendRefKey, BackendRefState)>, Shares) {
     let mut shares: BTreeMap<(IpAddr, u16), f64> = BTreeMap::new();
     let mut reject = 0.0;
     let mut states = Vec::new();
+    let mut made_of = Shares {
+        refs: Vec::new(),
+        reject: false,
+    };
     for backend in &route.backend_refs {
         let weight = backend.weight as f64;
         let state = match resolve(snapshot, index, route, backend, vip.is_ipv6()) {
@@ -1038,6 +1125,9 @@ fn dataplane_service(
                 for endpoint in &endpoints {
                     *shares.entry(*endpoint).or_default() += weight / endpoints.len() as f64;
                 }
+                made_of
+                    .refs
+                    .push((backend.weight, endpoints.iter().map(|(a, _)| *a).collect()));
                 BackendRefState::Ready
             }
             Ok(_) => {
@@ -1088,7 +1178,126 @@ fn dataplane_service(
             .collect(),
         reject_weight: scaled(reject),
     };
-    (service, states)
+    made_of.reject = reject > 0.0;
+    (service, states, made_of)
+}
+
+/// Route parents that some node serves otherwise than the backendRefs say, because its agent
+/// leaves backends on other nodes out: `EveryNodeReachesBackends` False, naming the nodes (and
+/// the Gateway addresses each announces). Nothing is added where every node serves the route
+/// as it says, so the condition is there only when the status would otherwise hide it.
+fn report_shortfalls(
+    config: &Config,
+    snapshot: &Snapshot,
+    addresses: &BTreeMap<ObjectRef, Addresses>,
+    shortfalls: &Shortfalls,
+    statuses: &mut BTreeMap<(RouteKind, ObjectRef), RouteStatus>,
+) {
+    if shortfalls.is_empty() {
+        return;
+    }
+    for route in &snapshot.routes {
+        let Some(status) = statuses.get_mut(&(route.kind, route.id.clone())) else {
+            continue;
+        };
+        for parent in &mut status.parents {
+            let gateway = ObjectRef::new(
+                parent
+                    .parent_ref
+                    .namespace
+                    .as_deref()
+                    .unwrap_or(&route.id.namespace),
+                &parent.parent_ref.name,
+            );
+            let Some(nodes) = shortfalls.get(&(route.kind, &route.id, gateway.clone())) else {
+                continue;
+            };
+            let served = addresses.get(&gateway).map_or(&[][..], Addresses::served);
+            let named = |shortfall: Shortfall| {
+                let names: Vec<String> = nodes
+                    .iter()
+                    .filter(|(_, s)| **s == shortfall)
+                    .map(|(node, _)| node_with_addresses(snapshot, node, served))
+                    .collect();
+                (!names.is_empty()).then(|| listed("node", &names))
+            };
+            let rejecting = named(Shortfall::NoLocalEndpoint);
+            let skewed = named(Shortfall::WeightsNotKept);
+            let mut parts = Vec::new();
+            if let Some(nodes) = &rejecting {
+                parts.push(format!(
+                    "new flows are rejected on {nodes}: no endpoint of the backendRefs runs there"
+                ));
+            }
+            if let Some(nodes) = &skewed {
+                parts.push(format!(
+                    "on {nodes} only local endpoints get new flows, so the backendRefs' weights \
+                     do not hold there"
+                ));
+            }
+            let reason = if rejecting.is_some() {
+                Reason::NoLocalEndpoints
+            } else {
+                Reason::LocalEndpointsOnly
+            };
+            let mut c = Conditions::new(
+                snapshot,
+                &route_key(route.kind, &route.id, &parent.parent_ref),
+                route.meta.generation,
+                config.now,
+            );
+            c.set(
+                ConditionType::EveryNodeReachesBackends,
+                false,
+                reason,
+                format!(
+                    "{}. Their agents leave backends on other nodes out: they do not list the \
+                     \"remote-backends\" feature (no SNAT: an older agent, or --snat never)",
+                    parts.join("; ")
+                ),
+            );
+            parent.conditions.extend(c.done());
+        }
+    }
+}
+
+/// "n1 (announcing 192.0.2.10)" when the node announces some of the Gateway's addresses.
+fn node_with_addresses(snapshot: &Snapshot, node: &str, served: &[IpAddr]) -> String {
+    let Announcements::Checked(checked) = &snapshot.announcements else {
+        return node.to_owned();
+    };
+    let announced: Vec<String> = served
+        .iter()
+        .filter(
+            |a| matches!(checked.get(a), Some(Announcement::Announced { node: n }) if n == node),
+        )
+        .map(IpAddr::to_string)
+        .collect();
+    if announced.is_empty() {
+        node.to_owned()
+    } else {
+        format!("{node} (announcing {})", announced.join(", "))
+    }
+}
+
+/// "nodes a, b and 3 more": at most 10 names, so a large cluster keeps the message short.
+fn listed(what: &str, names: &[String]) -> String {
+    const SHOWN: usize = 10;
+    let plural = if names.len() == 1 { "" } else { "s" };
+    let mut text = format!(
+        "{what}{plural} {}",
+        names[..names.len().min(SHOWN)].join(", ")
+    );
+    if names.len() > SHOWN {
+        text.push_str(&format!(" and {} more", names.len() - SHOWN));
+    }
+    text
+}
+
+/// `address` runs on another node than `node`, by its EndpointSlice's `nodeName` (an endpoint
+/// without one counts as local everywhere).
+fn runs_elsewhere(address: &IpAddr, endpoint_nodes: &BTreeMap<IpAddr, String>, node: &str) -> bool {
+    endpoint_nodes.get(address).is_some_and(|n| n != node)
 }
 
 /// What the agent on `node` runs: every service, each backend marked `remote` unless its
@@ -1108,9 +1317,7 @@ pub fn node_services(
         backend
             .address
             .parse::<IpAddr>()
-            .ok()
-            .and_then(|a| endpoint_nodes.get(&a))
-            .is_some_and(|n| n != node)
+            .is_ok_and(|a| runs_elsewhere(&a, endpoint_nodes, node))
     };
     services
         .iter()

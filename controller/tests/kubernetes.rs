@@ -996,4 +996,23 @@ async fn agents_get_their_nodes_view_and_one_announces_each_address() {
         "one announcer: {announcing:?}"
     );
     assert!(!announcing[2], "the older agent never announces");
+    // The route says what node-3 does with it, and a Warning Event says it once.
+    eventually("the route names node-3", || async {
+        let route = fake.get(GW, "TCPRoute", "apps", "web").unwrap();
+        let parent = &route["status"]["parents"][0]["conditions"];
+        let c = condition(parent, "EveryNodeReachesBackends");
+        c["status"] == "False"
+            && c["reason"] == "NoLocalEndpoints"
+            && c["message"].as_str().is_some_and(|m| {
+                m.starts_with("new flows are rejected on node node-3: no endpoint of the")
+            })
+            && condition(parent, "ResolvedRefs")["status"] == "True"
+    })
+    .await;
+    eventually("a NoLocalEndpoints event", || async {
+        events(&fake)
+            .iter()
+            .any(|e| e["reason"] == "NoLocalEndpoints" && e["regarding"]["name"] == "web")
+    })
+    .await;
 }

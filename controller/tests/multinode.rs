@@ -70,7 +70,11 @@ struct Node {
 
 impl Node {
     async fn start(addr: SocketAddr) -> Node {
-        let fake = Fake::current();
+        Node::start_like(addr, Fake::current()).await
+    }
+
+    /// An agent that lists the features `fake` lists.
+    async fn start_like(addr: SocketAddr, fake: Fake) -> Node {
         let (stop, stopped) = tokio::sync::oneshot::channel();
         serve_until(fake.clone(), addr, stopped).await;
         Node {
@@ -124,6 +128,24 @@ fn programmed(status_file: &Path) -> Option<(String, String, String)> {
     None
 }
 
+/// The route's condition of `type_` in the status file: (status, reason, message).
+fn route_condition(status_file: &Path, type_: &str) -> Option<(String, String, String)> {
+    let text = std::fs::read_to_string(status_file).ok()?;
+    for doc in serde_yaml::Deserializer::from_str(&text) {
+        let value: serde_yaml::Value = serde::Deserialize::deserialize(doc).ok()?;
+        if value["kind"] != "TCPRoute" {
+            continue;
+        }
+        let c = value["status"]["parents"][0]["conditions"]
+            .as_sequence()?
+            .iter()
+            .find(|c| c["type"] == type_)?;
+        let field = |f: &str| c[f].as_str().unwrap_or_default().to_owned();
+        return Some((field("status"), field("reason"), field("message")));
+    }
+    None
+}
+
 async fn eventually(what: &str, timeout: Duration, mut check: impl FnMut() -> bool) {
     let deadline = Instant::now() + timeout;
     while !check() {
@@ -140,35 +162,41 @@ fn remote_marks(state: &v1::DesiredState) -> Vec<(String, bool)> {
         .collect()
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn two_nodes_one_announcer_remote_backends_and_failover() {
-    let dir = std::env::temp_dir().join(format!("fulgur-multinode-{}", std::process::id()));
+/// The standalone controller on `nodes` (n1, n2, ...) with a manifest folder holding
+/// `manifests`, under a folder of its own.
+fn controller(name: &str, manifests: &str, nodes: &[Node]) -> (ChildInDir, std::path::PathBuf) {
+    let dir = std::env::temp_dir().join(format!("fulgur-{name}-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(dir.join("manifests")).unwrap();
-    std::fs::write(dir.join("manifests/all.yaml"), MANIFESTS).unwrap();
+    std::fs::write(dir.join("manifests/all.yaml"), manifests).unwrap();
     let status_file = dir.join("status.yaml");
-    let mut nodes = [
-        Node::start(free_local_addr()).await,
-        Node::start(free_local_addr()).await,
-    ];
-    let child = Command::new(env!("CARGO_BIN_EXE_fulgur-controller"))
+    let mut command = Command::new(env!("CARGO_BIN_EXE_fulgur-controller"));
+    command
         .args(["--provider", "file", "--insecure"])
         .arg("--manifests")
         .arg(dir.join("manifests"))
         .arg("--status-file")
         .arg(&status_file)
         .args(["--address-pool", "198.51.100.0/30"])
-        .args(["--agent", &format!("n1=http://{}", nodes[0].addr)])
-        .args(["--agent", &format!("n2=http://{}", nodes[1].addr)])
-        .args(["--announce-lease", "300ms", "--announce-failover", "900ms"])
+        .args(["--announce-lease", "300ms", "--announce-failover", "900ms"]);
+    for (i, node) in nodes.iter().enumerate() {
+        command.args(["--agent", &format!("n{}=http://{}", i + 1, node.addr)]);
+    }
+    let child = command
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
-    let _controller = ChildInDir {
-        child,
-        dir: dir.clone(),
-    };
+    (ChildInDir { child, dir }, status_file)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_nodes_one_announcer_remote_backends_and_failover() {
+    let mut nodes = [
+        Node::start(free_local_addr()).await,
+        Node::start(free_local_addr()).await,
+    ];
+    let (_controller, status_file) = controller("multinode", MANIFESTS, &nodes);
 
     // Each node: its own endpoint local, the other's remote, the one without nodeName local.
     eventually("both agents programmed", Duration::from_secs(10), || {
@@ -312,33 +340,12 @@ async fn two_nodes_one_announcer_remote_backends_and_failover() {
 /// address moves after the failover bound, not after the Apply's 30 s timeout.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_unanswered_apply_does_not_hold_the_address() {
-    let dir = std::env::temp_dir().join(format!("fulgur-multinode-stall-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(dir.join("manifests")).unwrap();
-    std::fs::write(dir.join("manifests/all.yaml"), MANIFESTS).unwrap();
-    let status_file = dir.join("status.yaml");
     let nodes = [
         Node::start(free_local_addr()).await,
         Node::start(free_local_addr()).await,
     ];
-    let child = Command::new(env!("CARGO_BIN_EXE_fulgur-controller"))
-        .args(["--provider", "file", "--insecure"])
-        .arg("--manifests")
-        .arg(dir.join("manifests"))
-        .arg("--status-file")
-        .arg(&status_file)
-        .args(["--address-pool", "198.51.100.0/30"])
-        .args(["--agent", &format!("n1=http://{}", nodes[0].addr)])
-        .args(["--agent", &format!("n2=http://{}", nodes[1].addr)])
-        .args(["--announce-lease", "300ms", "--announce-failover", "900ms"])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let _controller = ChildInDir {
-        child,
-        dir: dir.clone(),
-    };
+    let (running, status_file) = controller("multinode-stall", MANIFESTS, &nodes);
+    let dir = running.dir.clone();
     eventually("one announcer", Duration::from_secs(10), || {
         nodes.iter().filter(|n| n.announces()).count() == 1
             && programmed(&status_file).is_some_and(|(s, _, _)| s == "True")
@@ -365,4 +372,85 @@ async fn an_unanswered_apply_does_not_hold_the_address() {
     let moved = nodes[other].first_announcing(stalled).unwrap() - stalled;
     eprintln!("moved {moved:?} after the announcer stopped answering Apply");
     assert!(moved < FAILOVER + Duration::from_millis(800), "{moved:?}");
+}
+
+/// web's only pod runs on n2.
+const ON_N2_ONLY: &str = "
+- addresses: [203.0.113.2]
+  nodeName: n2
+  conditions: {ready: true, serving: true, terminating: false}
+";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_without_remote_backends_is_named_where_it_rejects() {
+    use fulgur_proto::features;
+    let manifests =
+        MANIFESTS.split("endpoints:").next().unwrap().to_owned() + "endpoints:" + ON_N2_ONLY;
+    // n1's agent does not list "remote-backends" (an older agent, or --snat never).
+    let mut nodes = [
+        Node::start_like(
+            free_local_addr(),
+            Fake::with_features(&[features::ANNOUNCE]),
+        )
+        .await,
+        Node::start(free_local_addr()).await,
+    ];
+    let (_controller, status_file) = controller("local-only", &manifests, &nodes);
+    eventually("both agents programmed", Duration::from_secs(10), || {
+        nodes
+            .iter()
+            .all(|n| n.last().is_some_and(|s| !s.services.is_empty()))
+    })
+    .await;
+    // What the dataplane does: n1 has no backend and rejects; n2 forwards to its pod.
+    let n1 = nodes[0].last().unwrap();
+    assert!(n1.services[0].backends.is_empty(), "{n1:?}");
+    assert!(n1.services[0].reject_weight > 0, "{n1:?}");
+    assert_eq!(
+        remote_marks(&nodes[1].last().unwrap()),
+        [("203.0.113.2".into(), false)]
+    );
+    // What the status says: the route names n1, which also announces the address (it wins
+    // 198.51.100.1), while the Gateway is Programmed and the refs resolve.
+    eventually("the route names n1", Duration::from_secs(10), || {
+        route_condition(&status_file, "EveryNodeReachesBackends").is_some_and(|(s, r, m)| {
+            s == "False"
+                && r == "NoLocalEndpoints"
+                && m.starts_with(&format!(
+                    "new flows are rejected on node n1 (announcing {ADDRESS}): no endpoint"
+                ))
+        })
+    })
+    .await;
+    assert_eq!(
+        route_condition(&status_file, "ResolvedRefs").map(|c| c.0),
+        Some("True".into())
+    );
+    assert_eq!(programmed(&status_file).map(|c| c.0), Some("True".into()));
+
+    // n1's agent is replaced by one with SNAT: it gets the pod as a remote backend, and the
+    // condition goes.
+    let addr = nodes[0].addr;
+    nodes[0].stop();
+    // The old server lets go of the port once the controller's connection is gone.
+    eventually("the port is free", Duration::from_secs(10), || {
+        std::net::TcpListener::bind(addr).is_ok()
+    })
+    .await;
+    nodes[0] = Node::start(addr).await;
+    eventually(
+        "n1 carries the remote backend",
+        Duration::from_secs(10),
+        || {
+            nodes[0]
+                .last()
+                .is_some_and(|s| remote_marks(&s) == [("203.0.113.2".into(), true)])
+        },
+    )
+    .await;
+    eventually("the condition goes", Duration::from_secs(10), || {
+        std::fs::read_to_string(&status_file).is_ok_and(|t| t.contains("kind: TCPRoute"))
+            && route_condition(&status_file, "EveryNodeReachesBackends").is_none()
+    })
+    .await;
 }

@@ -1035,13 +1035,18 @@ fn a_route_needs_a_service_port_of_its_protocol() {
 /// A Service and EndpointSlice as the API server returns them: an unnamed port, for which the
 /// EndpointSlice controller writes `name: ""` (parsed, then converted as both providers do).
 fn kubernetes_shaped(endpoints: &str) -> (Service, EndpointSlice) {
+    kubernetes_service("web", endpoints)
+}
+
+/// As [`kubernetes_shaped`], for the Service `name`.
+fn kubernetes_service(name: &str, endpoints: &str) -> (Service, EndpointSlice) {
     use k8s_openapi::api::{core::v1 as core, discovery::v1 as discovery};
     let service: core::Service = serde_json::from_value(serde_json::json!({
         "apiVersion": "v1", "kind": "Service",
-        "metadata": {"name": "web", "namespace": "gateway-conformance-infra", "uid": "1"},
+        "metadata": {"name": name, "namespace": "gateway-conformance-infra", "uid": "1"},
         "spec": {
             "clusterIP": "198.51.100.200", "type": "ClusterIP", "sessionAffinity": "None",
-            "selector": {"app": "web"},
+            "selector": {"app": name},
             "ports": [{"port": 8080, "protocol": "TCP", "targetPort": 3000}],
         },
         "status": {"loadBalancer": {}},
@@ -1050,10 +1055,11 @@ fn kubernetes_shaped(endpoints: &str) -> (Service, EndpointSlice) {
     let slice: discovery::EndpointSlice = serde_json::from_value(serde_json::json!({
         "apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
         "metadata": {
-            "name": "web-x7k2p", "generateName": "web-", "namespace": "gateway-conformance-infra",
+            "name": format!("{name}-x7k2p"), "generateName": format!("{name}-"),
+            "namespace": "gateway-conformance-infra",
             "labels": {
                 "endpointslice.kubernetes.io/managed-by": "endpointslice-controller.k8s.io",
-                "kubernetes.io/service-name": "web",
+                "kubernetes.io/service-name": name,
             },
         },
         "addressType": "IPv4",
@@ -1309,4 +1315,247 @@ fn each_node_gets_its_backends_marked_local_or_remote() {
     let unknown = node_services(&out.services, &out.endpoint_nodes, None, true);
     assert!(unknown[0].backends.iter().all(|b| !b.remote), "{unknown:?}");
     assert_eq!(unknown[0].backends.len(), 3);
+}
+
+/// A ready endpoint as the EndpointSlice controller writes it, on `node`.
+fn endpoint_on(address: &str, node: &str) -> String {
+    format!(
+        r#"{{"addresses": ["{address}"], "nodeName": "{node}", "zone": "a",
+            "conditions": {{"ready": true, "serving": true, "terminating": false}},
+            "targetRef": {{"kind": "Pod", "name": "pod-{address}", "namespace": "gateway-conformance-infra"}}}}"#
+    )
+}
+
+/// The `EveryNodeReachesBackends` condition of a route's first parent: (reason, message).
+fn every_node_reaches(out: &Output, name: &str) -> Option<(String, String)> {
+    let status = &out.routes[&(
+        RouteKind::Tcp,
+        ObjectRef::new("gateway-conformance-infra", name),
+    )];
+    let conditions = &status.parents[0].conditions;
+    let found: Vec<_> = conditions
+        .iter()
+        .filter(|c| c.type_ == "EveryNodeReachesBackends")
+        .collect();
+    assert!(found.len() <= 1, "{conditions:?}");
+    found.first().map(|c| {
+        assert!(!c.status, "only ever set False: {c:?}");
+        assert_eq!(c.observed_generation, 3);
+        (c.reason.clone(), c.message.clone())
+    })
+}
+
+#[test]
+fn nodes_that_leave_remote_backends_out_are_named_on_the_route() {
+    // web-a's pod runs on n1, web-b's on n2; the route splits 3:1.
+    let route_ab = route(
+        RouteKind::Tcp,
+        "split",
+        "2026-01-01T00:00:00Z",
+        vec![parent("gw")],
+        vec![backend("web-a", 8080, 3), backend("web-b", 8080, 1)],
+    );
+    let mut s = snapshot(
+        vec![gateway("gw", vec![tcp("tcp", 80)], "192.0.2.10")],
+        vec![route_ab],
+        vec![
+            kubernetes_service("web-a", &format!("[{}]", endpoint_on("203.0.113.2", "n1"))),
+            kubernetes_service("web-b", &format!("[{}]", endpoint_on("203.0.113.3", "n2"))),
+        ],
+    );
+    // Agents that carry remote backends (or whose node is not known): nothing to say.
+    assert_eq!(every_node_reaches(&run(&s), "split"), None);
+
+    // n1's agent has no "remote-backends": it forwards only to web-a.
+    s.local_only_nodes = ["n1".to_owned()].into();
+    let out = run(&s);
+    let (reason, message) = every_node_reaches(&out, "split").expect("n1 is named");
+    assert_eq!(reason, "LocalEndpointsOnly");
+    assert!(
+        message.starts_with(
+            "on node n1 only local endpoints get new flows, so the backendRefs' weights do not \
+             hold there. Their agents leave backends on other nodes out"
+        ),
+        "{message}"
+    );
+    // The dataplane agrees: n1 would get web-a alone, n2 both.
+    let n1 = node_services(&out.services, &out.endpoint_nodes, Some("n1"), false);
+    assert_eq!(n1[0].backends.len(), 1);
+    // Accepted and ResolvedRefs are untouched.
+    let conditions = route_conditions(&out, RouteKind::Tcp, "split");
+    assert!(has(&conditions, "Accepted", true, "Accepted"));
+    assert!(has(&conditions, "ResolvedRefs", true, "ResolvedRefs"));
+
+    // Both nodes without: each serves one Service only; named in order.
+    s.local_only_nodes = ["n1".to_owned(), "n2".to_owned()].into();
+    let (reason, message) = every_node_reaches(&run(&s), "split").unwrap();
+    assert_eq!(reason, "LocalEndpointsOnly");
+    assert!(
+        message.starts_with("on nodes n1, n2 only local"),
+        "{message}"
+    );
+
+    // A node that runs none of the endpoints rejects every new flow: the worse reason wins,
+    // and the announcing node says so.
+    s.local_only_nodes = ["n1".to_owned(), "n3".to_owned()].into();
+    let address: IpAddr = "192.0.2.10".parse().unwrap();
+    s.announcements =
+        Announcements::Checked([(address, Announcement::Announced { node: "n3".into() })].into());
+    let (reason, message) = every_node_reaches(&run(&s), "split").unwrap();
+    assert_eq!(reason, "NoLocalEndpoints");
+    assert!(
+        message.starts_with(
+            "new flows are rejected on node n3 (announcing 192.0.2.10): no endpoint of the \
+             backendRefs runs there; on node n1 only local endpoints"
+        ),
+        "{message}"
+    );
+    assert!(
+        message.ends_with(
+            "they do not list the \"remote-backends\" feature (no SNAT: an older agent, or \
+             --snat never)"
+        ),
+        "{message}"
+    );
+    // The Gateway stays Programmed (its address is announced); the route carries the news.
+    assert!(programmed(&s).0);
+}
+
+#[test]
+fn weights_that_hold_on_every_node_say_nothing() {
+    // One Service with a pod on each node: each local-only node keeps half of its endpoints,
+    // so there is no split to lose (only fewer pods).
+    let endpoints = format!(
+        "[{}, {}]",
+        endpoint_on("203.0.113.2", "n1"),
+        endpoint_on("203.0.113.3", "n2")
+    );
+    let one_ref = route(
+        RouteKind::Tcp,
+        "web",
+        "2026-01-01T00:00:00Z",
+        vec![parent("gw")],
+        vec![backend("web", 8080, 1)],
+    );
+    let mut s = snapshot(
+        vec![gateway("gw", vec![tcp("tcp", 80)], "192.0.2.10")],
+        vec![one_ref.clone()],
+        vec![kubernetes_shaped(&endpoints)],
+    );
+    s.local_only_nodes = ["n1".to_owned(), "n2".to_owned()].into();
+    assert_eq!(every_node_reaches(&run(&s), "web"), None);
+
+    // Two Services, each with a pod on both nodes: every ref keeps the same fraction.
+    let two_refs = route(
+        RouteKind::Tcp,
+        "split",
+        "2026-01-01T00:00:00Z",
+        vec![parent("gw")],
+        vec![backend("web", 8080, 3), backend("web-b", 8080, 1)],
+    );
+    let endpoints_b = format!(
+        "[{}, {}]",
+        endpoint_on("203.0.113.4", "n1"),
+        endpoint_on("203.0.113.5", "n2")
+    );
+    s.routes = vec![two_refs];
+    s.services.push(kubernetes_service("web-b", &endpoints_b).0);
+    s.endpoint_slices
+        .push(kubernetes_service("web-b", &endpoints_b).1);
+    assert_eq!(every_node_reaches(&run(&s), "split"), None);
+
+    // Next to a reject weight (a missing Service) losing endpoints changes the rejected share.
+    s.routes[0].backend_refs.push(backend("missing", 8080, 1));
+    let (reason, _) = every_node_reaches(&run(&s), "split").expect("the reject share grows");
+    assert_eq!(reason, "LocalEndpointsOnly");
+
+    // Endpoints without nodeName are local everywhere.
+    let mut s = snapshot(
+        vec![gateway("gw", vec![tcp("tcp", 80)], "192.0.2.10")],
+        vec![one_ref],
+        vec![service(
+            "gateway-conformance-infra",
+            "web",
+            &["203.0.113.2"],
+        )],
+    );
+    s.local_only_nodes = ["n1".to_owned()].into();
+    assert_eq!(every_node_reaches(&run(&s), "web"), None);
+}
+
+#[test]
+fn only_the_route_that_gets_the_traffic_is_named() {
+    // Two routes on one listener: the older one carries the traffic, so only it can be
+    // served otherwise than it says.
+    let endpoints = format!("[{}]", endpoint_on("203.0.113.2", "n2"));
+    let mut s = snapshot(
+        vec![gateway("gw", vec![tcp("tcp", 80)], "192.0.2.10")],
+        vec![
+            route(
+                RouteKind::Tcp,
+                "older",
+                "2026-01-01T00:00:00Z",
+                vec![parent("gw")],
+                vec![backend("web", 8080, 1)],
+            ),
+            route(
+                RouteKind::Tcp,
+                "newer",
+                "2026-02-01T00:00:00Z",
+                vec![parent("gw")],
+                vec![backend("web", 8080, 1)],
+            ),
+        ],
+        vec![kubernetes_shaped(&endpoints)],
+    );
+    s.local_only_nodes = ["n1".to_owned()].into();
+    let out = run(&s);
+    let (reason, message) = every_node_reaches(&out, "older").unwrap();
+    assert_eq!(reason, "NoLocalEndpoints");
+    assert!(
+        message.starts_with("new flows are rejected on node n1:"),
+        "{message}"
+    );
+    assert_eq!(every_node_reaches(&out, "newer"), None);
+    // What the dataplane does on n1: no backend, every new flow rejected.
+    let n1 = node_services(&out.services, &out.endpoint_nodes, Some("n1"), false);
+    assert!(
+        n1[0].backends.is_empty() && n1[0].reject_weight > 0,
+        "{n1:?}"
+    );
+    // The condition keeps its lastTransitionTime while it holds.
+    let previous = out.routes[&(
+        RouteKind::Tcp,
+        ObjectRef::new("gateway-conformance-infra", "older"),
+    )]
+        .parents[0]
+        .conditions
+        .clone();
+    s.previous_conditions.insert(
+        fulgur_controller::translate::route_key(
+            RouteKind::Tcp,
+            &ObjectRef::new("gateway-conformance-infra", "older"),
+            &parent("gw"),
+        ),
+        previous
+            .into_iter()
+            .map(|c| Condition {
+                last_transition_time: "2026-01-02T00:00:00Z".into(),
+                ..c
+            })
+            .collect(),
+    );
+    let again = run(&s);
+    let kept = again.routes[&(
+        RouteKind::Tcp,
+        ObjectRef::new("gateway-conformance-infra", "older"),
+    )]
+        .parents[0]
+        .conditions
+        .iter()
+        .find(|c| c.type_ == "EveryNodeReachesBackends")
+        .unwrap()
+        .last_transition_time
+        .clone();
+    assert_eq!(kept, "2026-01-02T00:00:00Z");
 }

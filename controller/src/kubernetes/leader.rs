@@ -19,11 +19,11 @@ use super::{
     stores::{Invalid, Patched, Stores, observed_status, reference, status_id},
 };
 use crate::{
-    agents::{AgentTarget, Agents, AgentsError, SyncState},
+    agents::{AgentTarget, Agents, AgentsError, Report, SyncState},
     backends::no_endpoints_message,
     gateway_api::Kind,
     metrics::Metrics,
-    model::{Announcements, Dataplane, ObjectRef},
+    model::ObjectRef,
     reconcile::Reconciler,
     status::{self, ObjectStatus, StatusDoc},
 };
@@ -52,9 +52,9 @@ pub(super) struct Leader {
     reported: BTreeSet<(String, String)>,
     agent_pods: BTreeMap<String, (AgentTarget, ObjectReference)>,
     agent_states: BTreeMap<String, SyncState>,
-    /// What the last reconcile was told about the dataplane.
-    /// What the agents said at the last reconcile: the dataplane, and who announces what.
-    dataplane: Option<(Dataplane, Announcements)>,
+    /// What the agents said at the last reconcile: the dataplane, who announces what, and
+    /// which nodes forward only to local endpoints.
+    dataplane: Option<Report>,
     metrics: Arc<Metrics>,
 }
 
@@ -144,9 +144,9 @@ impl Leader {
             error!("agents: {e}");
             done = false;
         }
-        snapshot.dataplane = self.agents.dataplane();
-        snapshot.announcements = Announcements::Checked(self.agents.announcements());
-        self.dataplane = Some((snapshot.dataplane.clone(), snapshot.announcements.clone()));
+        let report = self.agents.report();
+        report.apply_to(&mut snapshot);
+        self.dataplane = Some(report);
         let reconciled = self.reconciler.reconcile(&snapshot, &self.agents);
         for key in reconciled.no_endpoints {
             let kind = key.route_kind.kind();
@@ -321,10 +321,6 @@ impl Leader {
         }
         self.metrics.set_agents(states.values());
         self.agent_states = states;
-        let now = (
-            self.agents.dataplane(),
-            Announcements::Checked(self.agents.announcements()),
-        );
-        self.dataplane.as_ref() != Some(&now)
+        self.dataplane.as_ref() != Some(&self.agents.report())
     }
 }
