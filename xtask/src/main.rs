@@ -12,7 +12,7 @@ use std::{
 
 use anyhow::{Context as _, bail};
 use clap::{Parser, Subcommand};
-use xtask::{cargo, certs, have, image, is_root, kind, output, run, workspace_root};
+use xtask::{cargo, certs, have, image, is_root, kind, output, run, target_dir, workspace_root};
 
 #[derive(Parser)]
 #[command(about = "fulgur project tasks")]
@@ -541,11 +541,8 @@ impl Totals {
 fn demo() -> anyhow::Result<()> {
     require_root("demo")?;
     run(cargo().args(["build", "--bins"]))?;
-    let root = workspace_root();
-    run(Command::new(root.join("target/debug/fulgur-demo"))
-        .env("FULGUR_AGENT_BIN", root.join("target/debug/fulgur-agent"))
-        .env(
-            "FULGUR_CONTROLLER_BIN",
-            root.join("target/debug/fulgur-controller"),
-        ))
+    let debug = target_dir().join("debug");
+    run(Command::new(debug.join("fulgur-demo"))
+        .env("FULGUR_AGENT_BIN", debug.join("fulgur-agent"))
+        .env("FULGUR_CONTROLLER_BIN", debug.join("fulgur-controller")))
 }
