@@ -93,14 +93,21 @@ impl Drop for Bed {
 
 impl Bed {
     /// `nodes` kind nodes with kube-proxy's and kindnet's iptables rules, two pods each, echo
-    /// servers on every pod, an agent on every node.
-    pub fn new(nodes: usize, mode: XdpAttachMode) -> anyhow::Result<Self> {
+    /// servers on every pod, an agent on every node. With `warm_neighbours` the nodes have
+    /// talked to each other and to their gateway (their neighbour entries are filled), as nodes
+    /// of a running cluster have.
+    pub fn new(nodes: usize, mode: XdpAttachMode, warm_neighbours: bool) -> anyhow::Result<Self> {
         let cluster = KindCluster::new(&KindSpec {
             nodes,
             pods_per_node: 2,
             netfilter: Netfilter::Iptables,
             ..KindSpec::default()
         })?;
+        // What one node sends another crosses the docker network with full checksums, as off a
+        // real wire: the other node's XDP rewrites SNATed replies in place.
+        for node in &cluster.nodes {
+            node.ns.exec("ethtool", &["-K", NODE_IFACE, "tx", "off"])?;
+        }
         let mut servers = Vec::new();
         for i in 0..nodes {
             servers.extend(cluster.start_echo_servers(i, POD_PORT)?);
@@ -121,6 +128,9 @@ impl Bed {
             })
             .collect::<anyhow::Result<_>>()?;
         let work = std::env::temp_dir().join(unique_token("fulgur-multinode-"));
+        if warm_neighbours {
+            warm(&cluster)?;
+        }
         std::fs::create_dir_all(work.join("manifests"))?;
         let mut bed = Bed {
             agents: Vec::new(),
@@ -136,6 +146,12 @@ impl Bed {
             bed.agents.push(Some(agent));
         }
         Ok(bed)
+    }
+
+    /// Every node talks to every other and to its gateway once, so their neighbour entries
+    /// hold a MAC (what cluster traffic does on running nodes).
+    pub fn warm_neighbours(&self) -> anyhow::Result<()> {
+        warm(&self.cluster)
     }
 
     pub fn nodes(&self) -> usize {
@@ -321,6 +337,40 @@ impl Bed {
             .spawn()
             .context("starting the controller")
     }
+}
+
+/// Every node sends a datagram to every other node's addresses and to its gateway (the host),
+/// and waits until its kernel has a neighbour entry for them.
+fn warm(cluster: &KindCluster) -> anyhow::Result<()> {
+    for node in &cluster.nodes {
+        let others: Vec<IpAddr> = cluster
+            .nodes
+            .iter()
+            .filter(|o| o.index != node.index)
+            .flat_map(|o| [IpAddr::from(o.addr), o.addr6.into()])
+            .chain([IpAddr::from(kind_node::HOST), kind_node::HOST6.into()])
+            .collect();
+        for other in &others {
+            let other = *other;
+            in_netns(&node.ns, move || {
+                let socket = UdpSocket::bind(SocketAddr::new(unspecified(other), 0))?;
+                socket.send_to(b"hello", SocketAddr::new(other, 9))?;
+                Ok(())
+            })?;
+        }
+        for other in others {
+            eventually(
+                &format!("node {} resolves {other}", node.index),
+                Duration::from_secs(5),
+                || {
+                    node.ns
+                        .ip(&["neigh", "show", &other.to_string(), "dev", NODE_IFACE])
+                        .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).contains("lladdr"))
+                },
+            )?;
+        }
+    }
+    Ok(())
 }
 
 /// The host's end of node `i`'s veth, a port of the docker network's bridge.

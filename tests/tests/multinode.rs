@@ -1,15 +1,15 @@
-//! Gateway addresses on a two-node kind cluster in namespaces (`fulgur_tests::multinode`): the
-//! real agent on every node, the real controller in the host namespace (standalone with
-//! `--agent NODE=URL`, or the Kubernetes provider against the fake API server with agent pods
-//! carrying `spec.nodeName`), Gateways without addresses given one from `--address-pool` on the
-//! node network. What the host sees:
+//! Gateway addresses on a kind cluster of two (and three) nodes in namespaces
+//! (`fulgur_tests::multinode`): the real agent on every node, the real controller in the host
+//! namespace (standalone with `--agent NODE=URL`, or the Kubernetes provider against the fake
+//! API server with agent pods carrying `spec.nodeName`), Gateways without addresses given one
+//! from `--address-pool` on the node network, pods on every node. What the host sees:
 //! - it reaches each address on-link: exactly one node answers its ARP / NDP, the host's
-//!   neighbour entry holds that node's MAC, and TCP and UDP, IPv4 and IPv6, are answered by the
-//!   pods from the Gateway address;
-//! - an agent restarted (kill -9) on the announcing node keeps established flows, and the
-//!   address stays where it was;
-//! - the announcing node fails (cable out, agent killed) and its pods leave the EndpointSlice:
-//!   traffic comes back through the other node within 5 s (measured and printed), the host's
+//!   neighbour entry holds that node's MAC, and TCP and UDP, IPv4 and IPv6, are answered from
+//!   the Gateway address by the pods of every node (SNAT for those on other nodes);
+//! - an agent restarted (kill -9) on the announcing node keeps established flows, local and
+//!   SNATed, and the address stays where it was;
+//! - the announcing node fails (cable out, agent killed) and its pods leave the EndpointSlices:
+//!   traffic comes back through another node within 5 s (measured and printed), the host's
 //!   neighbour entry moves; when the node returns, the address goes back without overlap;
 //! - at no time do two nodes speak for one address (every ARP reply, gratuitous ARP and
 //!   advertisement is captured on the nodes' bridge ports during the whole test).
@@ -26,13 +26,16 @@ use fulgur_tests::multinode::{
     eventually, exchanges, manifests, try_once,
 };
 
-/// New connections (and as many UDP flows) per address in a reachability check.
-const FLOWS: usize = 12;
+/// New connections (and as many UDP flows) per address in a reachability check: enough that
+/// each of 4 pods is hit (a miss has a chance of 4 × (3/4)^64).
+const FLOWS: usize = 32;
+/// Established TCP connections (and as many UDP flows) per address across the restart.
+const SESSIONS: usize = 16;
 /// The bound of issue 12: traffic back within this long after the announcer fails.
 const FAILOVER_BOUND: Duration = Duration::from_secs(5);
-/// Whether a node forwards to pods on other nodes (SNAT). Without it the controller gives each
-/// agent its local pods only.
-const REMOTE_PODS: bool = false;
+/// Nodes forward to pods on other nodes (the agents' SNAT, on by default). Without it the
+/// controller gives each agent its local pods only.
+const REMOTE_PODS: bool = true;
 /// How long one try during the failover waits for its answer (the measurement's resolution).
 const TRY_WAIT: Duration = Duration::from_millis(150);
 
@@ -176,6 +179,9 @@ fn scenario(bed: &mut Bed, controller: &Controller, back: Return) -> anyhow::Res
         Return::AgentFirst => {
             bed.restart_agent(owner, pins)?;
             bed.set_link(owner, true)?;
+            // Back on the network, it talks to the other nodes again (its entries for them
+            // failed meanwhile); the agent does not resolve them itself yet.
+            bed.warm_neighbours()?;
         }
         Return::CableFirst => {
             bed.set_link(owner, true)?;
@@ -184,6 +190,7 @@ fn scenario(bed: &mut Bed, controller: &Controller, back: Return) -> anyhow::Res
                 .check(&watch, &moved)
                 .context("the failed node's cable back, its agent still dead")?;
             bed.restart_agent(owner, pins)?;
+            bed.warm_neighbours()?;
         }
     }
     controller.update(&manifests(&bed.cluster, &all(bed)))?;
@@ -208,19 +215,36 @@ fn restart_keeps_flows(
     owner: usize,
 ) -> anyhow::Result<()> {
     let addresses = steady.addresses();
-    let sessions = Sessions::open(
-        &bed.cluster.host,
-        &addresses.iter().map(|a| targets(*a)).collect::<Vec<_>>(),
-        3,
-    )?;
-    let before = sessions.round()?;
+    // Per address, so each one's sessions can be told apart.
+    let sessions = addresses
+        .iter()
+        .map(|a| Sessions::open(&bed.cluster.host, &[targets(*a)], SESSIONS))
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let round = |when: &str| -> anyhow::Result<Vec<Vec<String>>> {
+        sessions
+            .iter()
+            .map(|s| s.round().with_context(|| when.to_owned()))
+            .collect()
+    };
+    let before = round("before")?;
+    if REMOTE_PODS {
+        // Sessions through the restarted node reach its own pods and, SNATed, the others'.
+        let local = bed.pods_of(&[owner]);
+        let (tcp, udp) = before[0].split_at(SESSIONS);
+        for (what, names) in [("TCP", tcp), ("UDP", udp)] {
+            ensure!(
+                names.iter().any(|n| local.contains(n)) && names.iter().any(|n| !local.contains(n)),
+                "{what} sessions through node {owner}: not both local and remote pods: {names:?}"
+            );
+        }
+    }
     let pins = bed.kill_agent(owner)?;
-    let while_down = sessions.round().context("while the agent is down")?;
+    let while_down = round("while the agent is down")?;
     ensure!(while_down == before, "{before:?} -> {while_down:?}");
     bed.restart_agent(owner, pins)?;
     // Ready: it cleared what the killed agent announced; what it answers now, it was told again.
     let restarted = Instant::now();
-    let after = sessions.round().context("after the restart")?;
+    let after = round("after the restart")?;
     ensure!(after == before, "{before:?} -> {after:?}");
     let answered = watch.wait_answer(addresses[0], owner, restarted, Duration::from_secs(5))?;
     eprintln!(
@@ -232,7 +256,7 @@ fn restart_keeps_flows(
     );
     let again = programmed(bed, controller)?;
     ensure!(again.owners == steady.owners, "moved: {:?}", again.owners);
-    ensure!(sessions.round()? == before);
+    ensure!(round("once announced again")? == before);
     Ok(())
 }
 
@@ -254,7 +278,10 @@ fn failover(
     let rest: Vec<usize> = (0..bed.nodes()).filter(|n| *n != failed).collect();
     controller.update(&manifests(&bed.cluster, &rest))?;
     let remaining_pods = bed.pods_of(&rest);
-    // Every address tried in turn, each until it answers through another node.
+    // Every address tried in turn, each until it answers through another node: the host's
+    // entry no longer holds the failed node's MAC. (Before that, frames to the dead MAC are
+    // flooded by the bridge, and other nodes' XDP forwards them too: see the README's limits.)
+    let dead_mac = mac_text(bed.macs[failed]);
     let mut back: Vec<Option<Duration>> = vec![None; addresses.len()];
     let mut failing_over = false;
     let deadline = failure + Duration::from_secs(15);
@@ -263,6 +290,9 @@ fn failover(
             let (tcp, udp) = targets(*address);
             if back.is_none()
                 && let Ok((t, u)) = try_once(&bed.cluster.host, tcp, udp, TRY_WAIT)
+                && bed
+                    .host_neighbour(*address)
+                    .is_some_and(|(mac, _)| !mac.is_empty() && mac != dead_mac)
                 && remaining_pods.contains(&t)
                 && remaining_pods.contains(&u)
             {
@@ -290,6 +320,12 @@ fn failover(
         }
         std::thread::sleep(Duration::from_millis(20));
     }
+    // The status follows the agents' answers: it may name the new announcer a moment later.
+    eventually(
+        "the Gateways name their new announcers",
+        Duration::from_secs(5),
+        || programmed(bed, controller).is_ok_and(|s| !s.owners.contains(&failed)),
+    )?;
     let moved = programmed(bed, controller)?;
     for (((address, before), now), at) in addresses
         .iter()
@@ -327,12 +363,39 @@ fn failover(
     Ok((moved, pins))
 }
 
+/// After a failure: the controller's log, and each running agent's counters and log.
+fn report(bed: &Bed, controller: &Controller) {
+    eprintln!("controller log:\n{}", controller.log_text());
+    for (i, agent) in bed.agents.iter().enumerate() {
+        let Some(agent) = agent else { continue };
+        let counters = agent
+            .inspect()
+            .ok()
+            .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
+            .and_then(|r| {
+                let counters = r["counters"].as_object()?.clone();
+                Some(
+                    counters
+                        .into_iter()
+                        .filter(|(_, v)| v.as_u64() != Some(0))
+                        .map(|(k, v)| format!("{k}={v}"))
+                        .collect::<Vec<_>>()
+                        .join(" "),
+                )
+            });
+        eprintln!(
+            "node {i} counters: {counters:?}\nnode {i} log:\n{}",
+            agent.log_text()
+        );
+    }
+}
+
 fn standalone(nodes: usize, mode: XdpAttachMode, back: Return) -> anyhow::Result<()> {
-    let mut bed = Bed::new(nodes, mode)?;
+    let mut bed = Bed::new(nodes, mode, true)?;
     let controller = bed.start_file_controller(&manifests(&bed.cluster, &all(&bed)))?;
     let outcome = scenario(&mut bed, &controller, back);
     if outcome.is_err() {
-        eprintln!("controller log:\n{}", controller.log_text());
+        report(&bed, &controller);
     }
     outcome
 }
@@ -357,11 +420,11 @@ fn standalone_three_nodes_generic() -> anyhow::Result<()> {
 /// named `grpc`, `spec.nodeName`) as the API server shows them.
 #[test]
 fn kubernetes_two_nodes_generic() -> anyhow::Result<()> {
-    let mut bed = Bed::new(2, XdpAttachMode::Generic)?;
+    let mut bed = Bed::new(2, XdpAttachMode::Generic, true)?;
     let controller = bed.start_kube_controller(&manifests(&bed.cluster, &all(&bed)))?;
     let outcome = scenario(&mut bed, &controller, Return::AgentFirst);
     if outcome.is_err() {
-        eprintln!("controller log:\n{}", controller.log_text());
+        report(&bed, &controller);
     }
     outcome
 }
@@ -372,4 +435,20 @@ fn kubernetes_two_nodes_generic() -> anyhow::Result<()> {
 #[ignore = "known: a dead agent's pinned XDP responder never withdraws (no lease in the dataplane)"]
 fn a_dead_agents_node_does_not_answer_for_a_moved_address() -> anyhow::Result<()> {
     standalone(2, XdpAttachMode::Generic, Return::CableFirst)
+}
+
+/// Nodes that never talked to each other: the announcer's first flow to a pod on the other node
+/// needs the kernel to resolve that node's address first.
+#[test]
+#[ignore = "known: the agent does not resolve remote backends' next hops (snat_no_neighbour on every retransmission)"]
+fn a_remote_pod_behind_an_unresolved_next_hop_is_reached() -> anyhow::Result<()> {
+    let bed = Bed::new(2, XdpAttachMode::Generic, false)?;
+    let controller = bed.start_file_controller(&manifests(&bed.cluster, &all(&bed)))?;
+    let steady = programmed(&bed, &controller)?;
+    let watch = Watch::start(&bed, &steady.addresses())?;
+    let outcome = reach(&bed, &watch, &steady, &all(&bed));
+    if outcome.is_err() {
+        report(&bed, &controller);
+    }
+    outcome
 }
