@@ -21,7 +21,11 @@
 use std::{collections::BTreeMap, net::IpAddr};
 
 use anyhow::{Context as _, ensure};
-use fulgur_agent::{bpf_log::BpfLog, dataplane::Sizes};
+use fulgur_agent::{
+    bpf_log::BpfLog,
+    dataplane::Sizes,
+    snat::{NodeAddresses, SnatMode, SnatSettings},
+};
 use fulgur_common::program_names;
 use fulgur_tests::{
     corpus::{self, V4, V6, XDP_PASS, XDP_REDIRECT},
@@ -85,7 +89,22 @@ fn forward() -> anyhow::Result<()> {
 fn dataplane() -> anyhow::Result<()> {
     // The agent's default sizes, so lookups and conntrack inserts cost what they cost in use.
     let mut lab = Lab::with_sizes(Sizes::default()).context("the packet lab needs root")?;
-    lab.apply_yaml(corpus::SERVICES)?;
+    // The corpus's services and one whose backend runs on another node (SNATed).
+    lab.apply_yaml(&corpus::SERVICES.replace(
+        "announce:",
+        "- {vip: 192.0.2.20, port: 80, protocol: TCP, backends: [{address: 203.0.113.2, port: 8080, remote: true}]}\nannounce:",
+    ))?;
+    // The widest range, so the bench's new flows (one backend tuple) never exhaust it; the
+    // ephemeral-range check is the agent's, not the lab's.
+    let _snat = lab.snat(SnatSettings {
+        mode: SnatMode::Remote,
+        ports: "1024-65535".parse().map_err(anyhow::Error::msg)?,
+        addresses: NodeAddresses {
+            ipv4: Some(corpus::SNAT_NODE),
+            ipv6: None,
+        },
+    })?;
+    let snat_vip = corpus::SNAT_V4.vip;
     let established = |f, kind, port| corpus::to_service(f, kind, f.vip, port).build();
     // Prime the flows that are measured as established.
     for (f, kind, port) in [
@@ -95,6 +114,25 @@ fn dataplane() -> anyhow::Result<()> {
     ] {
         ensure!(lab.xdp(&established(f, kind, port))?.0 == XDP_REDIRECT);
     }
+    let snat_syn = corpus::to_service(&V4, Kind::TcpSyn, snat_vip, 50010);
+    let (verdict, snatted) = lab.xdp(&snat_syn.build())?;
+    ensure!(verdict == XDP_REDIRECT, "the SNAT flow is forwarded");
+    let snat_port = u16::from_be_bytes([snatted[34], snatted[35]]);
+    let snat_established = corpus::to_service(&V4, Kind::TcpData, snat_vip, 50010).build();
+    let snat_reply =
+        corpus::snat_reply(Kind::TcpData, V4.backend, corpus::SNAT_V4.node, snat_port).build();
+    // Every call of snat_tcp_new is a SYN of a flow not seen before, to the remote backend.
+    let snat_new_flows: Vec<Vec<u8>> = (0..ROUNDS * CALLS_PER_ROUND)
+        .map(|i| {
+            let client = IpAddr::from([198, 51, 100, 200 + (i / 60000) as u8]);
+            Pkt::new(
+                Kind::TcpSyn,
+                (client, 1024 + (i % 60000) as u16),
+                (snat_vip, 80),
+            )
+            .build()
+        })
+        .collect();
     // Every call of tcp_new is a SYN from a client port (and address) not seen before.
     let new_flows: Vec<Vec<u8>> = (0..ROUNDS * CALLS_PER_ROUND)
         .map(|i| {
@@ -157,6 +195,31 @@ fn dataplane() -> anyhow::Result<()> {
             program: program_names::XDP_INGRESS,
             verdict: XDP_PASS,
             inputs: vec![other],
+            at_debug: false,
+            samples: vec![],
+        },
+        Bench {
+            name: "snat_tcp_new",
+            program: program_names::XDP_INGRESS,
+            verdict: XDP_REDIRECT,
+            inputs: snat_new_flows,
+            at_debug: false,
+            samples: vec![],
+        },
+        Bench {
+            name: "snat_tcp_established",
+            program: program_names::XDP_INGRESS,
+            verdict: XDP_REDIRECT,
+            inputs: vec![snat_established],
+            at_debug: false,
+            samples: vec![],
+        },
+        Bench {
+            // Measured as arriving on the client side, so the translated reply leaves by TX.
+            name: "snat_reply",
+            program: program_names::XDP_INGRESS,
+            verdict: corpus::XDP_TX,
+            inputs: vec![snat_reply],
             at_debug: false,
             samples: vec![],
         },
