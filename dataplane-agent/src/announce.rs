@@ -12,7 +12,7 @@ use std::{
     time::Duration,
 };
 
-use aya::maps::{HashMap, Map, MapData};
+use aya::maps::{Array, HashMap, Map, MapData};
 use fulgur_common::{
     AnnounceDevice, AnnounceKey,
     consts::{
@@ -261,6 +261,9 @@ pub struct AnnounceReport {
     pub announced: Vec<IpAddr>,
     /// Devices that answer, with the MAC they answer with.
     pub announce_devices: Vec<DeviceView>,
+    /// Milliseconds left of the agent's lease, negative once it ran out (nothing is answered
+    /// then); `None`: no lease.
+    pub lease_remaining_ms: Option<i64>,
 }
 
 #[derive(Debug, Serialize)]
@@ -289,6 +292,14 @@ pub fn read_report(pins: &Pins) -> AnnounceReport {
             .collect();
         report.announced.sort();
     }
+    if let Some(map) = open(map_names::ANNOUNCE_LEASE)
+        && let Ok(map) = Array::<MapData, u64>::try_from(map)
+        && let Ok(until) = map.get(&0, 0)
+        && until != 0
+    {
+        let now = crate::clock::monotonic().as_nanos() as i128;
+        report.lease_remaining_ms = Some(((until as i128 - now) / 1_000_000) as i64);
+    }
     if let Some(map) = open(map_names::ANNOUNCE_DEVICES)
         && let Ok(map) = HashMap::<MapData, u32, AnnounceDevice>::try_from(map)
     {
@@ -309,7 +320,16 @@ pub fn read_report(pins: &Pins) -> AnnounceReport {
 impl AnnounceReport {
     pub fn to_text(&self) -> String {
         use std::fmt::Write as _;
-        let mut out = String::from("ANNOUNCED (ARP / NDP answered)\n");
+        let mut out = String::from("ANNOUNCED (ARP / NDP answered)");
+        match self.lease_remaining_ms {
+            None => out.push_str(", no lease\n"),
+            Some(ms) if ms >= 0 => {
+                let _ = writeln!(out, ", lease {ms} ms left");
+            }
+            Some(ms) => {
+                let _ = writeln!(out, ", lease ran out {} ms ago: none answered", -ms);
+            }
+        }
         if self.announced.is_empty() {
             out.push_str("  none\n");
         }

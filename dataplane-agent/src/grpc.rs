@@ -28,6 +28,9 @@ pub trait Programmer: Send + 'static {
     fn stats(&self) -> Result<inspect::Report, String>;
     /// Stops answering ARP / NDP for every announced address at once (the lease ran out).
     fn withdraw_announced(&mut self) -> Result<(), WriteError>;
+    /// Has the dataplane itself stop answering `lease` from now unless renewed again (`None`:
+    /// no lease), so announcements do not outlive a dead agent.
+    fn renew_announce_lease(&mut self, lease: Option<Duration>) -> Result<(), WriteError>;
 }
 
 /// What this agent understands beyond the first version of the contract (`GetResponse`).
@@ -99,11 +102,18 @@ impl<P: Programmer> DataplaneService<P> {
         }
     }
 
-    /// Any RPC from the controller renews a live lease.
+    /// Any RPC from the controller renews a live lease, in the dataplane too.
     fn renew(&self) {
         let mut guard = self.inner.lock().unwrap_or_else(|e| e.into_inner());
-        if !guard.1.lapsed {
-            guard.1.renewed = Instant::now();
+        let (programmer, applied) = &mut *guard;
+        if applied.lapsed {
+            return;
+        }
+        applied.renewed = Instant::now();
+        if let Some(lease) = applied.lease
+            && let Err(e) = programmer.renew_announce_lease(Some(lease))
+        {
+            tracing::error!("renewing the announce lease in the dataplane: {e}");
         }
     }
 }
@@ -281,15 +291,26 @@ impl<P: Programmer> Dataplane for DataplaneService<P> {
             }
             let set = to_service_set(&state, remote_backends)
                 .map_err(|errors| ("invalid", invalid(&errors)))?;
-            let report = programmer.apply(&set).map_err(|e| match e {
-                WriteError::Capacity { .. } => {
-                    ("capacity", Status::resource_exhausted(e.to_string()))
+            let lease = (state.announce_lease_ms > 0)
+                .then(|| Duration::from_millis(state.announce_lease_ms.into()));
+            // The lease first: addresses this apply announces are answered from the start.
+            let written = programmer
+                .renew_announce_lease(lease)
+                .and_then(|()| programmer.apply(&set));
+            let report = written.map_err(|e| {
+                // A refused state leaves the last one announced, under its lease.
+                if let Err(e) = programmer.renew_announce_lease(applied.lease) {
+                    tracing::error!("restoring the announce lease in the dataplane: {e}");
                 }
-                other => ("error", Status::internal(other.to_string())),
+                match e {
+                    WriteError::Capacity { .. } => {
+                        ("capacity", Status::resource_exhausted(e.to_string()))
+                    }
+                    other => ("error", Status::internal(other.to_string())),
+                }
             })?;
             applied.generation = state.generation;
-            applied.lease = (state.announce_lease_ms > 0)
-                .then(|| Duration::from_millis(state.announce_lease_ms.into()));
+            applied.lease = lease;
             applied.renewed = Instant::now();
             applied.lapsed = false;
             applied.state = state;

@@ -2,6 +2,7 @@
 
 pub mod announce;
 pub mod bpf_log;
+pub mod clock;
 pub mod config;
 pub mod dataplane;
 pub mod grpc;

@@ -69,7 +69,9 @@ struct RunArgs {
     /// bpffs folder for pinned maps, programs and links.
     #[arg(long, default_value = DEFAULT_BPFFS_DIR)]
     bpffs_dir: PathBuf,
-    #[arg(long, value_enum, default_value = "native")]
+    /// `native` (driver) or `generic` (skb). On veths whose peer runs no XDP program (kind's
+    /// eth0) native XDP drops what it sends back out (ARP answers, SNATed flows): use generic.
+    #[arg(long, value_enum, default_value = "native", env = "FULGUR_XDP_MODE")]
     xdp_mode: XdpAttachMode,
     /// How the TC egress program (reply translation) is attached: tcx needs Linux 6.6; netlink
     /// (clsact and a cls_bpf filter) works on older kernels; auto takes tcx where it works and
@@ -310,6 +312,8 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
         );
         writer.set_announced(&BTreeSet::new())?;
     }
+    // The services file announces with no lease; the controller's Apply sets its own.
+    writer.renew_announce_lease(None)?;
     // A restarted agent keeps what is pinned until it is told otherwise.
     let next_hops = RemoteNextHops::default();
     if let Some(set) = &initial {
@@ -588,6 +592,10 @@ impl Programmer for MapProgrammer {
         let withdrawn = self.writer.set_announced(&BTreeSet::new());
         self.announcer.update(self.writer.announced());
         withdrawn
+    }
+
+    fn renew_announce_lease(&mut self, lease: Option<Duration>) -> Result<(), WriteError> {
+        self.writer.renew_announce_lease(lease)
     }
 
     fn stats(&self) -> Result<inspect::Report, String> {

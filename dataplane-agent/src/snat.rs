@@ -285,16 +285,9 @@ impl Default for Timeouts {
     }
 }
 
-/// CLOCK_MONOTONIC in whole seconds: the clock the programs stamp entries with. It survives an
-/// agent restart (it counts from boot).
+/// CLOCK_MONOTONIC in whole seconds: the clock the programs stamp entries with.
 pub fn monotonic_seconds() -> u32 {
-    let mut now = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: clock_gettime writes into `now`, which we own.
-    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut now) };
-    now.tv_sec as u32
+    crate::clock::monotonic().as_secs() as u32
 }
 
 #[derive(Debug, thiserror::Error)]

@@ -10,7 +10,7 @@ use std::{
     net::IpAddr,
 };
 
-use aya::maps::{HashMap, Map, MapData, MapError, PerCpuArray, PerCpuValues};
+use aya::maps::{Array, HashMap, Map, MapData, MapError, PerCpuArray, PerCpuValues};
 use fulgur_common::{
     ANNOUNCE_ACTIVE, Addr, AnnounceDevice, AnnounceKey, BACKEND_LIVE, BACKEND_REMOTE, Backend,
     LOOKUP_SLOTS_PER_ENTRY, LookupEntry, NextHop, REJECT, SERVICE_HAS_REMOTE, ServiceKey,
@@ -117,6 +117,7 @@ pub struct MapWriter {
     next_hops: PerCpuArray<MapData, NextHop>,
     announced_map: HashMap<MapData, AnnounceKey, u32>,
     announce_devices: HashMap<MapData, u32, AnnounceDevice>,
+    announce_lease: Array<MapData, u64>,
     /// What the announced-addresses map holds.
     announced: BTreeSet<IpAddr>,
     installed: BTreeMap<ServiceKey, Installed>,
@@ -186,6 +187,8 @@ impl MapWriter {
             .map_err(map_err(map_names::ANNOUNCED))?;
         let announce_devices = HashMap::try_from(take(&mut take_map, map_names::ANNOUNCE_DEVICES)?)
             .map_err(map_err(map_names::ANNOUNCE_DEVICES))?;
+        let announce_lease = Array::try_from(take(&mut take_map, map_names::ANNOUNCE_LEASE)?)
+            .map_err(map_err(map_names::ANNOUNCE_LEASE))?;
         if lookup.as_slice().len() as u64 != layout.lookup_entries() {
             return Err(WriteError::LayoutMismatch {
                 actual: lookup.as_slice().len() as u32,
@@ -204,6 +207,7 @@ impl MapWriter {
             next_hops,
             announced_map,
             announce_devices,
+            announce_lease,
             announced: BTreeSet::new(),
             installed: BTreeMap::new(),
             free_service_ids: (0..layout.max_services).collect(),
@@ -308,6 +312,21 @@ impl MapWriter {
             self.announced.insert(*ip);
         }
         Ok(())
+    }
+
+    /// How long the announced addresses are answered for without another renewal: `None`
+    /// forever (no lease). The program checks it on each request, so a dead agent's pinned
+    /// program stops answering when the lease it was last given runs out.
+    pub fn renew_announce_lease(
+        &mut self,
+        lease: Option<std::time::Duration>,
+    ) -> Result<(), WriteError> {
+        let until = lease.map_or(0, |lease| {
+            (crate::clock::monotonic() + lease).as_nanos() as u64
+        });
+        self.announce_lease
+            .set(0, until, 0)
+            .map_err(map_err(map_names::ANNOUNCE_LEASE))
     }
 
     /// Registers a client-facing device: ARP / NDP for announced addresses arriving on it are

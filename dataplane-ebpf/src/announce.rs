@@ -2,13 +2,13 @@
 //! back out of the ingress device with its MAC (XDP_TX), so clients on the node network reach
 //! the addresses on-link. Only ARP frames and ICMPv6 reach this module: TCP and UDP never do.
 
-use aya_ebpf::{bindings::xdp_action, programs::XdpContext};
+use aya_ebpf::{bindings::xdp_action, helpers::bpf_ktime_get_ns, programs::XdpContext};
 use fulgur_common::{
     Addr, AnnounceKey, Counter, FAMILY_IPV4, FAMILY_IPV6, PROTO_ICMPV6, addr_v4, addr_v6, csum,
 };
 
 use crate::{
-    maps::{ANNOUNCE_DEVICES, ANNOUNCED},
+    maps::{ANNOUNCE_DEVICES, ANNOUNCE_LEASE, ANNOUNCED},
     parse::{Frame, ptr_at},
     reject::{pseudo_tail, resize},
     stats::count,
@@ -36,15 +36,25 @@ fn device_mac(ctx: &XdpContext) -> Option<[u8; 6]> {
     unsafe { ANNOUNCE_DEVICES.get(ifindex) }.map(|d| d.mac)
 }
 
+/// Whether a request for `addr` is answered: it is announced, and the agent's lease on the
+/// announcements has not run out (a dead agent's program must not outlive the move).
 #[inline(always)]
-fn announced(addr: Addr, family: u8) -> bool {
+fn announced(addr: Addr, family: u8) -> Result<(), Counter> {
     let key = AnnounceKey {
         addr,
         family,
         pad: [0; 3],
     };
     // SAFETY: a lookup only; the value is not read.
-    unsafe { ANNOUNCED.get(key) }.is_some()
+    if unsafe { ANNOUNCED.get(key) }.is_none() {
+        return Err(Counter::AnnounceNotOurs);
+    }
+    let until = ANNOUNCE_LEASE.get(0).copied().unwrap_or(0);
+    // SAFETY: the helper has no preconditions.
+    if until != 0 && unsafe { bpf_ktime_get_ns() } > until {
+        return Err(Counter::AnnounceLeaseExpired);
+    }
+    Ok(())
 }
 
 #[inline(always)]
@@ -86,9 +96,7 @@ fn arp_reply(ctx: &XdpContext, frame: &Frame) -> Result<Counter, Counter> {
     if operation != ARP_REQUEST || frame.tagged {
         return Err(Counter::AnnounceNotOurs);
     }
-    if !announced(addr_v4(wanted), FAMILY_IPV4) {
-        return Err(Counter::AnnounceNotOurs);
-    }
+    announced(addr_v4(wanted), FAMILY_IPV4)?;
     let mac = device_mac(ctx).ok_or(Counter::AnnounceNoDevice)?;
     // SAFETY: every field lies inside the message, bounds checked above.
     unsafe {
@@ -169,9 +177,10 @@ fn advertise(ctx: &XdpContext, frame: &Frame) -> Result<Counter, Counter> {
     {
         return Err(Counter::AnnounceMalformed);
     }
-    if frame.tagged || !announced(target, FAMILY_IPV6) {
+    if frame.tagged {
         return Err(Counter::AnnounceNotOurs);
     }
+    announced(target, FAMILY_IPV6)?;
     let mac = device_mac(ctx).ok_or(Counter::AnnounceNoDevice)?;
     // SAFETY: bounds checked by the parser.
     let client_mac = unsafe { (*frame.eth).src_addr };

@@ -71,6 +71,10 @@ pub static REDIRECT_DEVICES: DevMapHash = DevMapHash::pinned(defaults::EGRESS_DE
 #[map(name = "FULGUR_ANNOUNCED")]
 pub static ANNOUNCED: HashMap<AnnounceKey, u32> = HashMap::pinned(defaults::MAX_ANNOUNCED, 0);
 
+/// Entry 0: until when (`bpf_ktime_get_ns`) announced addresses are answered for; 0: no lease.
+#[map(name = "FULGUR_ANNOUNCE_LEASE")]
+pub static ANNOUNCE_LEASE: Array<u64> = Array::pinned(1, 0);
+
 /// Client-facing ifindex → the MAC it answers with; written by the agent when it attaches.
 #[map(name = "FULGUR_ANNOUNCE_DEVICES")]
 pub static ANNOUNCE_DEVICES: HashMap<u32, AnnounceDevice> =

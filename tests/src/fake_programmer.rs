@@ -5,6 +5,7 @@
 use std::{
     net::SocketAddr,
     sync::{Arc, Mutex},
+    time::Duration,
 };
 
 use fulgur_agent::{
@@ -24,6 +25,8 @@ pub struct Fake {
     pub capacity: Arc<Mutex<Option<usize>>>,
     /// How many times the lease ran out (the announced addresses were withdrawn).
     pub withdrawals: Arc<Mutex<usize>>,
+    /// Every lease handed to the dataplane, in order.
+    pub leases: Arc<Mutex<Vec<Option<Duration>>>>,
 }
 
 impl Programmer for Fake {
@@ -47,6 +50,11 @@ impl Programmer for Fake {
 
     fn withdraw_announced(&mut self) -> Result<(), WriteError> {
         *self.withdrawals.lock().unwrap() += 1;
+        Ok(())
+    }
+
+    fn renew_announce_lease(&mut self, lease: Option<Duration>) -> Result<(), WriteError> {
+        self.leases.lock().unwrap().push(lease);
         Ok(())
     }
 

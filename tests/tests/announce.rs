@@ -219,8 +219,8 @@ fn announced_addresses_are_answered_and_announced_generic() {
 }
 
 /// No RPC within announce_lease_ms: the node stops answering; a Get does not bring it back,
-/// the next Apply does (with gratuitous ARP again). A restarted agent announces nothing until
-/// told again.
+/// the next Apply does (with gratuitous ARP again). A killed agent's program stops answering
+/// when its lease runs out; a restarted agent announces nothing until told again.
 #[test]
 fn an_expired_lease_stops_the_answers_until_the_next_apply() {
     let link = Link::new(XdpAttachMode::Generic).expect("link");
@@ -245,7 +245,7 @@ fn an_expired_lease_stops_the_answers_until_the_next_apply() {
         "lease expired"
     );
     let got = link.get().expect("get");
-    assert_eq!(got.features, ["announce"]);
+    assert_eq!(got.features, ["announce", "remote-backends"]);
     assert!(
         got.state.unwrap().announce.is_empty(),
         "Get shows the lapse"
@@ -268,8 +268,23 @@ fn an_expired_lease_stops_the_answers_until_the_next_apply() {
     assert_eq!(seen.len(), 1, "gratuitous ARP after the revival");
     assert!(link.arp(&socket, GATEWAY, ANSWER).is_some(), "revived");
 
-    // A restarted agent does not answer for what the last one announced until told again.
+    // A killed agent's pinned program answers only until the lease it was given runs out,
+    // so an address the controller moves meanwhile is never answered by two nodes.
+    link.apply(3, &gateways(), 300).expect("apply");
     let bpffs_dir = agent.kill_and_keep_pins();
+    std::thread::sleep(Duration::from_millis(350));
+    assert_eq!(
+        link.arp(&socket, GATEWAY, SILENCE),
+        None,
+        "a dead agent's lease ran out"
+    );
+    assert_eq!(
+        link.solicit(&socket, GATEWAY6, SILENCE),
+        None,
+        "a dead agent's lease ran out"
+    );
+
+    // A restarted agent does not answer for what the last one announced until told again.
     let restarted = AgentProcess::start_with(
         &link.node,
         NODE_IFACE,
@@ -283,6 +298,10 @@ fn an_expired_lease_stops_the_answers_until_the_next_apply() {
     )
     .expect("restarted agent");
     assert_eq!(link.arp(&socket, GATEWAY, SILENCE), None, "after a restart");
+    assert!(
+        counter(&link, "announce_lease_expired") >= 2,
+        "the dead agent's program counted what it no longer answered"
+    );
     link.apply(1, &gateways(), 0).expect("apply");
     assert!(link.arp(&socket, GATEWAY, ANSWER).is_some(), "told again");
     drop(restarted);

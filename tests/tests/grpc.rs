@@ -333,6 +333,12 @@ async fn the_announce_lease_withdraws_and_only_an_apply_revives() {
         }
     }
     assert_eq!(*fake.withdrawals.lock().unwrap(), 0, "renewed in time");
+    let lease = Some(Duration::from_millis(300));
+    assert_eq!(
+        *fake.leases.lock().unwrap(),
+        vec![lease; 9],
+        "the Apply and each RPC after it renew the dataplane's lease"
+    );
     // Silence for longer than the lease.
     tokio::time::sleep(Duration::from_millis(450)).await;
     assert_eq!(*fake.withdrawals.lock().unwrap(), 1, "the lease ran out");
@@ -355,6 +361,11 @@ async fn the_announce_lease_withdraws_and_only_an_apply_revives() {
         .unwrap();
     assert!(got.announce.is_empty(), "a Get does not revive it");
     assert_eq!(*fake.withdrawals.lock().unwrap(), 1, "withdrawn once");
+    assert_eq!(
+        fake.leases.lock().unwrap().len(),
+        9,
+        "a lapsed lease is not renewed in the dataplane"
+    );
 
     // The same state again revives it (applied once more, not a no-op).
     let applies = fake.applied.lock().unwrap().len();
@@ -379,6 +390,11 @@ async fn the_announce_lease_withdraws_and_only_an_apply_revives() {
         .unwrap();
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert_eq!(*fake.withdrawals.lock().unwrap(), 1, "no lease, no expiry");
+    assert_eq!(
+        fake.leases.lock().unwrap().last(),
+        Some(&None),
+        "the dataplane holds no lease either"
+    );
 }
 
 async fn tls_client(

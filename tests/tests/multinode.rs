@@ -180,7 +180,7 @@ fn scenario(bed: &mut Bed, controller: &Controller, back: Return) -> anyhow::Res
             bed.restart_agent(owner, pins)?;
             bed.set_link(owner, true)?;
             // Back on the network, it talks to the other nodes again (its entries for them
-            // failed meanwhile); the agent does not resolve them itself yet.
+            // failed meanwhile), as its kernel would after each apply.
             bed.warm_neighbours()?;
         }
         Return::CableFirst => {
@@ -429,10 +429,9 @@ fn kubernetes_two_nodes_generic() -> anyhow::Result<()> {
     outcome
 }
 
-/// A node whose agent was killed keeps answering ARP / NDP from its pinned dataplane for the
-/// addresses it announced; once its cable is back, two nodes answer for the moved address.
+/// A node whose agent was killed gets its cable back before its agent: its pinned program's
+/// lease ran out, so it does not answer for the address that moved.
 #[test]
-#[ignore = "known: a dead agent's pinned XDP responder never withdraws (no lease in the dataplane)"]
 fn a_dead_agents_node_does_not_answer_for_a_moved_address() -> anyhow::Result<()> {
     standalone(2, XdpAttachMode::Generic, Return::CableFirst)
 }
@@ -440,7 +439,6 @@ fn a_dead_agents_node_does_not_answer_for_a_moved_address() -> anyhow::Result<()
 /// Nodes that never talked to each other: the announcer's first flow to a pod on the other node
 /// needs the kernel to resolve that node's address first.
 #[test]
-#[ignore = "known: the agent does not resolve remote backends' next hops (snat_no_neighbour on every retransmission)"]
 fn a_remote_pod_behind_an_unresolved_next_hop_is_reached() -> anyhow::Result<()> {
     let bed = Bed::new(2, XdpAttachMode::Generic, false)?;
     let controller = bed.start_file_controller(&manifests(&bed.cluster, &all(&bed)))?;

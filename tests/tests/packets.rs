@@ -98,6 +98,44 @@ fn announcement_follows_the_announced_set_and_the_registered_devices() {
     );
 }
 
+/// The program itself honours the agent's lease: once it runs out (the agent died or was cut
+/// off), announced addresses are passed to the kernel, counted, until the lease is renewed.
+#[test]
+fn announcement_stops_when_the_dataplane_lease_runs_out() {
+    use std::time::Duration;
+    let mut lab = lab();
+    let request = corpus::arp_request(corpus::ANNOUNCED);
+    let solicitation = corpus::solicitation(CLIENT6, corpus::ANNOUNCED6, 255, &[]);
+    let answered =
+        |lab: &Lab| [&request, &solicitation].map(|packet| lab.xdp(packet).unwrap().0 == XDP_TX);
+    lab.writer
+        .renew_announce_lease(Some(Duration::from_secs(60)))
+        .unwrap();
+    assert_eq!(answered(&lab), [true, true], "within the lease");
+    lab.writer
+        .renew_announce_lease(Some(Duration::ZERO))
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(2));
+    let before = lab.counter(Counter::AnnounceLeaseExpired).unwrap();
+    for packet in [&request, &solicitation] {
+        assert_eq!(
+            lab.xdp(packet).unwrap(),
+            (XDP_PASS, packet.clone()),
+            "after the lease"
+        );
+    }
+    assert_eq!(
+        lab.counter(Counter::AnnounceLeaseExpired).unwrap() - before,
+        2
+    );
+    lab.writer
+        .renew_announce_lease(Some(Duration::from_secs(60)))
+        .unwrap();
+    assert_eq!(answered(&lab), [true, true], "renewed");
+    lab.writer.renew_announce_lease(None).unwrap();
+    assert_eq!(answered(&lab), [true, true], "no lease");
+}
+
 #[test]
 fn egress_corpus() {
     let lab = lab();

@@ -137,8 +137,9 @@ fn strings(value: &Value, file: &Path, field: &str) -> anyhow::Result<Vec<String
 }
 
 /// Strategic merge as kustomize does it for the fields our patches touch: mappings merge, `null`
-/// deletes, lists of named mappings (containers, env, volumes) merge by `name`, other lists are
-/// replaced.
+/// deletes, lists of named mappings (containers, env, volumes) merge by `name` (the patch's items
+/// first, in its order, then the target's others, as `kubectl kustomize` orders them), other
+/// lists are replaced.
 pub fn merge(target: &mut Value, patch: &Value) {
     match (target, patch) {
         (Value::Mapping(target), Value::Mapping(patch)) => {
@@ -153,12 +154,19 @@ pub fn merge(target: &mut Value, patch: &Value) {
             }
         }
         (Value::Sequence(target), Value::Sequence(patch)) if named(target) && named(patch) => {
+            let mut merged = Vec::with_capacity(target.len() + patch.len());
             for item in patch {
-                match target.iter_mut().find(|t| t["name"] == item["name"]) {
-                    Some(existing) => merge(existing, item),
-                    None => target.push(item.clone()),
+                match target.iter().position(|t| t["name"] == item["name"]) {
+                    Some(at) => {
+                        let mut existing = target.remove(at);
+                        merge(&mut existing, item);
+                        merged.push(existing);
+                    }
+                    None => merged.push(item.clone()),
                 }
             }
+            merged.append(target);
+            *target = merged;
         }
         (target, patch) => *target = patch.clone(),
     }
@@ -240,7 +248,7 @@ mod tests {
         .unwrap();
         merge(&mut target, &patch);
         let want: Value = serde_yaml::from_str(
-            "spec: {containers: [{name: a, args: [z], image: i}, {name: b}, {name: c}], keep: 1}",
+            "spec: {containers: [{name: a, args: [z], image: i}, {name: c}, {name: b}], keep: 1}",
         )
         .unwrap();
         assert_eq!(target, want);

@@ -176,6 +176,16 @@ fn the_kind_overlay_sets_image_pull_policy_and_pool_placeholder() {
         agent_args.contains(&"--iface=eth0"),
         "kind nodes' interface: {agent_args:?}"
     );
+    let env = agent["env"].as_sequence().expect("env");
+    assert!(
+        env.iter()
+            .any(|e| e["name"] == "FULGUR_XDP_MODE" && e["value"] == "generic"),
+        "kind's veth eth0 needs generic XDP: {env:?}"
+    );
+    assert!(
+        env.iter().any(|e| e["name"] == "POD_IP"),
+        "the base's env stays: {env:?}"
+    );
 }
 
 #[test]

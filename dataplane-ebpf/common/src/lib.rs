@@ -34,6 +34,10 @@ pub mod map_names {
     /// Backend→node reply tuple ([`FlowKey`](crate::FlowKey)) → [`SnatReply`](crate::SnatReply);
     /// not LRU: a live flow's port is never evicted.
     pub const SNAT_REPLIES: &str = "FULGUR_SNAT_REPLIES";
+    /// Entry 0: until when (CLOCK_MONOTONIC ns, `bpf_ktime_get_ns`) the announced addresses
+    /// are answered for; 0: no lease. Renewed by the agent on every RPC of the controller, so a
+    /// dead agent's pinned program stops answering once the lease runs out.
+    pub const ANNOUNCE_LEASE: &str = "FULGUR_ANNOUNCE_LEASE";
 }
 
 /// Program names as compiled into the object.
@@ -709,10 +713,14 @@ pub enum Counter {
     /// A translated reply whose route to the client cannot be finished in XDP: handed to the
     /// kernel.
     SnatReplyToKernel = 40,
+    /// A request for an announced address after the agent's lease ran out (no RPC from the
+    /// controller renewed it: the agent is dead or cut off): passed, not answered, so an
+    /// address that moved is answered by one node only.
+    AnnounceLeaseExpired = 41,
 }
 
 impl Counter {
-    pub const COUNT: u32 = 41;
+    pub const COUNT: u32 = 42;
     pub const ALL: [Counter; Self::COUNT as usize] = [
         Counter::PassNotIp,
         Counter::PassNotTcpUdp,
@@ -755,6 +763,7 @@ impl Counter {
         Counter::SnatNoNeighbour,
         Counter::SnatReplyUnknown,
         Counter::SnatReplyToKernel,
+        Counter::AnnounceLeaseExpired,
     ];
 
     /// A stable snake_case name, used for metrics labels and `inspect`.
@@ -801,6 +810,7 @@ impl Counter {
             Counter::SnatNoNeighbour => "snat_no_neighbour",
             Counter::SnatReplyUnknown => "snat_reply_unknown",
             Counter::SnatReplyToKernel => "snat_reply_to_kernel",
+            Counter::AnnounceLeaseExpired => "announce_lease_expired",
         }
     }
 }
