@@ -390,14 +390,32 @@ fn report(bed: &Bed, controller: &Controller) {
     }
 }
 
-fn standalone(nodes: usize, mode: XdpAttachMode, back: Return) -> anyhow::Result<()> {
+#[derive(Clone, Copy)]
+enum Provider {
+    Standalone,
+    Kubernetes,
+}
+
+fn run(provider: Provider, nodes: usize, mode: XdpAttachMode, back: Return) -> anyhow::Result<()> {
     let mut bed = Bed::new(nodes, mode, true)?;
-    let controller = bed.start_file_controller(&manifests(&bed.cluster, &all(&bed)))?;
+    let manifests = manifests(&bed.cluster, &all(&bed));
+    let controller = match provider {
+        Provider::Standalone => bed.start_file_controller(&manifests)?,
+        Provider::Kubernetes => bed.start_kube_controller(&manifests)?,
+    };
     let outcome = scenario(&mut bed, &controller, back);
     if outcome.is_err() {
         report(&bed, &controller);
     }
     outcome
+}
+
+fn standalone(nodes: usize, mode: XdpAttachMode, back: Return) -> anyhow::Result<()> {
+    run(Provider::Standalone, nodes, mode, back)
+}
+
+fn kubernetes(mode: XdpAttachMode) -> anyhow::Result<()> {
+    run(Provider::Kubernetes, 2, mode, Return::AgentFirst)
 }
 
 #[test]
@@ -420,13 +438,12 @@ fn standalone_three_nodes_generic() -> anyhow::Result<()> {
 /// named `grpc`, `spec.nodeName`) as the API server shows them.
 #[test]
 fn kubernetes_two_nodes_generic() -> anyhow::Result<()> {
-    let mut bed = Bed::new(2, XdpAttachMode::Generic, true)?;
-    let controller = bed.start_kube_controller(&manifests(&bed.cluster, &all(&bed)))?;
-    let outcome = scenario(&mut bed, &controller, Return::AgentFirst);
-    if outcome.is_err() {
-        report(&bed, &controller);
-    }
-    outcome
+    kubernetes(XdpAttachMode::Generic)
+}
+
+#[test]
+fn kubernetes_two_nodes_native() -> anyhow::Result<()> {
+    kubernetes(XdpAttachMode::Native)
 }
 
 /// A node whose agent was killed gets its cable back before its agent: its pinned program's
