@@ -5,7 +5,10 @@
 //!   to the flow's backend, its outer destination and its quote's source made the backend's;
 //! - TC egress ([`to_client`]): an error a backend (or a router behind it) sends about a client's
 //!   packet has its quote made to read client → service, and a source that is the backend itself
-//!   becomes the service address, so the client's stack matches it to its socket.
+//!   becomes the service address, so the client's stack matches it to its socket;
+//! - XDP ingress ([`to_snat_client`]): an error about an SNATed packet (quoting node:port →
+//!   backend, sent to the node) goes back to the flow's client, quoting client → service, its
+//!   source made the service address as in [`to_client`].
 
 use aya_ebpf::programs::{TcContext, XdpContext};
 use fulgur_common::{
@@ -16,8 +19,11 @@ use fulgur_common::{
 
 use crate::{
     forward::{self, Route},
-    maps::{BACKENDS, CONNTRACK, REVNAT},
-    parse::{ETH_P_IPV4, Frame, Ip, Packet, Store, ptr_at, read_at},
+    ingress,
+    maps::{BACKENDS, CONNTRACK, REVNAT, SNAT_REPLIES},
+    parse::{self, ETH_P_IPV4, Frame, Ip, Packet, Store, ptr_at, read_at},
+    snat,
+    stats::count,
 };
 
 /// Bytes of the quoted TCP header needed to reach its checksum.
@@ -227,19 +233,52 @@ fn offsets(v6: bool) -> (usize, usize, usize) {
     }
 }
 
-/// XDP ingress: an error about a reply of a tracked flow (quoting service → client, sent to the
-/// service address) goes on to the flow's backend, quoting backend → client. Anything else
-/// passes, counted as "not TCP/UDP" (or malformed, not a service flow).
+/// An error that arrives where the packet it quotes came from (a service address, or the
+/// node's SNAT address), about a packet we sent.
 #[inline(always)]
-pub fn to_backend(ctx: &XdpContext, frame: &Frame) -> Result<u32, Counter> {
-    let v6 = frame.ether_type != ETH_P_IPV4;
-    let quote = Quote::read(ctx, frame.l3, v6)?;
-    // The quote is a reply we sent: from the service address, where this error arrives.
+fn read_answer(ctx: &XdpContext, frame: &Frame) -> Result<Quote, Counter> {
+    let quote = Quote::read(ctx, frame.l3, frame.ether_type != ETH_P_IPV4)?;
     if !quote.outer_holds(ctx, End::Source)? {
         return Err(Counter::PassNotTcpUdp);
     }
+    Ok(quote)
+}
+
+/// What the FIB lookup needs of the error itself.
+#[inline(always)]
+fn route(ctx: &XdpContext, quote: &Quote) -> Result<Route, Counter> {
+    let malformed = Counter::PassMalformed;
+    Ok(if quote.v6 {
+        Route {
+            ip: Ip::V6(ptr_at(ctx, quote.l3).ok_or(malformed)?),
+            proto: PROTO_ICMPV6,
+            ports: (0, 0),
+        }
+    } else {
+        Route {
+            ip: Ip::V4(ptr_at(ctx, quote.l3).ok_or(malformed)?),
+            proto: PROTO_ICMP,
+            ports: (0, 0),
+        }
+    })
+}
+
+/// XDP ingress: an error about a reply of a tracked flow (quoting service → client, sent to the
+/// service address) goes on to the flow's backend, quoting backend → client; one about a
+/// packet from an SNAT port goes on as [`ingress::SNAT_ICMP`]. Anything else passes, counted as
+/// "not TCP/UDP" (or malformed, not a service flow).
+#[inline(always)]
+pub fn to_backend(ctx: &XdpContext, frame: &Frame) -> Result<u64, Counter> {
+    let quote = read_answer(ctx, frame)?;
+    let flow = quote.answered_flow();
     // SAFETY: LRU values are read once into locals.
-    let ct = unsafe { CONNTRACK.get(quote.answered_flow()) }.ok_or(Counter::PassNotService)?;
+    let Some(ct) = (unsafe { CONNTRACK.get(flow) }) else {
+        return if snat::may_be_reply(&flow) {
+            Ok(ingress::SNAT_ICMP)
+        } else {
+            Err(Counter::PassNotService)
+        };
+    };
     let (backend_id, backend_addr, backend_port) =
         (ct.backend_id, ct.backend_addr, ct.backend_port);
     let backend = BACKENDS.get(backend_id).ok_or(Counter::PassNotService)?;
@@ -250,28 +289,37 @@ pub fn to_backend(ctx: &XdpContext, frame: &Frame) -> Result<u32, Counter> {
         return Err(Counter::PassNotService);
     }
     quote.rewrite(ctx, End::Source, (&backend_addr, backend_port), true)?;
-    crate::stats::count(Counter::IcmpToBackend);
-    let (ip, proto) = if v6 {
+    let route = route(ctx, &quote)?;
+    count(Counter::IcmpToBackend);
+    Ok(forward::forward(ctx, frame, &route, backend_id).into())
+}
+
+/// XDP ingress: an error about a packet an SNATed flow sent (quoting node:port → backend, sent
+/// to the node) goes back to the flow's client, quoting client → service, the way its replies
+/// leave ([`snat::to_client`]). A router between keeps its own source address.
+#[inline(always)]
+pub fn to_snat_client(ctx: &XdpContext) -> Result<u32, Counter> {
+    let frame = parse::ethernet(ctx)?;
+    let quote = read_answer(ctx, &frame)?;
+    // An unknown port passes as an error about no service flow, as before SNAT.
+    let entry = SNAT_REPLIES
+        .get_ptr_mut(quote.answered_flow())
+        .ok_or(Counter::PassNotService)?;
+    // SAFETY: a map value pointer, valid for this run.
+    let (client, client_port, vip, vip_port) = unsafe {
         (
-            Ip::V6(ptr_at(ctx, frame.l3).ok_or(Counter::PassMalformed)?),
-            PROTO_ICMPV6,
-        )
-    } else {
-        (
-            Ip::V4(ptr_at(ctx, frame.l3).ok_or(Counter::PassMalformed)?),
-            PROTO_ICMP,
+            (*entry).client,
+            (*entry).client_port,
+            (*entry).vip,
+            (*entry).vip_port,
         )
     };
-    Ok(forward::forward(
-        ctx,
-        frame,
-        &Route {
-            ip,
-            proto,
-            ports: (0, 0),
-        },
-        backend_id,
-    ))
+    let from_backend = quote.outer_holds(ctx, End::Destination)?;
+    quote.rewrite(ctx, End::Source, (&client, client_port), true)?;
+    quote.rewrite(ctx, End::Destination, (&vip, vip_port), from_backend)?;
+    let route = route(ctx, &quote)?;
+    count(Counter::SnatIcmpToClient);
+    Ok(snat::to_client(ctx, &frame, &route, entry))
 }
 
 /// TC egress: an error about a tracked flow's request (quoting client → backend) is made to

@@ -27,6 +27,8 @@ pub const SNAT_REPLY: u64 = 1 << 61;
 pub const REJECT: u64 = 1 << 62;
 /// ARP, neighbour solicitations, ICMP errors.
 pub const NOT_TCP_UDP: u64 = 1 << 63;
+/// An ICMP error about a packet of an SNATed flow (from `not_tcp_udp`).
+pub const SNAT_ICMP: u64 = 1 << 58;
 
 #[inline(always)]
 pub fn handle(ctx: &XdpContext) -> u32 {
@@ -44,27 +46,31 @@ pub fn handle(ctx: &XdpContext) -> u32 {
         return reject_path(ctx, outcome as u32);
     }
     if outcome & NOT_TCP_UDP != 0 {
-        return not_tcp_udp(ctx);
+        outcome = not_tcp_udp(ctx);
+    }
+    if outcome & SNAT_ICMP != 0 {
+        return snat::icmp_error(ctx);
     }
     outcome as u32
 }
 
 /// ARP, and IP that is neither TCP nor UDP: a neighbour solicitation for an announced address
-/// is answered, an ICMP error about a tracked flow goes on to its backend.
+/// is answered, an ICMP error about a tracked flow goes on to its backend, one about an SNATed
+/// flow goes on as [`SNAT_ICMP`].
 #[inline(never)]
-fn not_tcp_udp(ctx: &XdpContext) -> u32 {
+fn not_tcp_udp(ctx: &XdpContext) -> u64 {
     let outcome = parse::ethernet(ctx).and_then(|frame| {
         if frame.ether_type == announce::ETH_P_ARP {
-            return announce::arp(ctx, &frame);
+            return announce::arp(ctx, &frame).map(u64::from);
         }
         if frame.ether_type == ETH_P_IPV6
             && let Some(outcome) = announce::solicitation(ctx, &frame)
         {
-            return outcome;
+            return outcome.map(u64::from);
         }
         icmp::to_backend(ctx, &frame)
     });
-    outcome.unwrap_or_else(|reason| settle(ctx, reason))
+    outcome.unwrap_or_else(|reason| settle(ctx, reason).into())
 }
 
 /// A flow its service rejects (or SNAT cannot carry): a TCP RST or an ICMP port unreachable.

@@ -14,7 +14,7 @@ use fulgur_common::{
 
 use crate::{
     forward::{self, Route, Unresolved},
-    ingress,
+    icmp, ingress,
     maps::{BACKENDS, SERVICES, SNAT_CONFIG, SNAT_FLOWS, SNAT_REPLIES},
     nat::{self, Endpoints},
     parse::{self, Frame, L4Packet, ptr_at},
@@ -383,7 +383,20 @@ fn translate_reply(
     };
     nat::rewrite_both(pkt, (&flow.src, &flow.dst), &to);
     count(Counter::SnatReplyTranslated);
-    let route = Route::of(pkt);
+    to_client(ctx, frame, &Route::of(pkt), entry)
+}
+
+/// An ICMP error about a packet of an SNATed flow, translated for its client
+/// ([`icmp::to_snat_client`]). Parses the packet again (a call of its own: see `ingress`).
+#[inline(never)]
+pub fn icmp_error(ctx: &XdpContext) -> u32 {
+    icmp::to_snat_client(ctx).unwrap_or_else(|reason| ingress::settle(ctx, reason))
+}
+
+/// Sends a packet translated for an SNATed flow's client (a reply, or an ICMP error about the
+/// flow) by the fast path, on the route cached in the flow's reply entry.
+#[inline(always)]
+pub fn to_client(ctx: &XdpContext, frame: &Frame, route: &Route, entry: *mut SnatReply) -> u32 {
     // SAFETY: the network header was bounds checked by the parser; `hop` points into a map
     // value (shared by CPUs: a racing refresh writes the same route).
     unsafe {
@@ -397,16 +410,17 @@ fn translate_reply(
         };
         if frame.tagged
             || ttl <= 1
-            || ((*hop).epoch != epoch && forward::resolve(ctx, &route, None, hop, epoch).is_err())
+            || ((*hop).epoch != epoch && forward::resolve(ctx, route, None, hop, epoch).is_err())
             || (*hop).xdp_transmit == 0
         {
             return to_kernel();
         }
-        forward::send(ctx, frame, &route, hop)
+        forward::send(ctx, frame, route, hop)
     }
 }
 
-/// A translated reply the kernel must route (its source is the service address, not ours).
+/// A translated packet the kernel must route (its source is not ours: the service address, or a
+/// router's).
 #[inline(always)]
 fn to_kernel() -> u32 {
     count(Counter::SnatReplyToKernel);

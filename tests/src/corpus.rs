@@ -963,6 +963,93 @@ pub fn icmp_error(
     out
 }
 
+/// Checks, with etherparse, every checksum an ICMP error frame (untagged) carries: the outer
+/// IPv4 header, ICMP (ICMPv6 with its pseudo-header), the quoted IPv4 header and, when the quote
+/// holds the whole packet, its TCP or UDP checksum. The error names the first wrong one.
+pub fn icmp_error_checksums(frame: &[u8]) -> Result<(), String> {
+    use etherparse::{
+        Icmpv4Slice, Icmpv6Slice, IpNumber, IpSlice, Ipv4HeaderSlice, Ipv6HeaderSlice, TcpSlice,
+        UdpSlice,
+    };
+    let wrong = |what: &str| Err(format!("{what} checksum wrong"));
+    let quote = match IpSlice::from_slice(&frame[14..]).map_err(|e| e.to_string())? {
+        IpSlice::Ipv4(ip) => {
+            let header = ip.header();
+            if header.to_header().calc_header_checksum() != header.header_checksum() {
+                return wrong("outer IPv4 header");
+            }
+            let icmp = Icmpv4Slice::from_slice(ip.payload().payload).map_err(|e| e.to_string())?;
+            if icmp.icmp_type().calc_checksum(icmp.payload()) != icmp.checksum() {
+                return wrong("ICMP");
+            }
+            icmp.payload()
+        }
+        IpSlice::Ipv6(ip) => {
+            let header = ip.header();
+            let icmp = Icmpv6Slice::from_slice(ip.payload().payload).map_err(|e| e.to_string())?;
+            if !icmp.is_checksum_valid(header.source(), header.destination()) {
+                return wrong("ICMPv6");
+            }
+            icmp.payload()
+        }
+    };
+    // (protocol, pseudo-header addresses, transport bytes) of the quote, if it is whole.
+    let (proto, addrs, l4) = if quote[0] >> 4 == 4 {
+        let header = Ipv4HeaderSlice::from_slice(quote).map_err(|e| e.to_string())?;
+        if header.to_header().calc_header_checksum() != header.header_checksum() {
+            return wrong("quoted IPv4 header");
+        }
+        if quote.len() < header.total_len() as usize {
+            return Ok(());
+        }
+        let (src, dst) = (header.source().to_vec(), header.destination().to_vec());
+        (
+            header.protocol(),
+            (src, dst),
+            &quote[header.slice().len()..],
+        )
+    } else {
+        let header = Ipv6HeaderSlice::from_slice(quote).map_err(|e| e.to_string())?;
+        if quote.len() < 40 + header.payload_length() as usize {
+            return Ok(());
+        }
+        let (src, dst) = (header.source().to_vec(), header.destination().to_vec());
+        (header.next_header(), (src, dst), &quote[40..])
+    };
+    let v4 = |a: &[u8]| <[u8; 4]>::try_from(a).unwrap();
+    let v6 = |a: &[u8]| <[u8; 16]>::try_from(a).unwrap();
+    let (src, dst) = (&addrs.0[..], &addrs.1[..]);
+    let (expected, found) = match proto {
+        IpNumber::TCP => {
+            let tcp = TcpSlice::from_slice(l4).map_err(|e| e.to_string())?;
+            let expected = if src.len() == 4 {
+                tcp.calc_checksum_ipv4(v4(src), v4(dst))
+            } else {
+                tcp.calc_checksum_ipv6(v6(src), v6(dst))
+            };
+            (expected.map_err(|e| e.to_string())?, tcp.checksum())
+        }
+        IpNumber::UDP => {
+            let udp = UdpSlice::from_slice(l4).map_err(|e| e.to_string())?;
+            if src.len() == 4 && udp.checksum() == 0 {
+                return Ok(()); // A UDP datagram without checksum.
+            }
+            let header = udp.to_header();
+            let expected = if src.len() == 4 {
+                header.calc_checksum_ipv4_raw(v4(src), v4(dst), udp.payload())
+            } else {
+                header.calc_checksum_ipv6_raw(v6(src), v6(dst), udp.payload())
+            };
+            (expected.map_err(|e| e.to_string())?, udp.checksum())
+        }
+        other => return Err(format!("quoted protocol {other:?}")),
+    };
+    if expected != found {
+        return wrong("quoted TCP/UDP");
+    }
+    Ok(())
+}
+
 /// An untagged IPv6 TCP or UDP frame with one extension header (`next`: its type; `header`
 /// starts with the next-header byte) between the IPv6 header and the transport header.
 fn with_extension_header(mut frame: Vec<u8>, next: u8, header: &[u8]) -> Vec<u8> {

@@ -484,7 +484,7 @@ fn expect(
     verdict: u32,
     expected: &[u8],
     counter: Counter,
-) {
+) -> Vec<u8> {
     let before = lab.counter(counter).unwrap();
     let (got, output) = lab.xdp_from(ifindex, input).expect("test run");
     assert_eq!(got, verdict, "{name}: verdict");
@@ -494,6 +494,7 @@ fn expect(
         1,
         "{name}: {counter:?}"
     );
+    output
 }
 
 fn build(pkt: &Pkt, checksum: bool) -> Vec<u8> {
@@ -619,6 +620,110 @@ fn packets_to_the_node_address_that_are_no_snat_replies_pass_untouched() {
                 XDP_PASS,
                 &bytes,
                 counter,
+            );
+        }
+    }
+}
+
+#[test]
+fn icmp_errors_about_snated_flows_reach_their_clients_translated() {
+    let (lab, _maps) = snat_lab(snat_settings("61000-65535", true));
+    for sf in [SNAT_V4, SNAT_V6] {
+        let f = sf.family;
+        // A router between this node and the backend.
+        let router: IpAddr = if sf.node.is_ipv4() {
+            "203.0.113.99".parse().unwrap()
+        } else {
+            "2001:db8:2::99".parse().unwrap()
+        };
+        let flows = [
+            (Kind::TcpSyn, 45001, true),
+            (Kind::Udp, 45002, true),
+            (Kind::Udp, 45003, false),
+        ];
+        for (kind, client_port, checksum) in flows {
+            if !checksum && !sf.node.is_ipv4() {
+                continue; // IPv6 UDP always has a checksum.
+            }
+            let input = corpus::to_service(&f, kind, sf.vip, client_port);
+            let (verdict, sent) = lab
+                .xdp_from(lab.in_ifindex, &build(&input, checksum))
+                .unwrap();
+            assert_eq!(verdict, XDP_REDIRECT, "{} {kind:?}: SNATed", f.name);
+            let l4 = input.l4_offset();
+            let snat_port = u16::from_be_bytes([sent[l4], sent[l4 + 1]]);
+            assert!(snat_port >= 61000, "{} {kind:?}: port {snat_port}", f.name);
+            // The client's stack must find its own packet quoted, as it left this node.
+            let as_client_sent = build(
+                &Pkt {
+                    ttl: input.ttl - 1,
+                    ..input.clone()
+                },
+                checksum,
+            );
+            // The whole packet; for IPv4 also the 28 bytes RFC 792 asks for (no TCP checksum).
+            let mut quote_lens = vec![sent.len() - 14];
+            if sf.node.is_ipv4() {
+                quote_lens.push(28);
+            }
+            for quote_len in quote_lens {
+                // The backend itself speaks as the service; a router keeps its address.
+                for (from, source) in [(f.backend, sf.vip), (router, router)] {
+                    let name = format!(
+                        "{} {kind:?} checksum {checksum}, {quote_len}-byte quote, from {from}",
+                        f.name
+                    );
+                    let error = icmp_error(
+                        (fulgur_tests::lab::BACKEND_MAC, OUT_MAC),
+                        from,
+                        sf.node,
+                        64,
+                        true,
+                        &sent[14..14 + quote_len],
+                    );
+                    let expected = icmp_error(
+                        (fulgur_tests::lab::IN_MAC, CLIENT_MAC),
+                        source,
+                        f.client,
+                        63,
+                        true,
+                        &as_client_sent[14..14 + quote_len],
+                    );
+                    let output = expect(
+                        &lab,
+                        &name,
+                        lab.out_ifindex,
+                        &error,
+                        XDP_REDIRECT,
+                        &expected,
+                        Counter::SnatIcmpToClient,
+                    );
+                    corpus::icmp_error_checksums(&output).unwrap_or_else(|e| panic!("{name}: {e}"));
+                    let mut damaged = output;
+                    *damaged.last_mut().unwrap() ^= 1;
+                    assert!(corpus::icmp_error_checksums(&damaged).is_err(), "{name}");
+                }
+            }
+        }
+        // An error quoting a port no SNAT flow has, or one outside the range, passes untouched
+        // as before.
+        for port in [61999, 22] {
+            let stray = icmp_error(
+                (fulgur_tests::lab::BACKEND_MAC, OUT_MAC),
+                f.backend,
+                sf.node,
+                64,
+                true,
+                &quoted(Kind::TcpData, (sf.node, port), (f.backend, 8080)),
+            );
+            expect(
+                &lab,
+                &format!("{} error about port {port}", f.name),
+                lab.out_ifindex,
+                &stray,
+                XDP_PASS,
+                &stray,
+                Counter::PassNotService,
             );
         }
     }

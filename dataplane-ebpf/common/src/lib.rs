@@ -717,10 +717,13 @@ pub enum Counter {
     /// controller renewed it: the agent is dead or cut off): passed, not answered, so an
     /// address that moved is answered by one node only.
     AnnounceLeaseExpired = 41,
+    /// An ICMP error about a packet of an SNATed flow (from its backend or a router between),
+    /// translated for its client.
+    SnatIcmpToClient = 42,
 }
 
 impl Counter {
-    pub const COUNT: u32 = 42;
+    pub const COUNT: u32 = 43;
     pub const ALL: [Counter; Self::COUNT as usize] = [
         Counter::PassNotIp,
         Counter::PassNotTcpUdp,
@@ -764,6 +767,7 @@ impl Counter {
         Counter::SnatReplyUnknown,
         Counter::SnatReplyToKernel,
         Counter::AnnounceLeaseExpired,
+        Counter::SnatIcmpToClient,
     ];
 
     /// A stable snake_case name, used for metrics labels and `inspect`.
@@ -811,6 +815,7 @@ impl Counter {
             Counter::SnatReplyUnknown => "snat_reply_unknown",
             Counter::SnatReplyToKernel => "snat_reply_to_kernel",
             Counter::AnnounceLeaseExpired => "announce_lease_expired",
+            Counter::SnatIcmpToClient => "snat_icmp_to_client",
         }
     }
 }
