@@ -322,6 +322,7 @@ impl Agents {
                     node_given: target.node_given,
                     facts: AgentFacts {
                         node: target.node.clone(),
+                        first_contact_since: Some(Instant::now()),
                         ..AgentFacts::default()
                     },
                 },
@@ -657,6 +658,7 @@ impl AgentSync {
             r.features = features;
             r.features_read = true;
             r.facts.in_contact = true;
+            r.facts.first_contact_since = None;
             r.facts.acked = announce.clone();
             r.facts.maybe = announce;
         });
@@ -677,6 +679,7 @@ impl AgentSync {
             self.update(|r| {
                 r.state = SyncState::Failed { error };
                 r.facts.in_contact = false;
+                r.facts.first_contact_since = None;
             });
             tokio::time::sleep(backoff).await;
             backoff = (backoff * 2).min(MAX_BACKOFF);

@@ -11,6 +11,9 @@
 //!   state without the address, or until `failover` has passed since the last RPC sent to it
 //!   (any RPC renews its lease, and the lease is shorter than `failover`, so by then it stopped).
 //! - The address is given to the winner only once no other agent holds it.
+//! - An agent whose first Get is under way (for at most `failover`) counts as a winner for
+//!   addresses nobody holds: at startup they wait for it rather than go to whichever agent
+//!   answered first and move again moments later, unannounced in between.
 
 use std::{
     collections::{BTreeMap, BTreeSet},
@@ -37,6 +40,8 @@ pub struct AgentFacts {
     pub maybe: BTreeSet<IpAddr>,
     /// When the last RPC was sent to it.
     pub last_request: Option<Instant>,
+    /// Since when its first Get is under way (`None` once it answered or failed).
+    pub first_contact_since: Option<Instant>,
 }
 
 impl AgentFacts {
@@ -47,6 +52,13 @@ impl AgentFacts {
                 || self
                     .last_request
                     .is_some_and(|sent| now.saturating_duration_since(sent) <= failover))
+    }
+
+    /// Its first answer is awaited at `now`: until when.
+    fn awaited_until(&self, now: Instant, failover: Duration) -> Option<Instant> {
+        self.first_contact_since
+            .map(|since| since + failover)
+            .filter(|until| now < *until)
     }
 }
 
@@ -90,14 +102,19 @@ pub fn plan(
         ..Plan::default()
     };
     for address in addresses {
-        let winner = agents
-            .iter()
-            .filter(|(_, a)| a.eligible)
-            .max_by_key(|(key, a)| (weight(address, &a.node), *key));
         let holders: Vec<(&String, &AgentFacts)> = agents
             .iter()
             .filter(|(_, a)| a.holds(address, now, failover))
             .collect();
+        let winner = agents
+            .iter()
+            .filter(|(_, a)| {
+                a.eligible || (holders.is_empty() && a.awaited_until(now, failover).is_some())
+            })
+            .max_by_key(|(key, a)| (weight(address, &a.node), *key));
+        if let Some(until) = winner.and_then(|(_, a)| a.awaited_until(now, failover)) {
+            plan.next_deadline = Some(plan.next_deadline.map_or(until, |d| d.min(until)));
+        }
         let others: Vec<&(&String, &AgentFacts)> = holders
             .iter()
             .filter(|(key, _)| winner.is_none_or(|(w, _)| w != *key))
@@ -267,6 +284,40 @@ mod tests {
             "{back:?}"
         );
         assert!(!back.lists[&owner].contains(&address) || !back.lists[other].contains(&address));
+    }
+
+    /// At startup, an address whose winner has not answered its first Get yet waits for it
+    /// (for at most the bound) instead of going to the agent that answered first.
+    #[test]
+    fn startup_waits_for_the_winner_s_first_answer() {
+        let start = Instant::now();
+        let failover = Duration::from_secs(2);
+        let all = addresses(20);
+        let both: BTreeMap<String, AgentFacts> =
+            ["n1", "n2"].map(|n| (n.to_owned(), agent(n))).into();
+        let settled = owners(&plan(&all, &both, start, failover));
+        let mut agents = both.clone();
+        let connecting = agents.get_mut("n2").unwrap();
+        connecting.in_contact = false;
+        connecting.eligible = false;
+        connecting.first_contact_since = Some(start);
+        let early = plan(&all, &agents, start + failover / 2, failover);
+        assert_eq!(owners(&early), settled, "nothing handed to n1 to move back");
+        let waiting = all.iter().find(|a| settled[*a] == "n2").unwrap();
+        assert_eq!(
+            early.facts[waiting],
+            Announcement::Assigned { node: "n2".into() }
+        );
+        assert_eq!(early.next_deadline, Some(start + failover));
+        // n2 never answers: after the bound n1 takes everything.
+        let late = plan(&all, &agents, start + failover, failover);
+        assert!(owners(&late).values().all(|o| o == "n1"), "{late:?}");
+        // An address someone holds is not held back for an agent still connecting.
+        let held = agents.get_mut("n1").unwrap();
+        held.acked.insert(*waiting);
+        held.maybe.insert(*waiting);
+        let kept = plan(&all, &agents, start, failover);
+        assert_eq!(owners(&kept)[waiting], "n1");
     }
 
     #[test]

@@ -71,6 +71,11 @@ pub static REDIRECT_DEVICES: DevMapHash = DevMapHash::pinned(defaults::EGRESS_DE
 #[map(name = "FULGUR_ANNOUNCED")]
 pub static ANNOUNCED: HashMap<AnnounceKey, u32> = HashMap::pinned(defaults::MAX_ANNOUNCED, 0);
 
+/// Per-CPU room for the reply entry a new SNAT flow inserts, which does not fit the new-flow
+/// path's stack next to the rest. Scratch: not pinned, nothing kept in it.
+#[map]
+pub static SNAT_SCRATCH: PerCpuArray<SnatReply> = PerCpuArray::with_max_entries(1, 0);
+
 /// Entry 0: until when (`bpf_ktime_get_ns`) announced addresses are answered for; 0: no lease.
 #[map(name = "FULGUR_ANNOUNCE_LEASE")]
 pub static ANNOUNCE_LEASE: Array<u64> = Array::pinned(1, 0);

@@ -8,14 +8,14 @@ use aya_ebpf::{
     programs::XdpContext,
 };
 use fulgur_common::{
-    Addr, BACKEND_LIVE, Counter, FlowKey, NextHop, PROTO_TCP, SNAT_CLOSING, SNAT_NEVER, SNAT_OPEN,
-    SnatConfig, SnatFlow, SnatReply, addr_eq, defaults::SNAT_PROBES, hash::flow_hash,
+    Addr, BACKEND_LIVE, Counter, FlowKey, NextHop, PATH_FAST, PROTO_TCP, SNAT_CLOSING, SNAT_NEVER,
+    SNAT_OPEN, SnatConfig, SnatFlow, SnatReply, addr_eq, defaults::SNAT_PROBES, hash::flow_hash,
 };
 
 use crate::{
     forward::{self, Route, Unresolved},
     icmp, ingress,
-    maps::{BACKENDS, SERVICES, SNAT_CONFIG, SNAT_FLOWS, SNAT_REPLIES},
+    maps::{BACKENDS, EGRESS_PATHS, SERVICES, SNAT_CONFIG, SNAT_FLOWS, SNAT_REPLIES, SNAT_SCRATCH},
     nat::{self, Endpoints},
     parse::{self, Frame, L4Packet, ptr_at},
     select::{self, Target},
@@ -224,7 +224,7 @@ fn forward_new(
         Err(Unresolved::NoNeighbour) => return dropped(Counter::SnatNoNeighbour).into(),
     };
     // 0 is never an SNAT port: the range starts above it (the agent refuses 0).
-    let node_port = claim(flow, node, service_id, target, config);
+    let node_port = claim(ctx, frame, flow, node, service_id, target, config);
     if node_port == 0 {
         return refuse(service_id, Counter::SnatExhausted);
     }
@@ -237,6 +237,34 @@ fn forward_new(
     };
     nat::rewrite_both(pkt, (&flow.src, &flow.dst), &to);
     forward::send(ctx, frame, &route, hop).into()
+}
+
+/// Where the client's packets come from: the ingress device, with the frame's MACs reversed.
+/// Kept (epoch 0: the FIB is asked first) as the replies' way back for when the kernel has no
+/// neighbour entry for the client, which it may never learn: XDP answers all the client sends.
+#[inline(always)]
+fn remember_sender(ctx: &XdpContext, frame: &Frame, hop: *mut NextHop) {
+    let ifindex = ctx.ingress_ifindex() as u32;
+    // SAFETY: `hop` points into a map value; path values are replaced whole by the agent; the
+    // Ethernet header was bounds checked by the parser (MACs copied as 16-bit words, as the
+    // fast path does).
+    unsafe {
+        (*hop).ifindex = ifindex;
+        (*hop).epoch = 0;
+        (*hop).path = PATH_FAST;
+        (*hop).xdp_transmit = EGRESS_PATHS.get(ifindex).map_or(0, |p| p.xdp_transmit);
+        (*hop).pad = [0; 2];
+        let from = frame.eth.cast::<u16>();
+        let macs = (&raw mut (*hop).macs).cast::<u16>();
+        // The reply's destination is the request's source (bytes 6..12), its source the
+        // request's destination (bytes 0..6).
+        for word in 0..3 {
+            macs.add(word)
+                .write_unaligned(from.add(3 + word).read_unaligned());
+            macs.add(3 + word)
+                .write_unaligned(from.add(word).read_unaligned());
+        }
+    }
 }
 
 /// The key the backend's replies will carry: backend → node address and SNAT port.
@@ -257,13 +285,15 @@ fn reply_key(flow: &FlowKey, node: &Addr, target: &Target, node_port: u16) -> Fl
 /// or 0 when none is free or the flow map is full.
 #[inline(always)]
 fn claim(
+    ctx: &XdpContext,
+    frame: &Frame,
     flow: &FlowKey,
     node: &Addr,
     service_id: u32,
     target: &Target,
     config: &SnatConfig,
 ) -> u16 {
-    let Some(node_port) = allocate(flow, node, target, service_id, config) else {
+    let Some(node_port) = allocate(ctx, frame, flow, node, target, service_id, config) else {
         return 0;
     };
     let tracked = SnatFlow {
@@ -288,22 +318,28 @@ fn claim(
 /// hash, each an insert that fails if the reply tuple is taken, so no live flow is overwritten.
 #[inline(always)]
 fn allocate(
+    ctx: &XdpContext,
+    frame: &Frame,
     flow: &FlowKey,
     node: &Addr,
     target: &Target,
     service_id: u32,
     config: &SnatConfig,
 ) -> Option<u16> {
-    let reply = SnatReply {
-        client: flow.src,
-        vip: flow.dst,
-        client_port: flow.src_port,
-        vip_port: flow.dst_port,
-        service_id,
-        last_seen: config.now,
-        state: SNAT_OPEN,
-        pad: [0; 3],
-        hop: NextHop::default(),
+    let reply = SNAT_SCRATCH.get_ptr_mut(0)?;
+    // SAFETY: this CPU's scratch entry, filled field by field (a whole value would be built on
+    // the stack first).
+    let reply = unsafe {
+        (*reply).client = flow.src;
+        (*reply).vip = flow.dst;
+        (*reply).client_port = flow.src_port;
+        (*reply).vip_port = flow.dst_port;
+        (*reply).service_id = service_id;
+        (*reply).last_seen = config.now;
+        (*reply).state = SNAT_OPEN;
+        (*reply).pad = [0; 3];
+        remember_sender(ctx, frame, &raw mut (*reply).hop);
+        &*reply
     };
     let mut key = reply_key(flow, node, target, 0);
     let hash = flow_hash(flow);
@@ -408,11 +444,19 @@ pub fn to_client(ctx: &XdpContext, frame: &Frame, route: &Route, entry: *mut Sna
         let Some(epoch) = forward::current_epoch() else {
             return to_kernel();
         };
-        if frame.tagged
-            || ttl <= 1
-            || ((*hop).epoch != epoch && forward::resolve(ctx, route, None, hop, epoch).is_err())
-            || (*hop).xdp_transmit == 0
-        {
+        if frame.tagged || ttl <= 1 {
+            return to_kernel();
+        }
+        if (*hop).epoch != epoch {
+            match forward::resolve(ctx, route, None, hop, epoch) {
+                Ok(()) => {}
+                // The kernel has no neighbour entry for the client: back to where its packets
+                // come from (the kernel would drop a reply whose flow its conntrack never saw).
+                Err(Unresolved::NoNeighbour) if (*hop).ifindex != 0 => (*hop).epoch = epoch,
+                Err(_) => return to_kernel(),
+            }
+        }
+        if (*hop).xdp_transmit == 0 {
             return to_kernel();
         }
         forward::send(ctx, frame, route, hop)

@@ -1,7 +1,7 @@
 //! Packet cases through BPF_PROG_TEST_RUN: exact output bytes, compared with packets that
 //! etherparse builds (and checksums) from scratch, and the counter each case must move.
 
-use std::net::IpAddr;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use fulgur_common::Counter;
 use fulgur_tests::{
@@ -581,6 +581,63 @@ fn snat_rewrites_new_flows_established_packets_and_replies_exactly() {
             Counter::NewFlow,
         );
         assert_eq!(lab.counter(Counter::SnatNewFlow).unwrap(), before);
+    }
+}
+
+/// A client the node has no neighbour entry for (its kernel never sees what XDP answers): the
+/// replies of its SNATed flows go back to the MAC and device its packets came from, in XDP
+/// (handed to the kernel they would meet a conntrack that never saw the flow).
+#[test]
+fn snat_replies_reach_a_client_without_a_neighbour_entry_through_its_own_mac() {
+    let settings = snat_settings("61000-65535", true);
+    let (lab, _maps) = snat_lab(settings);
+    let sender_mac = [0x02, 0, 0, 0, 0x00, 0x77];
+    let unknown_clients: [IpAddr; 2] = [
+        Ipv4Addr::new(198, 51, 100, 77).into(),
+        "2001:db8:1::77".parse::<Ipv6Addr>().unwrap().into(),
+    ];
+    for (sf, client) in [SNAT_V4, SNAT_V6].into_iter().zip(unknown_clients) {
+        let f = sf.family;
+        for (kind, client_port) in [(Kind::TcpSyn, 45001), (Kind::Udp, 45002)] {
+            let name = format!("{} {kind:?} from {client}", f.name);
+            let input = Pkt {
+                src: client,
+                eth_src: sender_mac,
+                ..corpus::to_service(&f, kind, sf.vip, client_port)
+            };
+            let port = first_port(&input, &settings);
+            let out = snat_forwarded(&input, sf.node, port, f.backend);
+            expect(
+                &lab,
+                &format!("{name}: new flow"),
+                lab.in_ifindex,
+                &input.build(),
+                XDP_REDIRECT,
+                &out.build(),
+                Counter::SnatNewFlow,
+            );
+            let reply_kind = if kind == Kind::TcpSyn {
+                Kind::TcpData
+            } else {
+                kind
+            };
+            let reply = snat_reply(reply_kind, f.backend, sf.node, port);
+            let translated = Pkt {
+                eth_dst: sender_mac,
+                ..snat_reply_translated(&reply, sf.vip, client, client_port)
+            };
+            for round in ["first", "cached"] {
+                expect(
+                    &lab,
+                    &format!("{name}: {round} reply"),
+                    lab.out_ifindex,
+                    &reply.build(),
+                    XDP_REDIRECT,
+                    &translated.build(),
+                    Counter::SnatReplyTranslated,
+                );
+            }
+        }
     }
 }
 
