@@ -26,6 +26,9 @@ pub enum Choice {
     Snat,
     /// No usable backend, or the flow fell on the reject weight.
     Reject,
+    /// Not in conntrack, and the frame is for another host's MAC (flooded by a switch): not
+    /// a flow for this node to start.
+    OtherHost,
 }
 
 #[inline(always)]
@@ -42,13 +45,22 @@ fn still_valid(ct: &ConntrackValue, service: &ServiceValue) -> Option<Target> {
     })
 }
 
+/// A tracked flow goes on to its backend; any other starts here only when its frame was
+/// addressed to this node (`addressed_here`, asked on a conntrack miss only).
 #[inline(always)]
-pub fn choose(flow: &FlowKey, service: &ServiceValue) -> Choice {
+pub fn choose(
+    flow: &FlowKey,
+    service: &ServiceValue,
+    addressed_here: impl FnOnce() -> bool,
+) -> Choice {
     // SAFETY: LRU values are only read here; a concurrent rewrite yields a stale but whole flow.
     if let Some(ct) = unsafe { CONNTRACK.get(flow) }
         && let Some(target) = still_valid(ct, service)
     {
         return Choice::Forward(target);
+    }
+    if !addressed_here() {
+        return Choice::OtherHost;
     }
     // SNATed flows are never in conntrack: their own map is looked up on the SNAT path, by
     // services that may have them.

@@ -280,7 +280,7 @@ fn failover(
     let remaining_pods = bed.pods_of(&rest);
     // Every address tried in turn, each until it answers through another node: the host's
     // entry no longer holds the failed node's MAC. (Before that, frames to the dead MAC are
-    // flooded by the bridge, and other nodes' XDP forwards them too: see the README's limits.)
+    // flooded by the bridge, and the other nodes start no flow from them.)
     let dead_mac = mac_text(bed.macs[failed]);
     let mut back: Vec<Option<Duration>> = vec![None; addresses.len()];
     let mut failing_over = false;

@@ -1118,3 +1118,49 @@ fn the_kernel_is_asked_to_resolve_remote_backends_next_hops() {
     }
     drop(lab);
 }
+
+/// A frame for another host's MAC (a switch flooding a failed node's MAC to every node) starts
+/// no flow here, on the plain and the SNAT path alike: passed untouched, counted. A tracked
+/// flow's packets go on whatever their MAC.
+#[test]
+fn frames_for_another_hosts_mac_start_no_flow() {
+    let other_host = [0x02, 0, 0, 0, 0x09, 0x09];
+    let (lab, _maps) = snat_lab(snat_settings("61000-65535", true));
+    for (f, vip) in [
+        (V4, V4.vip),
+        (V6, V6.vip),
+        (V4, SNAT_V4.vip),
+        (V6, SNAT_V6.vip),
+    ] {
+        let syn = corpus::to_service(&f, Kind::TcpSyn, vip, 46001);
+        let flooded = Pkt {
+            eth_dst: other_host,
+            ..syn.clone()
+        }
+        .build();
+        let before = lab.counter(Counter::PassOtherHost).unwrap();
+        assert_eq!(
+            lab.xdp(&flooded).unwrap(),
+            (XDP_PASS, flooded.clone()),
+            "{} to {vip}: a flooded SYN",
+            f.name
+        );
+        assert_eq!(lab.counter(Counter::PassOtherHost).unwrap() - before, 1);
+    }
+    // Tracked: its next packet, flooded, still reaches the backend.
+    let syn = corpus::to_service(&V4, Kind::TcpSyn, V4.vip, 46002);
+    assert_eq!(
+        lab.xdp(&syn.build()).unwrap().0,
+        XDP_REDIRECT,
+        "addressed here"
+    );
+    let data = Pkt {
+        kind: Kind::TcpData,
+        eth_dst: other_host,
+        ..syn.clone()
+    };
+    let expected = redirected(&data, V4.backend).build();
+    let (verdict, output) = lab.xdp(&data.build()).unwrap();
+    assert_eq!(verdict, XDP_REDIRECT, "a tracked flow");
+    assert!(output == expected, "{}", diff(&expected, &output));
+}

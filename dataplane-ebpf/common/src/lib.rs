@@ -720,10 +720,14 @@ pub enum Counter {
     /// An ICMP error about a packet of an SNATed flow (from its backend or a router between),
     /// translated for its client.
     SnatIcmpToClient = 42,
+    /// A packet for a service that would start a flow, in a frame for another host's MAC (a
+    /// switch flooding a failed node's MAC): passed, so only the node it is addressed to
+    /// serves it. Tracked flows go on whatever the MAC.
+    PassOtherHost = 43,
 }
 
 impl Counter {
-    pub const COUNT: u32 = 43;
+    pub const COUNT: u32 = 44;
     pub const ALL: [Counter; Self::COUNT as usize] = [
         Counter::PassNotIp,
         Counter::PassNotTcpUdp,
@@ -768,6 +772,7 @@ impl Counter {
         Counter::SnatReplyToKernel,
         Counter::AnnounceLeaseExpired,
         Counter::SnatIcmpToClient,
+        Counter::PassOtherHost,
     ];
 
     /// A stable snake_case name, used for metrics labels and `inspect`.
@@ -816,6 +821,7 @@ impl Counter {
             Counter::SnatReplyToKernel => "snat_reply_to_kernel",
             Counter::AnnounceLeaseExpired => "announce_lease_expired",
             Counter::SnatIcmpToClient => "snat_icmp_to_client",
+            Counter::PassOtherHost => "pass_other_host",
         }
     }
 }
