@@ -30,7 +30,7 @@ const NA_LEN: usize = 32;
 
 /// The MAC of the ingress device, if the agent registered it as client-facing.
 #[inline(always)]
-fn device_mac(ctx: &XdpContext) -> Option<[u8; 6]> {
+pub fn device_mac(ctx: &XdpContext) -> Option<[u8; 6]> {
     let ifindex = ctx.ingress_ifindex() as u32;
     // SAFETY: device values are replaced whole by the agent.
     unsafe { ANNOUNCE_DEVICES.get(ifindex) }.map(|d| d.mac)

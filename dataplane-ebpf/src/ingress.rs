@@ -9,7 +9,7 @@ use fulgur_common::{Counter, FlowKey, ServiceKey};
 
 use crate::{
     announce, forward, icmp, log,
-    maps::{ANNOUNCE_DEVICES, SERVICES},
+    maps::SERVICES,
     nat,
     parse::{self, ETH_P_IPV4, ETH_P_IPV6, Frame, L4Packet},
     reject,
@@ -174,23 +174,19 @@ fn translate(ctx: &XdpContext) -> Result<u64, Counter> {
 /// no MAC for). A switch floods unicast for a MAC it has no port for (a failed node's) to every
 /// node: only the one it is for may start flows from it, or each would.
 #[inline(always)]
-fn addressed_here(ctx: &XdpContext, frame: &Frame) -> bool {
-    // SAFETY: the Ethernet header was bounds checked by the parser; device values are
-    // replaced whole by the agent.
-    unsafe {
-        let dst = (*frame.eth).dst_addr;
-        if dst[0] & 1 != 0 {
-            return true;
-        }
-        let Some(device) = ANNOUNCE_DEVICES.get(ctx.ingress_ifindex() as u32) else {
-            return true;
-        };
-        let mac = device.mac;
-        // Compared as words: array comparisons become calls.
-        u32::from_ne_bytes([dst[0], dst[1], dst[2], dst[3]])
-            == u32::from_ne_bytes([mac[0], mac[1], mac[2], mac[3]])
-            && u16::from_ne_bytes([dst[4], dst[5]]) == u16::from_ne_bytes([mac[4], mac[5]])
+pub fn addressed_here(ctx: &XdpContext, frame: &Frame) -> bool {
+    // SAFETY: the Ethernet header was bounds checked by the parser.
+    let dst = unsafe { (*frame.eth).dst_addr };
+    if dst[0] & 1 != 0 {
+        return true;
     }
+    let Some(mac) = announce::device_mac(ctx) else {
+        return true;
+    };
+    // Compared as words: array comparisons become calls.
+    u32::from_ne_bytes([dst[0], dst[1], dst[2], dst[3]])
+        == u32::from_ne_bytes([mac[0], mac[1], mac[2], mac[3]])
+        && u16::from_ne_bytes([dst[4], dst[5]]) == u16::from_ne_bytes([mac[4], mac[5]])
 }
 
 /// DNAT to a backend (client address kept), then forward.

@@ -46,7 +46,8 @@ fn still_valid(ct: &ConntrackValue, service: &ServiceValue) -> Option<Target> {
 }
 
 /// A tracked flow goes on to its backend; any other starts here only when its frame was
-/// addressed to this node (`addressed_here`, asked on a conntrack miss only).
+/// addressed to this node (`addressed_here`, asked on a conntrack miss only; the SNAT path
+/// asks it of its own new flows, after its flow map).
 #[inline(always)]
 pub fn choose(
     flow: &FlowKey,
@@ -59,13 +60,13 @@ pub fn choose(
     {
         return Choice::Forward(target);
     }
-    if !addressed_here() {
-        return Choice::OtherHost;
-    }
     // SNATed flows are never in conntrack: their own map is looked up on the SNAT path, by
     // services that may have them.
     if snat::config().is_some_and(|config| config.may_apply_to(service.flags)) {
         return Choice::Snat;
+    }
+    if !addressed_here() {
+        return Choice::OtherHost;
     }
     match pick(flow, service) {
         Some((target, backend)) => {

@@ -69,6 +69,9 @@ pub fn new_flow(ctx: &XdpContext, service_id: u32) -> u64 {
 #[inline(always)]
 fn select_new(ctx: &XdpContext, service_id: u32) -> Result<u64, Counter> {
     let frame = parse::ethernet(ctx)?;
+    if !ingress::addressed_here(ctx, &frame) {
+        return Err(Counter::PassOtherHost);
+    }
     let pkt = ingress::transport(ctx, &frame)?;
     let flow = ingress::flow_of(&pkt);
     let config = config().ok_or(Counter::PassNotService)?;

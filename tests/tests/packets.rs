@@ -1,7 +1,7 @@
 //! Packet cases through BPF_PROG_TEST_RUN: exact output bytes, compared with packets that
 //! etherparse builds (and checksums) from scratch, and the counter each case must move.
 
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use std::net::IpAddr;
 
 use fulgur_common::Counter;
 use fulgur_tests::{
@@ -436,8 +436,8 @@ use fulgur_agent::{
 };
 use fulgur_common::{FlowKey, PathReason, encode_addr, hash::flow_hash};
 use fulgur_tests::corpus::{
-    SNAT_NODE, SNAT_NODE6, SNAT_SERVICES, SNAT_V4, SNAT_V6, expected_reset, expected_unreachable,
-    redirected, snat_forwarded, snat_reply, snat_reply_translated,
+    SNAT_NODE, SNAT_NODE6, SNAT_SERVICES, SNAT_V4, SNAT_V6, SnatFamily, expected_reset,
+    expected_unreachable, redirected, snat_forwarded, snat_reply, snat_reply_translated,
 };
 
 fn snat_settings(ports: &str, ipv6: bool) -> SnatSettings {
@@ -449,6 +449,11 @@ fn snat_settings(ports: &str, ipv6: bool) -> SnatSettings {
             ipv6: ipv6.then_some(SNAT_NODE6),
         },
     }
+}
+
+/// `v4` or `v6`, whichever is of `sf`'s family.
+fn of_family(sf: &SnatFamily, v4: &str, v6: &str) -> IpAddr {
+    if sf.node.is_ipv4() { v4 } else { v6 }.parse().unwrap()
 }
 
 /// A lab with the SNAT services and SNAT on (`--snat remote`).
@@ -592,12 +597,9 @@ fn snat_replies_reach_a_client_without_a_neighbour_entry_through_its_own_mac() {
     let settings = snat_settings("61000-65535", true);
     let (lab, _maps) = snat_lab(settings);
     let sender_mac = [0x02, 0, 0, 0, 0x00, 0x77];
-    let unknown_clients: [IpAddr; 2] = [
-        Ipv4Addr::new(198, 51, 100, 77).into(),
-        "2001:db8:1::77".parse::<Ipv6Addr>().unwrap().into(),
-    ];
-    for (sf, client) in [SNAT_V4, SNAT_V6].into_iter().zip(unknown_clients) {
+    for sf in [SNAT_V4, SNAT_V6] {
         let f = sf.family;
+        let client = of_family(&sf, "198.51.100.77", "2001:db8:1::77");
         for (kind, client_port) in [(Kind::TcpSyn, 45001), (Kind::Udp, 45002)] {
             let name = format!("{} {kind:?} from {client}", f.name);
             let input = Pkt {
@@ -646,11 +648,7 @@ fn packets_to_the_node_address_that_are_no_snat_replies_pass_untouched() {
     let (lab, _maps) = snat_lab(snat_settings("61000-65535", true));
     for sf in [SNAT_V4, SNAT_V6] {
         let f = sf.family;
-        let other: IpAddr = if sf.node.is_ipv4() {
-            "203.0.113.9".parse().unwrap()
-        } else {
-            "2001:db8:2::9".parse().unwrap()
-        };
+        let other = of_family(&sf, "203.0.113.9", "2001:db8:2::9");
         for (name, pkt, counter) in [
             (
                 "below the range",
@@ -688,11 +686,7 @@ fn icmp_errors_about_snated_flows_reach_their_clients_translated() {
     for sf in [SNAT_V4, SNAT_V6] {
         let f = sf.family;
         // A router between this node and the backend.
-        let router: IpAddr = if sf.node.is_ipv4() {
-            "203.0.113.99".parse().unwrap()
-        } else {
-            "2001:db8:2::99".parse().unwrap()
-        };
+        let router = of_family(&sf, "203.0.113.99", "2001:db8:2::99");
         let flows = [
             (Kind::TcpSyn, 45001, true),
             (Kind::Udp, 45002, true),
@@ -1162,5 +1156,19 @@ fn frames_for_another_hosts_mac_start_no_flow() {
     let expected = redirected(&data, V4.backend).build();
     let (verdict, output) = lab.xdp(&data.build()).unwrap();
     assert_eq!(verdict, XDP_REDIRECT, "a tracked flow");
+    assert!(output == expected, "{}", diff(&expected, &output));
+    // An SNATed flow too, tracked in its own map.
+    let settings = snat_settings("61000-65535", true);
+    let syn = corpus::to_service(&V4, Kind::TcpSyn, SNAT_V4.vip, 46003);
+    assert_eq!(lab.xdp(&syn.build()).unwrap().0, XDP_REDIRECT, "SNATed");
+    let data = Pkt {
+        kind: Kind::TcpData,
+        eth_dst: other_host,
+        ..syn.clone()
+    };
+    let expected =
+        snat_forwarded(&data, SNAT_V4.node, first_port(&syn, &settings), V4.backend).build();
+    let (verdict, output) = lab.xdp(&data.build()).unwrap();
+    assert_eq!(verdict, XDP_REDIRECT, "a tracked SNATed flow");
     assert!(output == expected, "{}", diff(&expected, &output));
 }
