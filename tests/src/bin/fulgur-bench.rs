@@ -121,30 +121,18 @@ fn dataplane() -> anyhow::Result<()> {
     let snat_established = corpus::to_service(&V4, Kind::TcpData, snat_vip, 50010).build();
     let snat_reply =
         corpus::snat_reply(Kind::TcpData, V4.backend, corpus::SNAT_V4.node, snat_port).build();
-    // Every call of snat_tcp_new is a SYN of a flow not seen before, to the remote backend.
-    let snat_new_flows: Vec<Vec<u8>> = (0..ROUNDS * CALLS_PER_ROUND)
-        .map(|i| {
-            let client = IpAddr::from([198, 51, 100, 200 + (i / 60000) as u8]);
-            Pkt::new(
-                Kind::TcpSyn,
-                (client, 1024 + (i % 60000) as u16),
-                (snat_vip, 80),
-            )
-            .build()
-        })
-        .collect();
-    // Every call of tcp_new is a SYN from a client port (and address) not seen before.
-    let new_flows: Vec<Vec<u8>> = (0..ROUNDS * CALLS_PER_ROUND)
-        .map(|i| {
-            let client = IpAddr::from([198, 51, 100, 100 + (i / 60000) as u8]);
-            Pkt::new(
-                Kind::TcpSyn,
-                (client, 1024 + (i % 60000) as u16),
-                (V4.vip, 80),
-            )
-            .build()
-        })
-        .collect();
+    // Every call of tcp_new and snat_tcp_new is a SYN from a client port (and address) not seen
+    // before; the two draw clients from separate addresses.
+    let fresh_syns = |first_client: u8, vip: IpAddr| -> Vec<Vec<u8>> {
+        (0..ROUNDS * CALLS_PER_ROUND)
+            .map(|i| {
+                let client = IpAddr::from([198, 51, 100, first_client + (i / 60000) as u8]);
+                Pkt::new(Kind::TcpSyn, (client, 1024 + (i % 60000) as u16), (vip, 80)).build()
+            })
+            .collect()
+    };
+    let snat_new_flows = fresh_syns(200, snat_vip);
+    let new_flows = fresh_syns(100, V4.vip);
     // The same programs at `--bpf-log debug`, over the same maps: the established flow logs
     // nothing, so any difference is what the log code costs when it is compiled in and on.
     let debug_programs = lab.programs_with_log(BpfLog::Debug)?;
